@@ -1,0 +1,1 @@
+"""The wire contract of the credit-metering worker (SPEC sections 5 and 6)."""

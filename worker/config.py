@@ -1,0 +1,143 @@
+"""Settings: one frozen class, every field overridable with a ``METERING_`` environment variable.
+
+``python -m worker --check-config`` validates the environment and prints the effective settings
+with secrets masked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Ports are deliberately off the well-known ones so the local stack never clashes with a
+# system Redis (6379), PostgreSQL (5432) or Kafka (9092) that may already run on the machine.
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_KAFKA_CONTROLLER_PORT = 19093
+DEFAULT_REDIS_PORT = 16379
+DEFAULT_REDIS_CLUSTER_PORTS = (17001, 17002, 17003)
+DEFAULT_POSTGRES_PORT = 15432
+
+
+class Settings(BaseSettings):
+    """Worker, CLI and stack configuration (env prefix ``METERING_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="METERING_",
+        frozen=True,
+        extra="forbid",
+        env_file=None,
+    )
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    consumer_group: str = "credit-metering"
+    client_id: str = "credit-metering-worker"
+
+    topic_usage: str = "credits.usage.v1"
+    topic_admin: str = "credits.admin.v1"
+    topic_control: str = "credits.control.v1"
+    topic_notifications: str = "credits.notifications.v1"
+    topic_billing: str = "credits.billing.v1"
+    topic_usage_dlq: str = "credits.usage.dlq.v1"
+    topic_admin_dlq: str = "credits.admin.dlq.v1"
+    topic_partitions: int = Field(default=6, ge=1, le=1024)
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: SecretStr = SecretStr(f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0")
+    redis_cluster: bool = False
+    redis_key_prefix: str = "m"
+
+    # --- PostgreSQL --------------------------------------------------------------------------
+    postgres_dsn: SecretStr = SecretStr(
+        f"postgresql://metering@127.0.0.1:{DEFAULT_POSTGRES_PORT}/metering"
+    )
+    postgres_schema: str = "metering"
+    postgres_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = (
+        "prefer"
+    )
+    postgres_pool_size: int = Field(default=4, ge=1, le=64)
+
+    # --- Product rules -----------------------------------------------------------------------
+    tiers: dict[str, int] = Field(default_factory=lambda: {"pro": 500, "max": 15_000})
+    pool_block_credits: int = Field(default=500, ge=1)
+    unknown_grace_seconds: int = Field(default=300, ge=0)
+    max_clock_skew_seconds: int = Field(default=300, ge=0)
+    max_message_bytes: int = Field(default=65_536, ge=1024)
+    tick_interval_seconds: float = Field(default=0.0, ge=0.0)
+    dedupe_window_seconds: int = Field(default=600, ge=1)
+
+    # --- Worker loop -------------------------------------------------------------------------
+    batch_max_records: int = Field(default=5_000, ge=1)
+    batch_timeout_ms: int = Field(default=100, ge=1)
+    shutdown_grace_seconds: float = Field(default=25.0, gt=0)
+    retry_backoff_max_seconds: float = Field(default=10.0, gt=0)
+
+    # --- HTTP API ----------------------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    api_tokens: SecretStr = SecretStr("{}")
+    """JSON object ``{"token": "org_id" | "*"}``: which org a bearer token may read."""
+
+    # --- Logging and local stack ---------------------------------------------------------------
+    log_format: Literal["json", "console"] = "console"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    stack_dir: Path = Path(".stack")
+
+    @field_validator("tiers")
+    @classmethod
+    def _tiers_positive(cls, v: dict[str, int]) -> dict[str, int]:
+        if not v:
+            raise ValueError("at least one tier is required")
+        for name, credits in v.items():
+            if not name or credits < 0:
+                raise ValueError(f"tier {name!r} must have a name and credits >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        topics = [
+            self.topic_usage,
+            self.topic_admin,
+            self.topic_control,
+            self.topic_notifications,
+            self.topic_billing,
+            self.topic_usage_dlq,
+            self.topic_admin_dlq,
+        ]
+        if len(set(topics)) != len(topics):
+            raise ValueError("topic names must be distinct")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError("SASL needs kafka_sasl_mechanism, _username and _password")
+        return self
+
+    def redacted(self) -> dict[str, object]:
+        """Settings as a dict with every secret masked (safe to print or log)."""
+        out: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                out[name] = "**********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            else:
+                out[name] = value
+        return out
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides winning (tests use these)."""
+    return Settings(**overrides)  # type: ignore[arg-type]
