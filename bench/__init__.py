@@ -1,0 +1,1 @@
+"""Benchmarks and the deterministic workload generator shared by the bench, demo and tests."""
