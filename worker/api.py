@@ -1,0 +1,572 @@
+"""HTTP read API, admin dashboard page, health and metrics (aiohttp).
+
+Routes:
+
+- ``GET /v1/orgs/{org_id}/credits``: the live dashboard JSON of SPEC section 7, from Redis.
+- ``GET /v1/orgs/{org_id}/ledger?member_id=&cursor=&limit=``: ledger entries from PostgreSQL,
+  newest first, keyset-paged by ``seq`` with an opaque cursor.
+- ``GET /orgs/{org_id}``: the same dashboard as an HTML page that reloads itself.
+- ``GET /healthz`` (process alive), ``GET /readyz`` (Kafka, Redis, PostgreSQL reachable),
+  ``GET /metrics`` (Prometheus text).
+
+Reads need ``Authorization: Bearer <token>`` (the page also accepts ``?token=``); tokens come
+from ``Settings.api_tokens`` as ``{"token": "org_id" | "*"}``. A token scoped to one org gets
+403 on every other org, so no response ever carries another org's data.
+
+The app runs inside the worker process (``create_app`` with the worker's engine and pool) or
+standalone via ``metering api`` (``run_api``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hmac
+import html
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack, suppress
+from decimal import Decimal
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from worker import metrics
+from worker.constants import MC_PER_CREDIT
+
+if TYPE_CHECKING:
+    from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+ReadyCheck = Callable[[], Awaitable[bool]]
+
+LEDGER_DEFAULT_LIMIT = 100
+LEDGER_MAX_LIMIT = 1_000
+PAGE_REFRESH_SECONDS = 5
+_CURSOR_PREFIX = b"l1:"
+_READY_TIMEOUT_SECONDS = 2.0
+
+
+class DashboardSource(Protocol):
+    """What the API needs from the engine: ``RedisEngine.dashboard`` (SPEC section 7 JSON)."""
+
+    def dashboard(self, org_id: str) -> Any:
+        """The dashboard dict of ``org_id``, or ``None`` for an unknown org (may be async)."""
+
+
+class LedgerSource(Protocol):
+    """Reads ledger pages; ``PgLedgerReader`` is the PostgreSQL implementation."""
+
+    async def page(
+        self, org_id: str, member_id: str | None, before_seq: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` entries of the org with ``seq < before_seq``, newest first."""
+
+
+# --- Named queries ---------------------------------------------------------------------------
+def load_queries(text: str) -> dict[str, str]:
+    """Parse ``-- name: foo`` sections of a ``.sql`` file into ``{"foo": "SQL"}``."""
+    queries: dict[str, str] = {}
+    name: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-- name:"):
+            if name:
+                queries[name] = "\n".join(lines).strip()
+            name = stripped.removeprefix("-- name:").strip()
+            lines = []
+        elif name is not None:
+            lines.append(line)
+    if name:
+        queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+API_QUERIES = load_queries(
+    resources.files("worker").joinpath("sql/api_queries.sql").read_text(encoding="utf-8")
+)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PgLedgerReader:
+    """Ledger pages from PostgreSQL through the named query ``ledger_page``.
+
+    The schema name is the only thing put into the SQL text (quoted as an identifier; it comes
+    from settings, never from a request); every value is an asyncpg ``$n`` parameter.
+    """
+
+    def __init__(self, pool: Any, schema: str) -> None:
+        self._pool = pool
+        self._sql = API_QUERIES["ledger_page"].replace("{schema}", _quote_ident(schema))
+
+    async def page(
+        self, org_id: str, member_id: str | None, before_seq: int | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` entries of the org with ``seq < before_seq``, newest first."""
+        rows = await self._pool.fetch(self._sql, org_id, member_id, before_seq, limit)
+        return [dict(r) for r in rows]
+
+
+# --- Formatting ------------------------------------------------------------------------------
+def format_mc(mc: int) -> str:
+    """Millicredits as a decimal credit string without trailing zeros (``12500`` -> ``12.5``)."""
+    value = Decimal(mc) / MC_PER_CREDIT
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+def _iso_ms(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def _ledger_entry(row: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "org_id":
+            continue
+        if key == "amount_mc":
+            out["amount"] = format_mc(int(value))
+        elif key.endswith("_ms") and (value is None or isinstance(value, int)):
+            out[key.removesuffix("_ms")] = _iso_ms(value)
+        elif isinstance(value, dt.datetime):
+            out[key] = value.isoformat()
+        else:
+            out[key] = value
+    return out
+
+
+def encode_cursor(seq: int) -> str:
+    """Opaque cursor for the next page (entries with a smaller ``seq``)."""
+    return base64.urlsafe_b64encode(_CURSOR_PREFIX + str(seq).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Inverse of ``encode_cursor``; ``ValueError`` for anything it did not produce."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not raw.startswith(_CURSOR_PREFIX):
+        raise ValueError("invalid cursor")
+    digits = raw[len(_CURSOR_PREFIX) :]
+    if not digits.isdigit() or len(digits) > 19:
+        raise ValueError("invalid cursor")
+    return int(digits)
+
+
+# --- Auth ------------------------------------------------------------------------------------
+class TokenAuth:
+    """Bearer-token check against ``Settings.api_tokens`` (constant-time comparison)."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._tokens = [(t.encode(), scope) for t, scope in tokens.items() if t]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenAuth:
+        """Parse ``Settings.api_tokens``; a malformed value is a configuration error."""
+        raw = orjson.loads(settings.api_tokens.get_secret_value() or "{}")
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise ValueError('api_tokens must be a JSON object {"token": "org_id" | "*"}')
+        return cls(raw)
+
+    def scope(self, token: str | None) -> str | None:
+        """The org a token may read (``"*"``: all), ``None`` for a missing or unknown token."""
+        if not token:
+            return None
+        given = token.encode()
+        found: str | None = None
+        # Compare against every token so the time taken does not reveal which one matched.
+        for known, scope in self._tokens:
+            if hmac.compare_digest(known, given):
+                found = scope
+        return found
+
+
+def _request_token(request: web.Request, *, allow_query: bool) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if allow_query:
+        return request.query.get("token") or None
+    return None
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="metering"'} if status == 401 else None
+    return web.json_response(
+        {"error": code, "message": message}, status=status, headers=headers, dumps=_dumps
+    )
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _authorize(request: web.Request, org_id: str, *, allow_query: bool) -> web.Response | None:
+    auth: TokenAuth = request.app[AUTH_KEY]
+    scope = auth.scope(_request_token(request, allow_query=allow_query))
+    if scope is None:
+        return _json_error(401, "unauthorized", "missing or unknown bearer token")
+    if scope != "*" and scope != org_id:
+        return _json_error(403, "forbidden", "token is not valid for this org")
+    return None
+
+
+# --- Handlers --------------------------------------------------------------------------------
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
+AUTH_KEY: web.AppKey[TokenAuth] = web.AppKey("auth")
+ENGINE_KEY: web.AppKey[DashboardSource | None] = web.AppKey("engine")
+LEDGER_KEY: web.AppKey[LedgerSource | None] = web.AppKey("ledger")
+READY_KEY: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
+
+
+async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None:
+    engine = request.app[ENGINE_KEY]
+    if engine is None:
+        raise web.HTTPServiceUnavailable(text="dashboard source not configured")
+    result = engine.dashboard(org_id)
+    if inspect.isawaitable(result):
+        result = await result
+    if result is None:
+        return None
+    data: dict[str, Any] = result
+    if data.get("org_id") != org_id:  # defence in depth: never serve another org's document
+        log.error("dashboard returned another org", extra={"org_id": org_id})
+        return None
+    return data
+
+
+async def credits_handler(request: web.Request) -> web.Response:
+    """``GET /v1/orgs/{org_id}/credits``."""
+    org_id = request.match_info["org_id"]
+    denied = _authorize(request, org_id, allow_query=False)
+    if denied is not None:
+        return denied
+    data = await _dashboard(request, org_id)
+    if data is None:
+        return _json_error(404, "not_found", f"unknown org {org_id!r}")
+    return web.json_response(data, dumps=_dumps, headers={"Cache-Control": "no-store"})
+
+
+async def ledger_handler(request: web.Request) -> web.Response:
+    """``GET /v1/orgs/{org_id}/ledger``: newest first; ``next_cursor`` is null on the last page."""
+    org_id = request.match_info["org_id"]
+    denied = _authorize(request, org_id, allow_query=False)
+    if denied is not None:
+        return denied
+    ledger = request.app[LEDGER_KEY]
+    if ledger is None:
+        return _json_error(503, "unavailable", "ledger store not configured")
+    try:
+        limit = int(request.query.get("limit", LEDGER_DEFAULT_LIMIT))
+    except ValueError:
+        return _json_error(400, "bad_request", "limit must be an integer")
+    if not 1 <= limit <= LEDGER_MAX_LIMIT:
+        return _json_error(400, "bad_request", f"limit must be 1..{LEDGER_MAX_LIMIT}")
+    cursor = request.query.get("cursor") or None
+    try:
+        before = decode_cursor(cursor) if cursor else None
+    except ValueError:
+        return _json_error(400, "bad_request", "invalid cursor")
+    member_id = request.query.get("member_id") or None
+    # One extra row tells whether another page exists without a COUNT query.
+    rows = await ledger.page(org_id, member_id, before, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    body = {
+        "org_id": org_id,
+        "member_id": member_id,
+        "entries": [_ledger_entry(r) for r in rows],
+        "next_cursor": encode_cursor(int(rows[-1]["seq"])) if more and rows else None,
+    }
+    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-store"})
+
+
+async def page_handler(request: web.Request) -> web.Response:
+    """``GET /orgs/{org_id}``: the dashboard as HTML (token as bearer header or ``?token=``)."""
+    org_id = request.match_info["org_id"]
+    denied = _authorize(request, org_id, allow_query=True)
+    if denied is not None:
+        status = denied.status
+        return _html_response(
+            render_message_page(status, "Sign-in required" if status == 401 else "Forbidden"),
+            status=status,
+        )
+    data = await _dashboard(request, org_id)
+    if data is None:
+        return _html_response(render_message_page(404, f"Unknown org {org_id}"), status=404)
+    return _html_response(render_dashboard(data))
+
+
+def _html_response(body: str, status: int = 200) -> web.Response:
+    return web.Response(
+        text=body,
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            # The page may carry its token in the URL: keep it out of caches and referrers.
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz_handler(request: web.Request) -> web.Response:
+    """``GET /readyz``: 200 when every dependency check passes, else 503 with the failures."""
+    checks = request.app[READY_KEY]
+
+    async def run(name: str, check: ReadyCheck) -> tuple[str, bool]:
+        try:
+            return name, bool(await asyncio.wait_for(check(), _READY_TIMEOUT_SECONDS))
+        except Exception as exc:
+            log.info("readiness check failed", extra={"check": name, "error": repr(exc)})
+            return name, False
+
+    results = dict(await asyncio.gather(*(run(n, c) for n, c in checks.items())))
+    ok = bool(results) and all(results.values())
+    return web.json_response(
+        {"status": "ok" if ok else "unavailable", "checks": results}, status=200 if ok else 503
+    )
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """``GET /metrics``: the process registry in Prometheus text format."""
+    resp = web.Response(body=metrics.render())
+    resp.headers["Content-Type"] = metrics.CONTENT_TYPE
+    return resp
+
+
+@web.middleware
+async def _count_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    route = request.match_info.route.resource
+    name = route.canonical if route is not None else "unmatched"
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.HTTP_REQUESTS.labels(route=name, status=str(status)).inc()
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: DashboardSource | None = None,
+    ledger: LedgerSource | None = None,
+    ready_checks: Mapping[str, ReadyCheck] | None = None,
+) -> web.Application:
+    """The aiohttp application; the caller owns the engine, ledger reader and their clients."""
+    app = web.Application(middlewares=[_count_requests])
+    app[SETTINGS_KEY] = settings
+    app[AUTH_KEY] = TokenAuth.from_settings(settings)
+    app[ENGINE_KEY] = engine
+    app[LEDGER_KEY] = ledger
+    app[READY_KEY] = dict(ready_checks or {})
+    app.router.add_get("/v1/orgs/{org_id}/credits", credits_handler)
+    app.router.add_get("/v1/orgs/{org_id}/ledger", ledger_handler)
+    app.router.add_get("/orgs/{org_id}", page_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_get("/readyz", readyz_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+# --- HTML ------------------------------------------------------------------------------------
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _date(value: object) -> str:
+    """``2026-12-01T00:00:00Z`` -> ``2026-12-01 00:00 UTC`` (unparsable values shown as-is)."""
+    if not isinstance(value, str):
+        return "" if value is None else str(value)
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return value
+    return parsed.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _member_state(member: Mapping[str, Any]) -> str:
+    if not member.get("active", True):
+        return "removed"
+    if member.get("state") == "paused":
+        reason = member.get("pause_reason")
+        return f"paused ({reason})" if reason else "paused"
+    return str(member.get("state") or "running")
+
+
+def _template(name: str) -> str:
+    return resources.files("worker").joinpath(f"templates/{name}").read_text(encoding="utf-8")
+
+
+def render_dashboard(data: Mapping[str, Any]) -> str:
+    """The dashboard page for one org's SPEC section 7 document (all values escaped)."""
+    pool = data.get("pool") or {}
+    rows = []
+    for m in data.get("members") or []:
+        limit = m.get("pool_limit")
+        state = _member_state(m)
+        css = "removed" if state == "removed" else ("paused" if "paused" in state else "")
+        rows.append(
+            f'<tr class="{css}" data-member="{_e(m.get("member_id"))}">'
+            f'<td class="member">{_e(m.get("member_id"))}</td>'
+            f'<td class="tier">{_e(m.get("tier"))}</td>'
+            f'<td class="num granted">{_e(m.get("granted"))}</td>'
+            f'<td class="num used">{_e(m.get("used"))}</td>'
+            f'<td class="num remaining">{_e(m.get("remaining"))}</td>'
+            f'<td class="num pool_drawn">{_e(m.get("pool_drawn"))}</td>'
+            f'<td class="num pool_limit">{_e("no limit" if limit is None else limit)}</td>'
+            f'<td class="num negative_balance">{_e(m.get("negative_balance"))}</td>'
+            f'<td class="state">{_e(state)}</td>'
+            "</tr>"
+        )
+    pool_flags = []
+    if pool.get("locked"):
+        pool_flags.append("locked (refill failed)")
+    if pool.get("refill_pending"):
+        pool_flags.append("refill pending")
+    return _template("dashboard.html").format(
+        org_id=_e(data.get("org_id")),
+        refresh=PAGE_REFRESH_SECONDS,
+        pool_balance=_e(pool.get("balance")),
+        pool_used=_e(pool.get("used_this_cycle")),
+        cycle_start=_e(_date(data.get("cycle_start"))),
+        reset_at=_e(_date(data.get("reset_at"))),
+        reset_at_raw=_e(data.get("reset_at")),
+        pool_status=_e(", ".join(pool_flags) or "ok"),
+        member_rows="\n".join(rows) or '<tr><td colspan="9" class="empty">No members yet</td></tr>',
+        member_count=len(data.get("members") or []),
+        generated_at=_e(dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
+    )
+
+
+def render_message_page(status: int, message: str) -> str:
+    """A minimal error page (no data of any org)."""
+    return _template("message.html").format(status=status, message=_e(message))
+
+
+# --- Standalone process ----------------------------------------------------------------------
+def default_ready_checks(
+    settings: Settings, redis: Any, pg_pool: Any, kafka_admin: Any
+) -> dict[str, ReadyCheck]:
+    """Readiness checks for Redis (PING), PostgreSQL (SELECT 1) and Kafka (cluster metadata)."""
+
+    async def redis_ok() -> bool:
+        return bool(await redis.ping())
+
+    async def pg_ok() -> bool:
+        return bool((await pg_pool.fetchval("SELECT 1")) == 1)
+
+    async def kafka_ok() -> bool:
+        cluster = await kafka_admin.describe_cluster()
+        return bool(cluster.get("brokers"))
+
+    return {"redis": redis_ok, "postgres": pg_ok, "kafka": kafka_ok}
+
+
+async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.Application:
+    """Clients and app for ``metering api``; everything opened is closed by ``stack``."""
+    import asyncpg
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from worker.connections import kafka_client_kwargs, pg_connect_kwargs, redis_client
+    from worker.lag import LagMonitor, group_lag_source
+
+    engine = _make_engine(settings)
+    redis = redis_client(settings)
+    stack.push_async_callback(redis.aclose)
+    pool = await asyncpg.create_pool(
+        **pg_connect_kwargs(settings), min_size=1, max_size=settings.postgres_pool_size
+    )
+    stack.push_async_callback(pool.close)
+    kwargs = kafka_client_kwargs(settings)
+    kwargs["client_id"] = f"{settings.client_id}-api"
+    admin = AIOKafkaAdminClient(**kwargs)
+    await admin.start()
+    stack.push_async_callback(admin.close)
+    # Without a consumer of its own, this process reports the lag of the group's commits.
+    monitor = LagMonitor(group_lag_source(settings), interval=5.0)
+    monitor.start()
+    stack.push_async_callback(monitor.stop)
+    return create_app(
+        settings,
+        engine=engine,
+        ledger=PgLedgerReader(pool, settings.postgres_schema),
+        ready_checks=default_ready_checks(settings, redis, pool, admin),
+    )
+
+
+def _make_engine(settings: Settings) -> DashboardSource:
+    """The engine (``worker.engine.RedisEngine``) built from settings."""
+    # Imported lazily so the API module (and the CLI) load even without the engine.
+    engine_module = importlib.import_module("worker.engine")
+
+    factory = getattr(engine_module.RedisEngine, "from_settings", None)
+    if factory is not None:
+        built: DashboardSource = factory(settings)
+        return built
+    from worker.connections import redis_client
+
+    instance: DashboardSource = engine_module.RedisEngine(redis_client(settings), settings)
+    return instance
+
+
+async def run_api(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve the API on ``Settings.http_host:http_port`` until ``stop`` is set or SIGTERM."""
+    import signal
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        app = await build_standalone(settings, stack)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info(
+            "api listening",
+            extra={"host": settings.http_host, "port": settings.http_port},
+        )
+        started = time.monotonic()
+        await stop.wait()
+        log.info("api stopped", extra={"uptime_s": round(time.monotonic() - started, 1)})

@@ -1,0 +1,14 @@
+-- Named queries of the read API (worker/api.py). "{schema}" is replaced by the quoted schema
+-- name from settings; every value is an asyncpg $n parameter.
+
+-- name: ledger_page
+-- $1 org_id, $2 member_id (NULL: all members), $3 seq upper bound exclusive (NULL: newest),
+-- $4 limit. Newest first; keyset pagination on the (org_id, seq) primary key.
+SELECT seq, org_id, member_id, source_kind, source_id, task_id, movement, bucket, grant_id,
+       amount_mc, cycle_start_ms, late, at_ms
+FROM {schema}.ledger
+WHERE org_id = $1
+  AND ($2::text IS NULL OR member_id = $2)
+  AND ($3::bigint IS NULL OR seq < $3)
+ORDER BY seq DESC
+LIMIT $4
