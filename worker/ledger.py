@@ -1,0 +1,568 @@
+"""PostgreSQL ledger of record: migrations, batched writes, consumer offsets, parked events.
+
+PostgreSQL is the permanent record. Redis holds live balances and a short dedupe window; this
+store holds every decided input (one row per ``event_id`` and ``command_id``, ever), every
+ledger movement, the billing records, and the next offset to consume per input partition,
+written in the same transaction as the rows those offsets cover. See docs/delivery.md.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import orjson
+
+from worker.config import Settings
+from worker.connections import pg_connect_kwargs
+
+_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_MIGRATION_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
+# Any constant works; it only has to be the same for every worker so that concurrent starts
+# apply migrations one after the other.
+_MIGRATION_LOCK_KEY = 0x6D65746572  # "meter"
+
+
+def load_queries() -> dict[str, str]:
+    """The named queries of ``worker/sql/queries.sql`` (``-- name: x`` blocks)."""
+    text = resources.files("worker").joinpath("sql", "queries.sql").read_text(encoding="utf-8")
+    parts = _NAME_RE.split(text)
+    # parts = [preamble, name1, body1, name2, body2, ...]
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        queries[name] = body.strip()
+    return queries
+
+
+QUERIES = load_queries()
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("worker").joinpath("sql", "migrations")
+    found: list[tuple[int, str, str]] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_RE.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    return found
+
+
+def quote_schema(schema: str) -> str:
+    """The schema name as a quoted identifier, after checking it is a plain identifier.
+
+    DDL cannot take the schema as a bind parameter, so the name is validated instead.
+    """
+    if not _SCHEMA_RE.match(schema):
+        raise ValueError(f"invalid postgres_schema {schema!r}: letters, digits and _ only")
+    return f'"{schema}"'
+
+
+def _connect_kwargs(settings: Settings) -> dict[str, Any]:
+    kwargs = pg_connect_kwargs(settings)
+    server_settings = dict(kwargs.get("server_settings") or {})
+    server_settings["search_path"] = settings.postgres_schema
+    kwargs["server_settings"] = server_settings
+    return kwargs
+
+
+async def migrate(settings: Settings) -> list[str]:
+    """Create the schema and apply missing numbered migrations; returns the names applied.
+
+    Each migration runs in its own transaction together with its row in ``schema_migrations``,
+    so a crash leaves either the whole migration or none of it. An advisory lock serialises
+    workers that start at the same time.
+    """
+    schema = quote_schema(settings.postgres_schema)
+    conn = await asyncpg.connect(**_connect_kwargs(settings))
+    applied: list[str] = []
+    try:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+    return applied
+
+
+# Column lists of the batch tables, in the order of the rows built by FlushBatch.
+LEDGER_COLUMNS = (
+    "org_id",
+    "seq",
+    "member_id",
+    "source_kind",
+    "source_id",
+    "task_id",
+    "movement",
+    "bucket",
+    "grant_id",
+    "amount_mc",
+    "cycle_start_ms",
+    "late",
+    "at_ms",
+)
+USAGE_COLUMNS = (
+    "event_id",
+    "org_id",
+    "seq",
+    "member_id",
+    "task_id",
+    "credits_mc",
+    "occurred_at_ms",
+    "status",
+    "code",
+    "late",
+    "source",
+    "source_offset",
+)
+COMMAND_COLUMNS = (
+    "command_id",
+    "org_id",
+    "seq",
+    "type",
+    "status",
+    "code",
+    "command",
+    "source",
+    "source_offset",
+)
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _source_offset(effect: Mapping[str, Any]) -> int | None:
+    offset = _opt_int(effect.get("offset"))
+    return None if offset is None or offset < 0 else offset
+
+
+@dataclass(slots=True)
+class FlushBatch:
+    """Everything one batch writes to PostgreSQL, in one transaction."""
+
+    ledger: list[tuple[Any, ...]] = field(default_factory=list)
+    usage: list[tuple[Any, ...]] = field(default_factory=list)
+    commands: list[tuple[Any, ...]] = field(default_factory=list)
+    invoices: list[tuple[Any, ...]] = field(default_factory=list)
+    notifications: list[tuple[Any, ...]] = field(default_factory=list)
+    refills: list[tuple[Any, ...]] = field(default_factory=list)
+    signals: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    parked_add: list[tuple[Any, ...]] = field(default_factory=list)
+    parked_del: list[str] = field(default_factory=list)
+    org_seq: dict[str, int] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not (
+            self.ledger
+            or self.usage
+            or self.commands
+            or self.invoices
+            or self.notifications
+            or self.refills
+            or self.signals
+            or self.parked_add
+            or self.parked_del
+            or self.org_seq
+            or self.offsets
+        )
+
+    def add_effects(self, org_id: str, effects: Iterable[Mapping[str, Any]]) -> None:
+        """Turn engine effects (docs/architecture.md) into rows."""
+        top = self.org_seq.get(org_id, 0)
+        for e in effects:
+            seq = int(e["seq"])
+            top = max(top, seq)
+            kind = e.get("kind")
+            if kind == "ledger":
+                self.ledger.append(
+                    (
+                        org_id,
+                        seq,
+                        _opt_str(e.get("member_id")),
+                        str(e.get("source_kind") or "system"),
+                        _opt_str(e.get("source_id")),
+                        _opt_str(e.get("task_id")),
+                        str(e.get("movement") or ""),
+                        _opt_str(e.get("bucket")),
+                        _opt_str(e.get("grant_id")),
+                        int(e.get("amount_mc") or 0),
+                        _opt_int(e.get("cycle_start_ms")),
+                        bool(e.get("late")),
+                        _opt_int(e.get("at_ms")),
+                    )
+                )
+            elif kind == "usage":
+                self.usage.append(
+                    (
+                        str(e["event_id"]),
+                        org_id,
+                        seq,
+                        _opt_str(e.get("member_id")),
+                        _opt_str(e.get("task_id")),
+                        _opt_int(e.get("credits_mc")),
+                        _opt_int(e.get("occurred_at_ms")),
+                        str(e.get("status") or "charged"),
+                        _opt_str(e.get("code")),
+                        bool(e.get("late")),
+                        _opt_str(e.get("source")),
+                        _source_offset(e),
+                    )
+                )
+            elif kind == "command":
+                command = e.get("command") or {}
+                self.commands.append(
+                    (
+                        str(e["command_id"]),
+                        org_id,
+                        seq,
+                        str(e.get("type") or command.get("type") or ""),
+                        str(e.get("status") or "applied"),
+                        _opt_str(e.get("code")),
+                        orjson.dumps(command).decode(),
+                        _opt_str(e.get("source")),
+                        _source_offset(e),
+                    )
+                )
+            elif kind == "signal":
+                member_id = str(e["member_id"])
+                row = (
+                    org_id,
+                    member_id,
+                    seq,
+                    str(e["signal"]),
+                    str(e.get("reason") or ""),
+                    int(e.get("member_seq") or 0),
+                    int(e.get("issued_at_ms") or 0),
+                )
+                prev = self.signals.get((org_id, member_id))
+                if prev is None or row[5] > prev[5]:
+                    self.signals[(org_id, member_id)] = row
+            elif kind == "notification":
+                self.notifications.append(
+                    (
+                        org_id,
+                        seq,
+                        str(e.get("type") or ""),
+                        _opt_str(e.get("member_id")),
+                        orjson.dumps(e.get("detail") or {}).decode(),
+                        int(e.get("at_ms") or 0),
+                    )
+                )
+            elif kind == "refill_request":
+                self.refills.append(
+                    (
+                        org_id,
+                        seq,
+                        str(e["request_id"]),
+                        int(e.get("credits_mc") or 0),
+                        int(e.get("amount_usd_cents") or 0),
+                        int(e.get("at_ms") or 0),
+                    )
+                )
+            elif kind == "invoice":
+                self.invoices.append(
+                    (
+                        org_id,
+                        seq,
+                        int(e.get("cycle_start_ms") or 0),
+                        int(e.get("cycle_end_ms") or 0),
+                        int(e.get("negative_balance_mc") or 0),
+                        int(e.get("amount_usd_cents") or 0),
+                    )
+                )
+        if top:
+            self.org_seq[org_id] = top
+
+    def add_rejected_usage(
+        self,
+        *,
+        event_id: str,
+        org_id: str,
+        member_id: str | None,
+        task_id: str | None,
+        credits_mc: int | None,
+        occurred_at_ms: int | None,
+        code: str,
+        source: str,
+        offset: int | None,
+    ) -> None:
+        """Record a usage event rejected by the pipeline itself (never reached the engine)."""
+        self.usage.append(
+            (
+                event_id,
+                org_id,
+                None,
+                member_id,
+                task_id,
+                credits_mc,
+                occurred_at_ms,
+                "rejected",
+                code,
+                False,
+                source,
+                offset,
+            )
+        )
+
+    def add_rejected_command(
+        self,
+        *,
+        command_id: str,
+        org_id: str,
+        type_: str,
+        code: str,
+        command: Mapping[str, Any],
+        source: str,
+        offset: int | None,
+    ) -> None:
+        """Record an admin command rejected without an engine ``command`` effect."""
+        self.commands.append(
+            (
+                command_id,
+                org_id,
+                None,
+                type_,
+                "rejected",
+                code,
+                orjson.dumps(dict(command)).decode(),
+                source,
+                offset,
+            )
+        )
+
+    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        key = (topic, partition)
+        if next_offset > self.offsets.get(key, -1):
+            self.offsets[key] = next_offset
+
+
+@dataclass(slots=True, frozen=True)
+class ParkedEvent:
+    """A usage event waiting for its org or member (row of ``parked_events``)."""
+
+    event_id: str
+    org_id: str
+    member_id: str
+    task_id: str
+    credits_mc: int
+    occurred_at_ms: int
+    code: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+    value: bytes
+    parked_at_ms: int
+
+
+class Ledger:
+    """The PostgreSQL store used by the pipeline (one connection pool)."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._schema = settings.postgres_schema
+        self._q = QUERIES
+
+    @classmethod
+    async def connect(cls, settings: Settings) -> Ledger:
+        """Open a pool whose connections use the configured schema."""
+        quote_schema(settings.postgres_schema)
+        pool = await asyncpg.create_pool(
+            **_connect_kwargs(settings),
+            min_size=1,
+            max_size=settings.postgres_pool_size,
+        )
+        return cls(pool, settings)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        await self._pool.fetchval("SELECT 1")
+
+    async def decided_ids(
+        self, event_ids: Sequence[str], command_ids: Sequence[str]
+    ) -> tuple[set[str], set[str]]:
+        """Which of these ids PostgreSQL already decided (one round trip per kind present)."""
+        events: set[str] = set()
+        commands: set[str] = set()
+        if not event_ids and not command_ids:
+            return events, commands
+        async with self._pool.acquire() as conn:
+            if event_ids:
+                rows = await conn.fetch(self._q["decided_event_ids"], list(event_ids))
+                events = {r[0] for r in rows}
+            if command_ids:
+                rows = await conn.fetch(self._q["decided_command_ids"], list(command_ids))
+                commands = {r[0] for r in rows}
+        return events, commands
+
+    async def write(self, batch: FlushBatch) -> None:
+        """Write one batch and its offsets atomically.
+
+        The fast path COPYs the large tables. COPY has no ON CONFLICT, so if any row already
+        exists (an outbox re-drained after a crash between this commit and the outbox ack) the
+        transaction rolls back whole and the batch is written again with the replay-safe
+        ``unnest ... ON CONFLICT DO NOTHING`` statements. Either way the rows and the offsets
+        commit together or not at all.
+        """
+        if batch.is_empty():
+            return
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await self._write(conn, batch, fast=True)
+            except asyncpg.UniqueViolationError:
+                async with conn.transaction():
+                    await self._write(conn, batch, fast=False)
+
+    async def write_safe(self, batch: FlushBatch) -> None:
+        """Like ``write`` but always idempotent (used by the outbox drain and rebuild)."""
+        if batch.is_empty():
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._write(conn, batch, fast=False)
+
+    async def _write(self, conn: asyncpg.Connection, b: FlushBatch, *, fast: bool) -> None:
+        q = self._q
+        if fast:
+            if b.ledger:
+                await conn.copy_records_to_table(
+                    "ledger_entries",
+                    records=b.ledger,
+                    columns=LEDGER_COLUMNS,
+                    schema_name=self._schema,
+                )
+            if b.usage:
+                await conn.copy_records_to_table(
+                    "usage_events",
+                    records=b.usage,
+                    columns=USAGE_COLUMNS,
+                    schema_name=self._schema,
+                )
+            if b.commands:
+                await conn.copy_records_to_table(
+                    "admin_commands",
+                    records=b.commands,
+                    columns=COMMAND_COLUMNS,
+                    schema_name=self._schema,
+                )
+        else:
+            if b.ledger:
+                await conn.execute(q["insert_ledger_entries"], *_columns(b.ledger, 13))
+            if b.usage:
+                await conn.execute(q["insert_usage_events"], *_columns(b.usage, 12))
+            if b.commands:
+                await conn.execute(q["insert_admin_commands"], *_columns(b.commands, 9))
+        if b.invoices:
+            await conn.execute(q["insert_invoices"], *_columns(b.invoices, 6))
+        if b.notifications:
+            await conn.execute(q["insert_notifications"], *_columns(b.notifications, 6))
+        if b.refills:
+            await conn.execute(q["insert_refill_requests"], *_columns(b.refills, 6))
+        if b.signals:
+            await conn.execute(q["upsert_signals"], *_columns(list(b.signals.values()), 7))
+        if b.parked_del:
+            await conn.execute(q["delete_parked"], b.parked_del)
+        if b.parked_add:
+            await conn.execute(q["insert_parked"], *_columns(b.parked_add, 12))
+        if b.org_seq:
+            await conn.execute(q["upsert_org_seq"], list(b.org_seq), list(b.org_seq.values()))
+        if b.offsets:
+            keys = list(b.offsets)
+            await conn.execute(
+                q["upsert_offsets"],
+                self._settings.consumer_group,
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [b.offsets[k] for k in keys],
+            )
+
+    async def load_offsets(self, group: str | None = None) -> dict[tuple[str, int], int]:
+        """Next offset to consume per (topic, partition) recorded for the consumer group."""
+        rows = await self._pool.fetch(
+            self._q["select_offsets"], group or self._settings.consumer_group
+        )
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}
+
+    async def parked_for_partitions(
+        self, topic: str, partitions: Sequence[int], limit: int = 10_000
+    ) -> list[ParkedEvent]:
+        """Parked events that came from these partitions, oldest first."""
+        if not partitions:
+            return []
+        rows = await self._pool.fetch(
+            self._q["parked_for_partitions"], topic, list(partitions), limit
+        )
+        return [
+            ParkedEvent(
+                event_id=r["event_id"],
+                org_id=r["org_id"],
+                member_id=r["member_id"],
+                task_id=r["task_id"],
+                credits_mc=r["credits_mc"],
+                occurred_at_ms=r["occurred_at_ms"],
+                code=r["code"],
+                source_topic=r["source_topic"],
+                source_partition=r["source_partition"],
+                source_offset=r["source_offset"],
+                key=r["msg_key"],
+                value=r["msg_value"],
+                parked_at_ms=r["parked_at_ms"],
+            )
+            for r in rows
+        ]
+
+    async def count_parked(self) -> int:
+        return int(await self._pool.fetchval(self._q["count_parked"]))
+
+    async def org_seqs(self) -> dict[str, int]:
+        """Highest effect seq PostgreSQL holds, per org."""
+        rows = await self._pool.fetch(self._q["org_seqs"])
+        return {r["org_id"]: r["last_seq"] for r in rows}
+
+    async def rebuild_inputs(self, org_id: str) -> list[asyncpg.Record]:
+        """The recorded usage and command decisions of one org, in seq order."""
+        return list(await self._pool.fetch(self._q["rebuild_inputs"], org_id))
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to per-column lists (the shape ``unnest($1, $2, ...)`` takes)."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]

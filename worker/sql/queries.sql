@@ -1,0 +1,122 @@
+-- Named queries of the ledger store. Each block starts with "-- name: <name>"; the loader in
+-- worker/ledger.py reads them into a dict. Parameters are asyncpg positional ($1...), arrays
+-- are passed whole and expanded with unnest so one round trip writes a whole batch.
+
+-- name: decided_event_ids
+-- Event ids already decided (or waiting in the parking lot): later copies are duplicates.
+SELECT event_id FROM usage_events WHERE event_id = ANY($1::text[])
+UNION ALL
+SELECT event_id FROM parked_events WHERE event_id = ANY($1::text[]);
+
+-- name: decided_command_ids
+SELECT command_id FROM admin_commands WHERE command_id = ANY($1::text[]);
+
+-- name: insert_ledger_entries
+INSERT INTO ledger_entries (org_id, seq, member_id, source_kind, source_id, task_id, movement,
+                            bucket, grant_id, amount_mc, cycle_start_ms, late, at_ms)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[],
+                     $12::boolean[], $13::bigint[])
+ON CONFLICT DO NOTHING;
+
+-- name: insert_usage_events
+INSERT INTO usage_events (event_id, org_id, seq, member_id, task_id, credits_mc, occurred_at_ms,
+                          status, code, late, source, source_offset)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bigint[],
+                     $7::bigint[], $8::text[], $9::text[], $10::boolean[], $11::text[],
+                     $12::bigint[])
+ON CONFLICT DO NOTHING;
+
+-- name: insert_admin_commands
+INSERT INTO admin_commands (command_id, org_id, seq, type, status, code, command, source,
+                            source_offset)
+SELECT c, o, s, t, st, cd, cmd::jsonb, src, so
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::bigint[]) AS u(c, o, s, t, st, cd, cmd, src, so)
+ON CONFLICT DO NOTHING;
+
+-- name: insert_invoices
+INSERT INTO invoices (org_id, seq, cycle_start_ms, cycle_end_ms, negative_balance_mc,
+                      amount_usd_cents)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                     $6::bigint[])
+ON CONFLICT DO NOTHING;
+
+-- name: insert_notifications
+INSERT INTO notifications (org_id, seq, type, member_id, detail, at_ms)
+SELECT o, s, t, m, d::jsonb, a
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+     AS u(o, s, t, m, d, a)
+ON CONFLICT DO NOTHING;
+
+-- name: insert_refill_requests
+INSERT INTO refill_requests (org_id, seq, request_id, credits_mc, amount_usd_cents, at_ms)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::bigint[],
+                     $6::bigint[])
+ON CONFLICT DO NOTHING;
+
+-- name: upsert_signals
+-- Keeps the signal with the highest member_seq: a re-drained older signal never wins.
+INSERT INTO signals AS s (org_id, member_id, seq, signal, reason, member_seq, issued_at_ms)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[],
+                     $6::bigint[], $7::bigint[])
+ON CONFLICT (org_id, member_id) DO UPDATE
+SET seq = EXCLUDED.seq, signal = EXCLUDED.signal, reason = EXCLUDED.reason,
+    member_seq = EXCLUDED.member_seq, issued_at_ms = EXCLUDED.issued_at_ms
+WHERE EXCLUDED.member_seq > s.member_seq;
+
+-- name: insert_parked
+INSERT INTO parked_events (event_id, org_id, member_id, task_id, credits_mc, occurred_at_ms,
+                           code, source_topic, source_partition, source_offset, msg_key,
+                           msg_value)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                     $6::bigint[], $7::text[], $8::text[], $9::integer[], $10::bigint[],
+                     $11::bytea[], $12::bytea[])
+ON CONFLICT DO NOTHING;
+
+-- name: delete_parked
+DELETE FROM parked_events WHERE event_id = ANY($1::text[]);
+
+-- name: parked_for_partitions
+-- Oldest first, bounded: the retry loop takes the rest on its next turn.
+SELECT event_id, org_id, member_id, task_id, credits_mc, occurred_at_ms, code, source_topic,
+       source_partition, source_offset, msg_key, msg_value,
+       (extract(epoch FROM parked_at) * 1000)::bigint AS parked_at_ms
+FROM parked_events
+WHERE source_topic = $1 AND source_partition = ANY($2::integer[])
+ORDER BY parked_at, event_id
+LIMIT $3;
+
+-- name: count_parked
+SELECT count(*) FROM parked_events;
+
+-- name: upsert_org_seq
+INSERT INTO org_seq AS o (org_id, last_seq)
+SELECT * FROM unnest($1::text[], $2::bigint[])
+ON CONFLICT (org_id) DO UPDATE SET last_seq = GREATEST(o.last_seq, EXCLUDED.last_seq);
+
+-- name: org_seqs
+SELECT org_id, last_seq FROM org_seq ORDER BY org_id;
+
+-- name: upsert_offsets
+-- GREATEST: a late flush from a worker that already lost the partition never moves it back.
+INSERT INTO consumer_offsets AS c (group_id, topic, partition, next_offset)
+SELECT $1, t, p, n FROM unnest($2::text[], $3::integer[], $4::bigint[]) AS u(t, p, n)
+ON CONFLICT (group_id, topic, partition) DO UPDATE
+SET next_offset = GREATEST(c.next_offset, EXCLUDED.next_offset), updated_at = now();
+
+-- name: select_offsets
+SELECT topic, partition, next_offset FROM consumer_offsets WHERE group_id = $1;
+
+-- name: rebuild_inputs
+-- The recorded decisions of one org in decision order: what a rebuild replays.
+SELECT seq, 'usage' AS kind, event_id AS id, member_id, task_id, credits_mc, occurred_at_ms,
+       NULL::text AS command, source
+FROM usage_events WHERE org_id = $1 AND seq IS NOT NULL
+UNION ALL
+SELECT seq, 'command', command_id, NULL, NULL, NULL, NULL, command::text, source
+FROM admin_commands WHERE org_id = $1 AND seq IS NOT NULL
+ORDER BY seq;
+
+-- name: known_orgs
+SELECT org_id FROM org_seq ORDER BY org_id;
