@@ -37,7 +37,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bench.naive import run_naive
-from bench.workload import WorkloadSpec, produce, setup_commands, usage_events
+from bench.workload import WorkloadSpec, produce, setup_commands, topic_partitions, usage_events
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,8 +131,7 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await consumer.start()
     try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        parts = await topic_partitions(consumer, topic)
         return dict(await consumer.end_offsets(parts))
     finally:
         await consumer.stop()
@@ -171,8 +170,7 @@ async def consume_only(bootstrap: str, topic: str, *, decode: bool) -> tuple[int
     await consumer.start()
     decoder = msgspec.json.Decoder(_Usage)
     try:
-        await consumer.topics()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        parts = await topic_partitions(consumer, topic)
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         end = await consumer.end_offsets(parts)

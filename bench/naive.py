@@ -21,7 +21,9 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
+
+from bench.workload import topic_partitions
 
 _DDL = """
 CREATE TABLE member_balance (
@@ -70,12 +72,12 @@ class NaiveResult:
 
 
 async def _consume_all(consumer: AIOKafkaConsumer, topic: str) -> list[bytes]:
-    parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+    parts = await topic_partitions(consumer, topic)
     consumer.assign(parts)
     await consumer.seek_to_beginning(*parts)
     end = await consumer.end_offsets(parts)
     out: list[bytes] = []
-    while any(await consumer.position(tp) < end[tp] for tp in parts):
+    while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
         batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
         for records in batch.values():
             out.extend(r.value for r in records)
@@ -184,7 +186,6 @@ async def run_naive(
         reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         await reader.start()
         try:
-            await reader.topics()
             admin_values = await _consume_all(reader, admin_topic)
         finally:
             await reader.stop()

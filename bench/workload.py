@@ -373,3 +373,18 @@ async def produce_messages(
 def at_offset(start: datetime, **delta: float) -> datetime:
     """``start`` plus a ``timedelta(**delta)``: readable timestamps in scenarios and the demo."""
     return start + timedelta(**delta)
+
+
+async def topic_partitions(consumer: Any, topic: str) -> list[Any]:
+    """``TopicPartition`` list of ``topic``, fetched fresh from the broker.
+
+    ``AIOKafkaConsumer.partitions_for_topic`` only knows topics it has subscribed to; a
+    manually assigning reader has to ask for the cluster metadata itself.
+    """
+    from aiokafka import TopicPartition
+
+    cluster = await consumer._client.fetch_all_metadata()
+    parts = cluster.partitions_for_topic(topic)
+    if not parts:
+        raise LookupError(f"topic {topic!r} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(parts)]
