@@ -16,7 +16,9 @@ hypothesis_settings.register_profile(
     "ci", deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 # "dev" is for quick local iterations: HYPOTHESIS_PROFILE=dev pytest tests/unit
-hypothesis_settings.register_profile("dev", parent=hypothesis_settings.get_profile("ci"), max_examples=20)
+hypothesis_settings.register_profile(
+    "dev", parent=hypothesis_settings.get_profile("ci"), max_examples=20
+)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

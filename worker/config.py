@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "console"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stack_dir: Path = Path(".stack")
+    stack_external: bool = False
+    """``python -m worker.stack up`` starts nothing and only checks that the services answer."""
 
     @field_validator("tiers")
     @classmethod

@@ -135,10 +135,9 @@ async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) 
             )
             for n in missing
         ]
-        try:
+        # A concurrent creator may win the race: the topic then exists, which is all we need.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new, timeout_ms=30_000)
-        except TopicAlreadyExistsError:
-            pass  # a concurrent creator won the race: the topic exists, which is all we need
         await _wait_for_topics(admin, missing)
         return missing
     finally:
@@ -154,10 +153,10 @@ def _topic_configs(settings: Settings, name: str) -> dict[str, str]:
     return configs
 
 
-async def _wait_for_topics(admin: Any, names: Sequence[str], timeout: float = 30.0) -> None:
+async def _wait_for_topics(admin: Any, names: Sequence[str], timeout_s: float = 30.0) -> None:
     # CreateTopics returns before every partition has a leader; a producer started right after
     # would log "unknown topic" retries, so wait until metadata lists all of them with leaders.
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout_s
     while True:
         descs = await admin.describe_topics(list(names))
         ready = all(
@@ -169,7 +168,7 @@ async def _wait_for_topics(admin: Any, names: Sequence[str], timeout: float = 30
         if ready:
             return
         if time.monotonic() > deadline:
-            raise StackError(f"topics {list(names)} created but not ready after {timeout}s")
+            raise StackError(f"topics {list(names)} created but not ready after {timeout_s}s")
         await asyncio.sleep(0.1)
 
 
@@ -197,15 +196,15 @@ def redis_url_with_db(url: str, db: int) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
 
 
-async def check_kafka(settings: Settings, timeout: float = 5.0) -> None:
+async def check_kafka(settings: Settings, timeout_s: float = 5.0) -> None:
     """Raise unless the broker answers a metadata request."""
     from aiokafka.admin import AIOKafkaAdminClient
 
     admin = AIOKafkaAdminClient(
-        **kafka_client_kwargs(settings), request_timeout_ms=int(timeout * 1000)
+        **kafka_client_kwargs(settings), request_timeout_ms=int(timeout_s * 1000)
     )
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             await admin.start()
             await admin.list_topics()
     finally:
@@ -213,35 +212,37 @@ async def check_kafka(settings: Settings, timeout: float = 5.0) -> None:
             await admin.close()
 
 
-async def check_redis(url: str, timeout: float = 5.0, cluster: bool = False) -> None:
+async def check_redis(url: str, timeout_s: float = 5.0, cluster: bool = False) -> None:
     """Raise unless Redis (or the Redis Cluster, with ``cluster``) answers PING."""
     import redis.asyncio as aioredis
     from redis.asyncio.cluster import RedisCluster
 
     client: Any
     if cluster:
-        client = RedisCluster.from_url(url, socket_timeout=timeout)
+        client = RedisCluster.from_url(url, socket_timeout=timeout_s)
     else:
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout_s):
             await client.ping()
     finally:
         await client.aclose()
 
 
-async def check_postgres(dsn: str, timeout: float = 5.0) -> None:
+async def check_postgres(dsn: str, timeout_s: float = 5.0) -> None:
     """Raise unless PostgreSQL accepts a connection and runs a query."""
     import asyncpg
 
-    conn = await asyncpg.connect(dsn, timeout=timeout)
+    conn = await asyncpg.connect(dsn, timeout=timeout_s)
     try:
         await conn.fetchval("SELECT 1")
     finally:
         await conn.close()
 
 
-async def check_services(settings: Settings, timeout: float = 5.0) -> dict[str, str | None]:
+async def check_services(settings: Settings, timeout_s: float = 5.0) -> dict[str, str | None]:
     """Check Kafka, Redis and PostgreSQL concurrently: ``{name: None or the error text}``."""
 
     async def one(name: str, coro: Any) -> tuple[str, str | None]:
@@ -252,12 +253,12 @@ async def check_services(settings: Settings, timeout: float = 5.0) -> dict[str, 
         return name, None
 
     results = await asyncio.gather(
-        one("kafka", check_kafka(settings, timeout)),
+        one("kafka", check_kafka(settings, timeout_s)),
         one(
             "redis",
-            check_redis(settings.redis_url.get_secret_value(), timeout, settings.redis_cluster),
+            check_redis(settings.redis_url.get_secret_value(), timeout_s, settings.redis_cluster),
         ),
-        one("postgres", check_postgres(settings.postgres_dsn.get_secret_value(), timeout)),
+        one("postgres", check_postgres(settings.postgres_dsn.get_secret_value(), timeout_s)),
     )
     return dict(results)
 
@@ -312,7 +313,9 @@ def _wait_until(
         if not alive():
             raise StackError(f"{what} exited during startup; see {log}\n{_tail(log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{what} did not answer within {timeout:.0f}s; see {log}\n{_tail(log)}")
+            raise StackError(
+                f"{what} did not answer within {timeout:.0f}s; see {log}\n{_tail(log)}"
+            )
         time.sleep(0.25)
 
 
@@ -360,7 +363,9 @@ def _ensure_port_free(port: int, what: str, setting: str) -> None:
 
 
 def _is_debian_root() -> bool:
-    return os.geteuid() == 0 and Path("/etc/debian_version").exists() and bool(shutil.which("apt-get"))
+    return (
+        os.geteuid() == 0 and Path("/etc/debian_version").exists() and bool(shutil.which("apt-get"))
+    )
 
 
 def _apt_install(packages: Sequence[str], why: str) -> None:
@@ -915,7 +920,7 @@ class Kafka:
                 str(self.config),
             ]
             with self.stdout_log.open("ab") as out:
-                proc = subprocess.Popen(  # noqa: ASYNC220 - sync CLI code, not in a loop
+                proc = subprocess.Popen(
                     cmd,
                     stdout=out,
                     stderr=subprocess.STDOUT,
@@ -945,7 +950,7 @@ class Kafka:
 
 def _kafka_answers(settings: Settings) -> bool:
     try:
-        asyncio.run(check_kafka(settings, timeout=5.0))
+        asyncio.run(check_kafka(settings, timeout_s=5.0))
     except Exception:  # any client error just means "not yet"
         return False
     return True
@@ -960,13 +965,9 @@ def stack_dir(settings: Settings) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def _external_all() -> bool:
-    return os.environ.get("METERING_STACK_EXTERNAL", "").strip().lower() in ("1", "true", "yes")
-
-
 def local_services(settings: Settings) -> dict[str, bool]:
     """Which services this stack runs itself (True) or treats as external (False)."""
-    if _external_all():
+    if settings.stack_external:
         return {"kafka": False, "redis": False, "postgres": False}
     redis = urlsplit(settings.redis_url.get_secret_value())
     local_redis_ports = {DEFAULT_REDIS_PORT, *DEFAULT_REDIS_CLUSTER_PORTS}
@@ -1047,7 +1048,7 @@ def up(settings: Settings, cluster: bool = False) -> None:
     external = [name for name, is_local in local.items() if not is_local]
     if external:
         say(f"checking external services: {', '.join(external)}")
-    problems = asyncio.run(check_services(settings, timeout=10.0))
+    problems = asyncio.run(check_services(settings, timeout_s=10.0))
     failed = {k: v for k, v in problems.items() if v}
     if failed:
         raise StackError(
@@ -1075,7 +1076,7 @@ def status(settings: Settings) -> bool:
     """Print a table of the services; return True when all the configured ones answer."""
     root = stack_dir(settings)
     local = local_services(settings)
-    answers = asyncio.run(check_services(settings, timeout=3.0))
+    answers = asyncio.run(check_services(settings, timeout_s=3.0))
     redis_pid = _redis_node(root).pid()
     pids: dict[str, int | None] = {
         "kafka": Kafka(root / "kafka").pid(),
@@ -1108,16 +1109,22 @@ def topics(settings: Settings) -> None:
     """Create the SPEC topics (idempotent) and print them."""
     created = asyncio.run(ensure_topics(settings))
     rows = [
-        (name, str(settings.topic_partitions), "compact" if name == settings.topic_control else "delete",
-         "created" if name in created else "exists")
+        (
+            name,
+            str(settings.topic_partitions),
+            "compact" if name == settings.topic_control else "delete",
+            "created" if name in created else "exists",
+        )
         for name in topic_names(settings).values()
-    ]  # fmt: skip
+    ]
     _print_table(["topic", "partitions", "cleanup", "state"], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m worker.stack``."""
-    parser = argparse.ArgumentParser(prog="python -m worker.stack", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.stack", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start (or reuse) Kafka, Redis and PostgreSQL")
     p_up.add_argument("--cluster", action="store_true", help="also start a 3-master Redis Cluster")

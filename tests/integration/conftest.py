@@ -49,7 +49,7 @@ def unique_name(prefix: str = "t") -> str:
 @pytest.fixture(scope="session", autouse=True)
 async def services_answer(settings: Settings) -> None:
     """Fail (never skip) the integration tests at once when a service does not answer."""
-    problems = await check_services(settings, timeout=10.0)
+    problems = await check_services(settings, timeout_s=10.0)
     failed = {name: err for name, err in problems.items() if err is not None}
     if failed:
         lines = "\n".join(f"  {name}: {err}" for name, err in failed.items())

@@ -27,7 +27,9 @@ async def test_kafka_produce_consume_with_committed_group_offsets(kafka_topics: 
     producer = AIOKafkaProducer(**kafka_client_kwargs(s), enable_idempotence=True, acks="all")
     await producer.start()
     try:
-        sent = [await producer.send_and_wait(topic, f"e{i}".encode(), key=b"org-1") for i in range(5)]
+        sent = [
+            await producer.send_and_wait(topic, f"e{i}".encode(), key=b"org-1") for i in range(5)
+        ]
     finally:
         await producer.stop()
     tp = TopicPartition(topic, sent[0].partition)
@@ -111,7 +113,9 @@ async def test_redis_keeps_writes_durable_and_never_evicts(redis: aioredis.Redis
     assert config["maxmemory-policy"] == "noeviction"
 
 
-async def test_redis_cluster_runs_hash_tagged_lua(redis_cluster: RedisCluster, redis_prefix: str) -> None:
+async def test_redis_cluster_runs_hash_tagged_lua(
+    redis_cluster: RedisCluster, redis_prefix: str
+) -> None:
     info = await redis_cluster.cluster_info()
     assert info["cluster_state"] == "ok"
     assert len(redis_cluster.get_primaries()) == 3
