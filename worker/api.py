@@ -96,7 +96,8 @@ API_QUERIES = load_queries(
 )
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier (for the schema name from settings)."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -109,7 +110,7 @@ class PgLedgerReader:
 
     def __init__(self, pool: Any, schema: str) -> None:
         self._pool = pool
-        self._sql = API_QUERIES["ledger_page"].replace("{schema}", _quote_ident(schema))
+        self._sql = API_QUERIES["ledger_page"].replace("{schema}", quote_ident(schema))
 
     async def page(
         self, org_id: str, member_id: str | None, before_seq: int | None, limit: int
@@ -521,7 +522,7 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
     await admin.start()
     stack.push_async_callback(admin.close)
     # Without a consumer of its own, this process reports the lag of the group's commits.
-    monitor = LagMonitor(group_lag_source(settings), interval=5.0)
+    monitor = LagMonitor(group_lag_source(settings, pg_pool=pool), interval=5.0)
     monitor.start()
     stack.push_async_callback(monitor.stop)
     return create_app(

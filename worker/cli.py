@@ -309,13 +309,23 @@ def _is_number(text: str) -> bool:
 
 def cmd_lag(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Print the consumer group's lag per partition."""
-    from worker.lag import group_lag
+    from worker.lag import group_lag, postgres_offsets
 
     topics = args.topic or None
+
+    async def lag_rows() -> list[Any]:
+        processed = None
+        if args.offsets != "kafka":
+            try:
+                processed = await postgres_offsets(settings, args.group)
+            except Exception as exc:
+                if args.offsets == "postgres":
+                    raise CliError(f"cannot read offsets from PostgreSQL: {exc}") from None
+                sys.stderr.write(f"note: PostgreSQL offsets unavailable ({exc}); Kafka only\n")
+        return await group_lag(settings, args.group, topics, processed)
+
     try:
-        rows = asyncio.run(
-            asyncio.wait_for(group_lag(settings, args.group, topics), KAFKA_TIMEOUT_SECONDS * 2)
-        )
+        rows = asyncio.run(asyncio.wait_for(lag_rows(), KAFKA_TIMEOUT_SECONDS * 2))
     except TimeoutError:
         raise CliError(f"Kafka at {settings.kafka_bootstrap} did not answer") from None
     except LookupError as exc:
@@ -570,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="consumer group (default: METERING_CONSUMER_GROUP)")
     p.add_argument(
         "--topic", action="append", help="topic to report (repeatable; default: usage and admin)"
+    )
+    p.add_argument(
+        "--offsets",
+        choices=["auto", "kafka", "postgres"],
+        default="auto",
+        help="where processed offsets come from: the group's Kafka commits, the worker's "
+        "PostgreSQL offsets, or auto (the later of both; Kafka only if PostgreSQL is down)",
     )
     p.set_defaults(func=cmd_lag)
 

@@ -104,9 +104,15 @@ async def group_lag(
     settings: Settings,
     group: str | None = None,
     topics: list[str] | None = None,
+    processed: Mapping[TP, int] | None = None,
 ) -> list[PartitionLag]:
     """The lag table of a consumer group (default: ``Settings.consumer_group`` on the usage and
-    admin topics), one row per partition, sorted by topic and partition."""
+    admin topics), one row per partition, sorted by topic and partition.
+
+    ``processed`` adds offsets recorded outside Kafka (the worker's PostgreSQL
+    ``consumer_offsets``); per partition the larger of it and the Kafka commit counts, since
+    both only move forward and the worker resumes from the later one.
+    """
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -144,6 +150,9 @@ async def group_lag(
         key = _tp_key(tp)
         meta = committed.get(tp)
         offset = meta.offset if meta is not None and meta.offset >= 0 else None
+        extra = (processed or {}).get(key)
+        if extra is not None and (offset is None or extra > offset):
+            offset = int(extra)
         owner = owners.get(key)
         rows.append(
             PartitionLag(
@@ -160,13 +169,46 @@ async def group_lag(
     return rows
 
 
+async def postgres_offsets(
+    settings: Settings, group: str | None = None, pool: Any | None = None
+) -> dict[TP, int]:
+    """The processed offsets the worker recorded in PostgreSQL for ``group``."""
+    from worker.api import API_QUERIES, quote_ident
+
+    sql = API_QUERIES["consumer_offsets"].replace("{schema}", quote_ident(settings.postgres_schema))
+    group = group or settings.consumer_group
+    if pool is not None:
+        rows = await pool.fetch(sql, group)
+    else:
+        import asyncpg
+
+        from worker.connections import pg_connect_kwargs
+
+        conn = await asyncpg.connect(**pg_connect_kwargs(settings), timeout=10)
+        try:
+            rows = await conn.fetch(sql, group)
+        finally:
+            await conn.close()
+    return {(r["topic"], int(r["partition"])): int(r["next_offset"]) for r in rows}
+
+
 def group_lag_source(
-    settings: Settings, group: str | None = None, topics: list[str] | None = None
+    settings: Settings,
+    group: str | None = None,
+    topics: list[str] | None = None,
+    pg_pool: Any | None = None,
 ) -> LagSource:
-    """A ``LagSource`` from the group's committed offsets (for a process without a consumer)."""
+    """A ``LagSource`` from the group's committed offsets (for a process without a consumer);
+    with ``pg_pool``, the worker's PostgreSQL offsets count too."""
 
     async def source() -> Mapping[TP, int]:
-        rows = await group_lag(settings, group, topics)
+        processed = None
+        if pg_pool is not None:
+            try:
+                processed = await postgres_offsets(settings, group, pg_pool)
+            except Exception as exc:  # Kafka commits alone over-report lag: the safe side
+                log.warning("cannot read postgres offsets", extra={"error": repr(exc)})
+        rows = await group_lag(settings, group, topics, processed)
         return {(r.topic, r.partition): r.lag for r in rows}
 
     return source

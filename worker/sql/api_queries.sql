@@ -6,9 +6,16 @@
 -- $4 limit. Newest first; keyset pagination on the (org_id, seq) primary key.
 SELECT seq, org_id, member_id, source_kind, source_id, task_id, movement, bucket, grant_id,
        amount_mc, cycle_start_ms, late, at_ms
-FROM {schema}.ledger
+FROM {schema}.ledger_entries
 WHERE org_id = $1
   AND ($2::text IS NULL OR member_id = $2)
   AND ($3::bigint IS NULL OR seq < $3)
 ORDER BY seq DESC
 LIMIT $4
+
+-- name: consumer_offsets
+-- $1 group_id. The worker's processed offsets of record (next offset to consume per partition),
+-- written in the same transaction as the ledger rows; Kafka's committed offsets may trail them.
+SELECT topic, partition, next_offset
+FROM {schema}.consumer_offsets
+WHERE group_id = $1
