@@ -1,0 +1,362 @@
+"""Decoders for incoming messages: raw Kafka value bytes -> engine records or a rejection.
+
+``decode_usage`` is the hot path. It decodes with a typed msgspec struct (a fraction of the
+cost of pydantic) and parses ``credits`` from the raw JSON token text and ``occurred_at`` with
+integer arithmetic. Whenever msgspec itself refuses a message (a missing field, a wrong type, bad
+syntax), the message is handed to :func:`reference_decode_usage`, the pydantic model path, which
+decides the code. Rejections are rare, so their codes come from one place by construction; the
+accepted set, the parsed values and the amount/timestamp codes of the fast path are checked
+against the models by a hypothesis differential test.
+
+``decode_admin`` always uses the pydantic models: admin traffic is small.
+
+Checks run in this order, and the first failure is the rejection: size (``max_bytes``), UTF-8,
+JSON syntax, top-level object, fields in SPEC order (admin: ``type`` first), configured tiers
+(admin, when ``tiers`` is given), then ``occurred_at``/``at`` against ``now_ms + max_skew_ms``.
+Unknown extra fields are ignored and not even parsed. With a duplicated key the last occurrence
+wins, as in most JSON parsers.
+
+Engine dict of an admin command (``CommandRecord.command``). Every command has::
+
+    {"type": str, "command_id": str, "org_id": str, "at_ms": int}
+
+plus, per ``type`` (amounts are integer millicredits, times epoch milliseconds):
+
+====================  ===========================================================================
+type                  extra keys
+====================  ===========================================================================
+``org_upsert``        ``billing_anchor_day: int`` (1-31)
+``member_add``        ``member_id: str``, ``tier: str``
+``member_remove``     ``member_id: str``
+``member_set_tier``   ``member_id: str``, ``tier: str``
+``tier_limit_set``    ``tier: str``, ``limit_mc: int | None`` (None: no limit; whole credits)
+``member_limit_set``  ``member_id: str``, ``limit_mc: int | None | "inherit"``
+``pool_purchase``     ``credits_mc: int`` (> 0)
+``auto_refill_set``   ``enabled: bool``, ``threshold_mc: int`` (>= 0), ``amount_mc: int`` (> 0),
+                      ``monthly_limit_mc: int`` (>= 0)
+``refill_result``     ``request_id: str``, ``status: "succeeded" | "failed"``
+``promo_grant``       ``member_id: str``, ``grant_id: str``, ``credits_mc: int`` (> 0),
+                      ``expires_at_ms: int``
+``credit_request``    ``member_id: str``, ``credits_mc: int`` (> 0), ``note: str | None``
+``tick``              nothing more
+====================  ===========================================================================
+
+Admin amounts are bounded by :data:`schemas.amounts.MAX_ADMIN_MC` (10^9 credits); usage credits
+by :data:`schemas.amounts.MAX_USAGE_MC` (10^6 credits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Annotated, Any, Final
+
+import msgspec
+from pydantic import ValidationError
+
+from schemas.amounts import MAX_USAGE_MC, JsonNumber, parse_credits_text
+from schemas.errors import ErrorCode, WireError
+from schemas.models import (
+    ID_MAX_LENGTH,
+    AdminCommandModel,
+    AutoRefillSet,
+    CreditRequest,
+    MemberAdd,
+    MemberLimitSet,
+    MemberRemove,
+    MemberSetTier,
+    OrgUpsert,
+    PoolPurchase,
+    PromoGrant,
+    RefillResult,
+    Tick,
+    TierLimitSet,
+    UsageEvent,
+    error_code,
+)
+from schemas.timestamps import datetime_to_ms, parse_timestamp_ms
+
+DEFAULT_MAX_BYTES: Final = 65_536
+DEFAULT_MAX_SKEW_MS: Final = 300_000
+
+
+class UsageRecord(msgspec.Struct, frozen=True, gc=False):
+    """A valid usage event, amounts in millicredits, time in epoch milliseconds."""
+
+    event_id: str
+    org_id: str
+    member_id: str
+    task_id: str
+    credits_mc: int
+    occurred_at_ms: int
+
+
+class CommandRecord(msgspec.Struct, frozen=True):
+    """A valid admin command; ``command`` is the engine dict described in the module doc."""
+
+    type: str
+    command_id: str
+    org_id: str
+    at_ms: int
+    command: dict[str, Any]
+
+
+class Rejection(msgspec.Struct, frozen=True, gc=False):
+    """Why a message is dead-lettered: a stable code and a human-readable detail."""
+
+    code: ErrorCode
+    detail: str
+
+
+_FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=ID_MAX_LENGTH)]
+
+
+class _UsageWire(msgspec.Struct, gc=False):
+    event_id: _FastId
+    org_id: _FastId
+    member_id: _FastId
+    task_id: _FastId
+    credits: msgspec.Raw
+    occurred_at: str
+
+
+_USAGE_DECODER: Final = msgspec.json.Decoder(_UsageWire)
+_FIELDS_DECODER: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_VALUE_DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
+_NUMBER_START: Final = frozenset(b"-0123456789")
+_QUOTE: Final = ord('"')
+_BACKSLASH: Final = ord("\\")
+
+_USAGE_FIELDS: Final = frozenset(
+    {"event_id", "org_id", "member_id", "task_id", "credits", "occurred_at"}
+)
+_COMMAND_MODELS: Final[dict[str, type[AdminCommandModel]]] = {
+    "org_upsert": OrgUpsert,
+    "member_add": MemberAdd,
+    "member_remove": MemberRemove,
+    "member_set_tier": MemberSetTier,
+    "tier_limit_set": TierLimitSet,
+    "member_limit_set": MemberLimitSet,
+    "pool_purchase": PoolPurchase,
+    "auto_refill_set": AutoRefillSet,
+    "refill_result": RefillResult,
+    "promo_grant": PromoGrant,
+    "credit_request": CreditRequest,
+    "tick": Tick,
+}
+_COMMAND_FIELDS: Final = {
+    name: frozenset(f.alias or key for key, f in model.model_fields.items())
+    for name, model in _COMMAND_MODELS.items()
+}
+_TIERED: Final = (MemberAdd, MemberSetTier, TierLimitSet)
+
+
+class _Defer(Exception):
+    """The fast path cannot decide; the reference path will."""
+
+
+def _precheck(raw: bytes, max_bytes: int) -> Rejection | None:
+    if len(raw) > max_bytes:
+        return Rejection(
+            ErrorCode.MESSAGE_TOO_LARGE, f"message is {len(raw)} bytes, limit {max_bytes}"
+        )
+    # isascii() is a cheap scan; only non-ASCII input pays for a full UTF-8 check, which
+    # msgspec alone would skip inside fields it ignores.
+    if not raw.isascii():
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return Rejection(ErrorCode.INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+    return None
+
+
+def _fast_credits(token: bytes) -> int:
+    first = token[0]
+    if first == _QUOTE:
+        if _BACKSLASH in token:
+            try:
+                text = _VALUE_DECODER.decode(token)
+            except msgspec.DecodeError:
+                raise _Defer from None
+        else:
+            text = token[1:-1].decode()
+        return parse_credits_text(text, max_mc=MAX_USAGE_MC)
+    if first in _NUMBER_START:
+        return parse_credits_text(token.decode(), max_mc=MAX_USAGE_MC)
+    raise WireError(ErrorCode.WRONG_TYPE, "credits must be a number or a decimal string")
+
+
+def fast_decode_usage(
+    raw: bytes, *, now_ms: int, max_skew_ms: int = DEFAULT_MAX_SKEW_MS
+) -> UsageRecord | Rejection | None:
+    """The msgspec path alone: a record, a rejection, or None when it cannot decide.
+
+    Assumes the size and UTF-8 checks passed. Exposed for the differential tests.
+    """
+    try:
+        wire = _USAGE_DECODER.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    try:
+        credits_mc = _fast_credits(bytes(wire.credits))
+    except WireError as err:
+        return Rejection(err.code, f"credits: {err.detail}")
+    except _Defer:
+        return None
+    try:
+        occurred_at_ms = parse_timestamp_ms(wire.occurred_at)
+    except WireError as err:
+        return Rejection(err.code, f"occurred_at: {err.detail}")
+    if occurred_at_ms > now_ms + max_skew_ms:
+        return _future("occurred_at", occurred_at_ms, now_ms)
+    return UsageRecord(
+        wire.event_id, wire.org_id, wire.member_id, wire.task_id, credits_mc, occurred_at_ms
+    )
+
+
+def decode_usage(
+    raw: bytes,
+    *,
+    now_ms: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
+) -> UsageRecord | Rejection:
+    """Decode and validate one usage event (SPEC sections 5 and 6)."""
+    rejection = _precheck(raw, max_bytes)
+    if rejection is not None:
+        return rejection
+    result = fast_decode_usage(raw, now_ms=now_ms, max_skew_ms=max_skew_ms)
+    if result is None:
+        return _reference_usage(raw, now_ms=now_ms, max_skew_ms=max_skew_ms)
+    return result
+
+
+def reference_decode_usage(
+    raw: bytes,
+    *,
+    now_ms: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
+) -> UsageRecord | Rejection:
+    """Decode a usage event with the pydantic model only (the reference for the fast path)."""
+    rejection = _precheck(raw, max_bytes)
+    if rejection is not None:
+        return rejection
+    return _reference_usage(raw, now_ms=now_ms, max_skew_ms=max_skew_ms)
+
+
+def _reference_usage(raw: bytes, *, now_ms: int, max_skew_ms: int) -> UsageRecord | Rejection:
+    try:
+        fields = json_fields(raw, _USAGE_FIELDS)
+    except WireError as err:
+        return Rejection(err.code, err.detail)
+    try:
+        event = UsageEvent.model_validate(fields)
+    except ValidationError as err:
+        return _rejection(err)
+    occurred_at_ms = datetime_to_ms(event.occurred_at)
+    if occurred_at_ms > now_ms + max_skew_ms:
+        return _future("occurred_at", occurred_at_ms, now_ms)
+    return UsageRecord(
+        event.event_id,
+        event.org_id,
+        event.member_id,
+        event.task_id,
+        event.credits_mc,
+        occurred_at_ms,
+    )
+
+
+def decode_admin(
+    raw: bytes,
+    *,
+    now_ms: int,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
+    tiers: Collection[str] | None = None,
+) -> CommandRecord | Rejection:
+    """Decode and validate one admin command; ``tiers`` (if given) is the tier catalogue."""
+    rejection = _precheck(raw, max_bytes)
+    if rejection is not None:
+        return rejection
+    try:
+        fields = _raw_fields(raw)
+    except WireError as err:
+        return Rejection(err.code, err.detail)
+    if "type" not in fields:
+        return Rejection(ErrorCode.MISSING_FIELD, "type: field required")
+    try:
+        type_ = _value(fields["type"])
+    except WireError as err:
+        return Rejection(err.code, f"type: {err.detail}")
+    if not isinstance(type_, str):
+        return Rejection(ErrorCode.WRONG_TYPE, "type: must be a string")
+    model = _COMMAND_MODELS.get(type_)
+    if model is None:
+        return Rejection(ErrorCode.UNKNOWN_COMMAND_TYPE, f"type: {type_[:40]!r} is not known")
+    try:
+        known = _COMMAND_FIELDS[type_]
+        values = {key: _value(token) for key, token in fields.items() if key in known}
+    except WireError as err:
+        return Rejection(err.code, err.detail)
+    try:
+        command = model.model_validate(values)
+    except ValidationError as err:
+        return _rejection(err)
+    if tiers is not None and isinstance(command, _TIERED) and command.tier not in tiers:
+        return Rejection(ErrorCode.UNKNOWN_TIER, f"tier: {command.tier[:40]!r} is not known")
+    at_ms = datetime_to_ms(command.at)
+    if at_ms > now_ms + max_skew_ms:
+        return _future("at", at_ms, now_ms)
+    return CommandRecord(type_, command.command_id, command.org_id, at_ms, command.to_engine())
+
+
+def json_fields(raw: bytes, known: Collection[str]) -> dict[str, object]:
+    """The ``known`` top-level fields of a JSON object, each as the models expect it.
+
+    Strings, bools and null become Python values, numbers become :class:`JsonNumber` (their
+    raw text), arrays and objects become empty placeholders (no field accepts them). Unknown
+    fields are never parsed beyond their syntax.
+    """
+    return {key: _value(token) for key, token in _raw_fields(raw).items() if key in known}
+
+
+def _raw_fields(raw: bytes) -> dict[str, msgspec.Raw]:
+    try:
+        fields: dict[str, msgspec.Raw] = _FIELDS_DECODER.decode(raw)
+    except msgspec.ValidationError:
+        raise WireError(ErrorCode.WRONG_TYPE, "message is not a JSON object") from None
+    except msgspec.DecodeError as err:
+        raise WireError(ErrorCode.INVALID_JSON, str(err)) from None
+    return fields
+
+
+def _value(token: msgspec.Raw) -> object:
+    data = bytes(token)
+    first = data[0]
+    if first == _QUOTE:
+        try:
+            return _VALUE_DECODER.decode(data)
+        except msgspec.DecodeError as err:
+            raise WireError(ErrorCode.INVALID_JSON, str(err)) from None
+    if first in _NUMBER_START:
+        return JsonNumber(data.decode())
+    if data == b"true":
+        return True
+    if data == b"false":
+        return False
+    if data == b"null":
+        return None
+    return [] if first == ord("[") else {}
+
+
+def _rejection(err: ValidationError) -> Rejection:
+    first = err.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "message"
+    return Rejection(error_code(first["type"]), f"{loc}: {first['msg']}")
+
+
+def _future(field: str, at_ms: int, now_ms: int) -> Rejection:
+    return Rejection(
+        ErrorCode.TIMESTAMP_IN_FUTURE,
+        f"{field}: {at_ms - now_ms} ms ahead of the worker clock",
+    )

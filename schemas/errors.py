@@ -1,0 +1,77 @@
+"""Stable rejection codes for usage events and admin commands (SPEC section 5).
+
+A rejected message goes to its dead-letter topic with the code in the ``error.code`` header and
+a human-readable ``error.detail``. Codes are part of the wire contract: dashboards and alerts
+key on them, so a code is never renamed or reused for another meaning.
+
+=============================  =====================================================  ==========
+code                           meaning                                                decided by
+=============================  =====================================================  ==========
+``message_too_large``          raw message longer than ``max_message_bytes`` (64 KiB)   decoder
+``invalid_utf8``               bytes are not valid UTF-8                               decoder
+``invalid_json``               not syntactically valid JSON (incl. NaN, a lone        decoder
+                               surrogate escape in a field the worker reads)
+``wrong_type``                 the message is not a JSON object, or a field has the    decoder
+                               wrong JSON type (``true`` or ``12`` for a string, a
+                               string or float for an integer, a bool for an amount)
+``missing_field``              a required field is absent (``null`` is a wrong type     decoder
+                               unless the field allows it)
+``invalid_field``              right type, bad value: id not 1-128 characters,         decoder
+                               amount not plain decimal notation (``1e3``, ``"+1"``,
+                               ``" 1"``, ``".5"``), bad date, unknown enum value,
+                               anchor day outside 1-31
+``amount_not_positive``        amount <= 0 (or < 0 where zero is allowed)              decoder
+``amount_too_large``           amount above its bound (usage: 1,000,000 credits)       decoder
+``amount_too_precise``         more than 3 decimals (tier limits: any decimals)        decoder
+``timestamp_without_timezone`` RFC 3339 date-time without ``Z`` or a ``±hh:mm`` offset  decoder
+``timestamp_in_future``        ``occurred_at``/``at`` more than the allowed skew        decoder
+                               (default 5 minutes) ahead of the worker's wall clock
+``unknown_command_type``       admin ``type`` not one of SPEC section 6                decoder
+``unknown_tier``               tier not in the configured catalogue                    decoder or
+                                                                                      engine
+``unknown_org``                org does not exist after the grace period               engine
+``unknown_member``             member does not exist after the grace period            engine
+``member_removed``             member was removed before ``occurred_at``               engine
+``duplicate``                  ``event_id``/``command_id`` already decided: counted    engine
+                               in metrics only, never dead-lettered
+=============================  =====================================================  ==========
+
+When a message has several problems the decoder reports the first one in this order: size,
+UTF-8, JSON syntax, top-level type, then the fields in the order SPEC section 6 lists them
+(for admin commands ``type`` first), and only then the clock check against ``now``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a message was rejected (stable, used as the ``error.code`` DLQ header)."""
+
+    MESSAGE_TOO_LARGE = "message_too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    WRONG_TYPE = "wrong_type"
+    MISSING_FIELD = "missing_field"
+    INVALID_FIELD = "invalid_field"
+    AMOUNT_NOT_POSITIVE = "amount_not_positive"
+    AMOUNT_TOO_LARGE = "amount_too_large"
+    AMOUNT_TOO_PRECISE = "amount_too_precise"
+    TIMESTAMP_WITHOUT_TIMEZONE = "timestamp_without_timezone"
+    TIMESTAMP_IN_FUTURE = "timestamp_in_future"
+    UNKNOWN_COMMAND_TYPE = "unknown_command_type"
+    UNKNOWN_TIER = "unknown_tier"
+    UNKNOWN_ORG = "unknown_org"
+    UNKNOWN_MEMBER = "unknown_member"
+    MEMBER_REMOVED = "member_removed"
+    DUPLICATE = "duplicate"
+
+
+class WireError(ValueError):
+    """A value that breaks the wire contract, with the code it is rejected under."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
