@@ -1,0 +1,64 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create the virtualenv, install
+# the project, and start the local stack (Kafka KRaft, Redis + Redis Cluster, PostgreSQL) first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv stack-up stack-down stack-status topics test test-unit demo bench lint format
+
+help:
+	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
+	@echo "make test        set up, start the stack, run the whole test suite"
+	@echo "make lint        ruff check, ruff format --check, mypy --strict (worker/, schemas/)"
+	@echo "make stack-up    start Kafka, Redis (+cluster) and PostgreSQL under .stack/"
+	@echo "make stack-down  stop them"
+	@echo "make bench       end-to-end benchmark"
+
+venv: $(STAMP)
+
+# Reinstall only when the dependency list changes; the project itself is installed editable.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python >= 3.11"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is required ($(PYTHON) is older)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $(STAMP)
+
+stack-up: venv
+	$(PY) -m worker.stack up --cluster
+
+stack-down:
+	@if [ -x $(PY) ]; then $(PY) -m worker.stack down; else echo "no virtualenv: nothing was started"; fi
+
+stack-status: venv
+	$(PY) -m worker.stack status
+
+topics: stack-up
+	$(PY) -m worker.stack topics
+
+test: venv stack-up
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+demo: venv stack-up topics
+	$(PY) -m worker.demo
+
+bench: venv stack-up
+	@if [ -f bench/__main__.py ]; then $(PY) -m bench; \
+	elif [ -f bench/run.py ]; then $(PY) bench/run.py; \
+	else echo "no benchmark entry point (bench/__main__.py or bench/run.py)"; exit 1; fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
