@@ -125,6 +125,7 @@ _VALUE_DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
 _NUMBER_START: Final = frozenset(b"-0123456789")
 _QUOTE: Final = ord('"')
 _BACKSLASH: Final = ord("\\")
+_ZERO: Final = ord("0")
 
 _USAGE_FIELDS: Final = frozenset(
     {"event_id", "org_id", "member_id", "task_id", "credits", "occurred_at"}
@@ -177,12 +178,25 @@ def _fast_credits(token: bytes) -> int:
                 text = _VALUE_DECODER.decode(token)
             except msgspec.DecodeError:
                 raise _Defer from None
-        else:
-            text = token[1:-1].decode()
-        return parse_credits_text(text, max_mc=MAX_USAGE_MC)
-    if first in _NUMBER_START:
-        return parse_credits_text(token.decode(), max_mc=MAX_USAGE_MC)
-    raise WireError(ErrorCode.WRONG_TYPE, "credits must be a number or a decimal string")
+            return parse_credits_text(text, max_mc=MAX_USAGE_MC)
+        token = token[1:-1]
+    elif first not in _NUMBER_START:
+        raise WireError(ErrorCode.WRONG_TYPE, "amount must be a number or a decimal string")
+    # Common shapes ("12", "12.5") are computed here; anything unusual, and every error, goes
+    # through parse_credits_text, which owns the rules. bytes.isdigit() is ASCII-only.
+    whole, dot, frac = token.partition(b".")
+    if (
+        0 < len(whole) <= 7
+        and whole.isdigit()
+        and (whole[0] != _ZERO or len(whole) == 1)
+        and (not dot or frac.isdigit())
+    ):
+        frac = frac.rstrip(b"0")
+        if len(frac) <= 3:
+            mc = int(whole) * 1000 + (int(frac.ljust(3, b"0")) if frac else 0)
+            if 0 < mc <= MAX_USAGE_MC:
+                return mc
+    return parse_credits_text(token.decode(), max_mc=MAX_USAGE_MC)
 
 
 def fast_decode_usage(

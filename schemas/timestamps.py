@@ -66,8 +66,28 @@ def _days_from_civil(y: int, m: int, d: int) -> int:
     return era * 146097 + doe - 719468
 
 
+_PREFIX_SECONDS: dict[str, int] = {}
+"""``YYYY-MM-DDTHH:MM:SS`` -> epoch seconds of that wall time read as UTC, for prefixes already
+validated. Events of one batch share a handful of seconds, so the hot path is one dict lookup;
+cleared when full, so its memory stays bounded."""
+_PREFIX_CACHE_MAX: Final = 65_536
+
+
 def parse_timestamp_ms(text: str) -> int:
     """Epoch milliseconds of an RFC 3339 date-time with offset (raises :class:`WireError`)."""
+    seconds = _PREFIX_SECONDS.get(text[:19])
+    if seconds is not None:
+        tail = text[19:]
+        if tail == "Z" or tail == "z":
+            return seconds * 1000
+        if len(tail) > 2 and tail[0] == "." and tail[-1] in "Zz":
+            frac = tail[1:-1]
+            if frac.isascii() and frac.isdigit():
+                return seconds * 1000 + int(frac[:3].ljust(3, "0"))
+    return _parse_timestamp_ms(text)
+
+
+def _parse_timestamp_ms(text: str) -> int:
     m = _match(text)
     year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3))
     hour, minute, second = int(m.group(4)), int(m.group(5)), int(m.group(6))
@@ -86,13 +106,12 @@ def parse_timestamp_ms(text: str) -> int:
             offset_min = -offset_min
     frac = m.group(7)
     ms = int(frac[:3].ljust(3, "0")) if frac else 0
-    seconds = (
-        _days_from_civil(year, month, day) * 86400
-        + hour * 3600
-        + minute * 60
-        + second
-        - offset_min * 60
-    )
+    wall = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second
+    if wall >= 0:
+        if len(_PREFIX_SECONDS) >= _PREFIX_CACHE_MAX:
+            _PREFIX_SECONDS.clear()
+        _PREFIX_SECONDS[text[:19]] = wall
+    seconds = wall - offset_min * 60
     if seconds < 0:
         raise _invalid(text)
     return seconds * 1000 + ms
