@@ -141,47 +141,27 @@ def build_admin_command(
 
 
 def validate_admin_command(command: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Check a command against the wire contract before it is published.
-
-    Uses the ``schemas`` package (the same decoder the worker applies) when it is available,
-    so what the CLI accepts the worker accepts; raises ``CliError`` (status 2) otherwise.
-    """
-    for field in ("command_id", "org_id", "member_id", "grant_id", "request_id"):
-        value = command.get(field)
-        if value is not None and not (isinstance(value, str) and 1 <= len(value) <= 128):
-            raise CliError(f"{field} must be 1-128 characters", EXIT_USAGE)
-    if "tier" in command and command["tier"] not in settings.tiers:
-        known = ", ".join(sorted(settings.tiers))
-        raise CliError(f"unknown tier {command['tier']!r} (known: {known})", EXIT_USAGE)
-    validator = _schema_validator()
-    if validator is None:
+    """Check a command with the worker's own admin decoder (``schemas.decode_admin``) before it
+    is published, so what the CLI accepts the worker accepts; ``CliError`` (status 2) if not."""
+    try:
+        from schemas import Rejection, decode_admin
+    except ImportError:  # a build without the schemas package: the worker still validates
         return command
-    raw = orjson.dumps(command)
-    try:
-        validator(raw, settings)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'command'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise CliError(f"invalid {command['type']} command: {problems}", EXIT_USAGE) from None
-    except ValueError as exc:
-        raise CliError(f"invalid {command['type']} command: {exc}", EXIT_USAGE) from None
-    return command
-
-
-def _schema_validator() -> Callable[[bytes, Settings], object] | None:
-    """The ``schemas`` admin-command validator, or ``None`` if the package lacks one."""
-    try:
-        schemas = importlib.import_module("schemas")
-    except ImportError:
-        return None
-    adapter = getattr(schemas, "ADMIN_COMMAND_ADAPTER", None) or getattr(
-        schemas, "AdminCommandAdapter", None
+    result = decode_admin(
+        orjson.dumps(command),
+        now_ms=int(dt.datetime.now(dt.UTC).timestamp() * 1000),
+        max_bytes=settings.max_message_bytes,
+        max_skew_ms=settings.max_clock_skew_seconds * 1000,
+        tiers=settings.tiers,
     )
-    if adapter is not None and hasattr(adapter, "validate_json"):
-        return lambda raw, _settings: adapter.validate_json(raw)
-    return None
+    if isinstance(result, Rejection):
+        hint = ""
+        if result.code == "unknown_tier":
+            hint = f" (known tiers: {', '.join(sorted(settings.tiers))})"
+        raise CliError(
+            f"invalid {command['type']} command: {result.code}: {result.detail}{hint}", EXIT_USAGE
+        )
+    return command
 
 
 async def publish_admin_command(settings: Settings, command: dict[str, Any]) -> dict[str, Any]:
