@@ -1,0 +1,359 @@
+"""Harness of the crash/restart scenarios: worker subprocesses and private, restartable services.
+
+- ``WorkerProcess`` runs ``python -m worker worker`` with a ``Settings`` copy turned into
+  ``METERING_*`` variables, optionally with the ``METERING_CRASH_AT`` fault-injection hook, and
+  can SIGTERM or SIGKILL it. Its output goes to a log file whose tail is shown on failure.
+- ``wait_drained`` polls the consumer group's committed offsets until they reach the end of
+  every input partition (the pipeline commits a Kafka offset only after PostgreSQL holds the
+  batch, so at that moment the ledger is complete).
+- ``PrivateRedis`` / ``PrivatePostgres`` / ``PrivateKafka`` start a service of the scenario's
+  own on a free port, built with the stack's own classes, so a scenario can crash, empty or stop
+  it without disturbing anybody else using the shared stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
+
+from worker.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+KILLED = -signal.SIGKILL
+CRASH_EXIT = 137
+"""Exit status of the ``METERING_CRASH_AT`` hook (``os._exit(137)``, like a SIGKILL)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as a ``METERING_*`` variable, so a subprocess sees exactly ``settings``."""
+    import json
+
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, dict | list | tuple):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"METERING_{name.upper()}"] = text
+    return env
+
+
+# --- the worker as a subprocess ----------------------------------------------------------------
+
+
+class WorkerProcess:
+    """One ``python -m worker worker`` process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        name: str = "worker",
+        *,
+        crash_at: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self.crash_at = crash_at
+        self.extra_env = extra_env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: Any = None
+
+    async def start(self) -> WorkerProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METERING_")}
+        env.update(settings_env(self.settings))
+        env.update(
+            {
+                "METERING_LOG_FORMAT": "console",
+                "METERING_LOG_LEVEL": "INFO",
+                "METERING_HTTP_PORT": "0",
+                "METERING_CLIENT_ID": f"{self.settings.client_id}-{self.name}",
+            }
+        )
+        if self.crash_at:
+            env["METERING_CRASH_AT"] = self.crash_at
+        env.update(self.extra_env)
+        self._log = self.log_path.open("ab")
+        self._log.write(f"---- start {self.name} crash_at={self.crash_at}\n".encode())
+        self._log.flush()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "worker",
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        try:
+            rc = await asyncio.wait_for(self.proc.wait(), timeout)
+        finally:
+            if self.proc.returncode is not None and self._log is not None:
+                self._log.close()
+                self._log = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, exactly like a machine losing the process."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+
+    async def terminate(self, timeout: float | None = None) -> int:
+        """SIGTERM and wait for the graceful exit (within the shutdown grace period)."""
+        assert self.proc is not None
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+        return await self.wait(timeout or self.settings.shutdown_grace_seconds + 15)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+
+@contextlib.asynccontextmanager
+async def workers_cleanup(*procs: WorkerProcess) -> Any:
+    """Kill whatever worker is still running when a scenario ends (pass or fail)."""
+    registry: list[WorkerProcess] = list(procs)
+    try:
+        yield registry
+    finally:
+        for p in registry:
+            if p.alive:
+                p.kill()
+                with contextlib.suppress(Exception):
+                    await p.wait(10)
+
+
+# --- offsets -----------------------------------------------------------------------------------
+
+
+async def end_offsets(settings: Settings, topics: Iterable[str]) -> dict[TopicPartition, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = [
+            TopicPartition(t, p)
+            for t in topics
+            for p in sorted(cluster.partitions_for_topic(t) or ())
+        ]
+        return dict(await consumer.end_offsets(parts))
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(settings.consumer_group)
+        return {tp: meta.offset for tp, meta in got.items() if meta.offset >= 0}
+    finally:
+        await admin.close()
+
+
+async def progress(settings: Settings, targets: dict[TopicPartition, int]) -> int:
+    """How many of the ``targets`` records the group has committed (0 if it cannot tell)."""
+    try:
+        got = await committed_offsets(settings)
+    except Exception:
+        return 0
+    return sum(min(got.get(tp, 0), end) for tp, end in targets.items())
+
+
+async def wait_drained(
+    settings: Settings,
+    topics: Sequence[str],
+    procs: Sequence[WorkerProcess],
+    *,
+    timeout: float = 90.0,
+) -> None:
+    """Wait until the group's committed offsets reach the end of every partition of ``topics``.
+
+    Fails early, with the workers' log tails, if every worker has exited.
+    """
+    targets = await end_offsets(settings, topics)
+    total = sum(targets.values())
+    deadline = time.monotonic() + timeout
+    done = 0
+    while True:
+        done = await progress(settings, targets)
+        if done >= total:
+            return
+        if procs and not any(p.alive for p in procs):
+            raise AssertionError(
+                f"all workers exited with {done}/{total} committed:\n"
+                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"committed offsets at {done}/{total} after {timeout:.0f} s:\n"
+                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
+            )
+        await asyncio.sleep(0.25)
+
+
+async def wait_progress(
+    settings: Settings,
+    topics: Sequence[str],
+    at_least: int,
+    procs: Sequence[WorkerProcess] = (),
+    *,
+    timeout: float = 60.0,
+) -> int:
+    """Wait until at least ``at_least`` records of ``topics`` are committed; returns the count."""
+    targets = await end_offsets(settings, topics)
+    deadline = time.monotonic() + timeout
+    while True:
+        done = await progress(settings, targets)
+        if done >= at_least:
+            return done
+        if procs and not any(p.alive for p in procs):
+            raise AssertionError(
+                f"workers exited at {done} committed:\n"
+                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"only {done} records committed after {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+# --- private services --------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of the scenario's own (AOF everysec, noeviction), like the stack's."""
+
+    def __init__(self, root: Path) -> None:
+        from worker.stack import RedisNode
+
+        self.port = free_port()
+        self.node = RedisNode(f"scenario-redis:{self.port}", self.port, root / "redis")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.node.start)
+
+    def crash(self) -> None:
+        """SIGKILL: whatever AOF has not fsynced yet (up to ~1 s) is lost."""
+        pid = self.node.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid)
+            self.node.pidfile.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+class PrivatePostgres:
+    """A PostgreSQL cluster of the scenario's own (initdb in a temporary folder)."""
+
+    def __init__(self, root: Path) -> None:
+        from worker.stack import Postgres
+
+        self.port = free_port()
+        self.pg = Postgres(root / "pg", port=self.port)
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://metering@127.0.0.1:{self.port}/metering"
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.pg.start)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.pg.stop)
+
+
+class PrivateKafka:
+    """A single-node KRaft broker of the scenario's own, sharing the stack's downloaded jars."""
+
+    def __init__(self, root: Path, base: Settings) -> None:
+        from worker.stack import Kafka, stack_dir
+
+        self.port = free_port()
+        self.controller_port = free_port()
+        self.kafka = Kafka(root / "kafka", port=self.port, controller_port=self.controller_port)
+        shared_libs = (stack_dir(base) / "kafka" / "libs").resolve()
+        self.kafka.root.mkdir(parents=True, exist_ok=True)
+        if shared_libs.is_dir() and not self.kafka.libs.exists():
+            self.kafka.libs.symlink_to(shared_libs, target_is_directory=True)
+        self.settings = base.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{self.port}"})
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.kafka.start, self.settings)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.kafka.stop)
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.kafka.stop()
+        if self.kafka.libs.is_symlink():
+            self.kafka.libs.unlink()
+        shutil.rmtree(self.kafka.root, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
