@@ -19,6 +19,7 @@ import asyncio
 import datetime as dt
 import importlib
 import inspect
+import logging
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -742,6 +743,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     from worker.logging import setup_logging
 
     setup_logging(settings)
+    if args.func not in (cmd_worker, cmd_api, cmd_stack):
+        # One-shot commands report connection failures themselves, in one line.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args, settings, out))
     except CliError as exc:
