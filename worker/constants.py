@@ -7,3 +7,70 @@ MC_PER_CREDIT = 1_000
 
 CENTS_PER_CREDIT = 1
 """100 credits = 1 USD, so one credit is one US cent."""
+
+# --- Exact-amount bounds -------------------------------------------------------------------
+# The production engine is Redis Lua, whose numbers are IEEE doubles: integers are exact up to
+# 2**53 - 1 (about 9.007e15 mc, 9.007e12 credits). Every input amount is capped so that every
+# sum the engine forms (a balance plus one input) stays below that bound.
+MAX_EXACT_MC = 2**53 - 1
+MAX_USAGE_MC = 1_000_000 * MC_PER_CREDIT
+"""Largest single usage event (SPEC section 5: credits <= 1,000,000)."""
+MAX_AMOUNT_MC = 10**12
+"""Largest single admin amount (purchase, promo grant, refill settings, limits): 10^9 credits."""
+MAX_BALANCE_MC = 10**15
+"""Largest pool balance, member debt or invoice total (10^12 credits); inputs that would pass it
+are rejected with ``balance_overflow``. MAX_BALANCE_MC + MAX_AMOUNT_MC < MAX_EXACT_MC."""
+MAX_TIER_CREDITS = 1_000_000
+"""Tier allocations above this could make the proration product inexact in a double."""
+
+INACTIVITY_MONTHS = 12
+"""The pool expires after this many calendar months without usage or funding (SPEC 3)."""
+
+DEFAULT_WALK_BUDGET = 500
+"""Member records one engine script call may visit for org-wide work before it yields."""
+
+# --- Redis key layout (all keys of one org share the hash tag ``{org_id}``) ----------------
+KEY_ORG = "o"  # hash: org settings, clock, cycle, pool, counters, watermarks, job state
+KEY_MEMBERS = "m"  # hash: member_id -> msgpack member record
+KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = msgpack list of effects
+KEY_DEDUPE = "d"  # zset: "e|<event_id>", "c|<command_id>", "u|<source>|<offset>" -> wall ms
+KEY_PAUSED = "p"  # zset (score 0): active members currently paused
+KEY_DEPENDENTS = "q"  # zset (score 0): running members that can only pay from the pool
+KEY_DEBTORS = "b"  # zset: members with debt, scored by the org clock when the debt began
+KEY_PROMO_EXPIRY = "e"  # zset: "<member_id>\0<grant_id>" scored by expiry ms
+ORG_KEY_SUFFIXES = (
+    KEY_ORG,
+    KEY_MEMBERS,
+    KEY_OUTBOX,
+    KEY_DEDUPE,
+    KEY_PAUSED,
+    KEY_DEPENDENTS,
+    KEY_DEBTORS,
+    KEY_PROMO_EXPIRY,
+)
+
+
+def org_keys(prefix: str, org_id: str) -> list[str]:
+    """The engine's keys of one org, in the order the scripts expect them in ``KEYS``."""
+    return [f"{prefix}:{{{org_id}}}:{suffix}" for suffix in ORG_KEY_SUFFIXES]
+
+
+# --- Outcome statuses and engine error codes ----------------------------------------------
+APPLIED = "applied"
+DUPLICATE = "duplicate"
+REPLAYED = "replayed"
+REJECTED = "rejected"
+UNKNOWN = "unknown"
+
+E_UNKNOWN_ORG = "unknown_org"
+E_UNKNOWN_MEMBER = "unknown_member"
+E_UNKNOWN_TIER = "unknown_tier"
+E_MEMBER_REMOVED = "member_removed"
+E_MEMBER_EXISTS = "member_exists"
+E_INVALID_AMOUNT = "invalid_amount"
+E_INVALID_COMMAND = "invalid_command"
+E_BALANCE_OVERFLOW = "balance_overflow"
+E_PROMO_EXPIRED = "promo_expired"
+E_DUPLICATE_GRANT = "duplicate_grant"
+E_UNKNOWN_REQUEST = "unknown_request"
+"""Not a rejection: a refill_result for an unknown or answered request is applied as a no-op."""
