@@ -1,0 +1,328 @@
+"""The read API over real stores: auth (401/403, never another org's data), the SPEC section 7
+document, ledger paging from PostgreSQL, health, readiness and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from api_orgs import build_model
+from pydantic import SecretStr
+
+from worker import metrics
+from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor, format_mc
+from worker.config import Settings
+from worker.connections import pg_connect_kwargs
+from worker.ledger import FlushBatch, Ledger, migrate
+
+TOKENS = {"tok-acme": "acme", "tok-globex": "globex", "tok-admin": "*"}
+ACME = {"Authorization": "Bearer tok-acme"}
+GLOBEX = {"Authorization": "Bearer tok-globex"}
+ADMIN = {"Authorization": "Bearer tok-admin"}
+
+SECTION7_KEYS = {"org_id", "cycle_start", "reset_at", "pool", "members"}
+POOL_KEYS = {"balance", "used_this_cycle", "locked", "refill_pending"}
+MEMBER_KEYS = {
+    "member_id",
+    "tier",
+    "active",
+    "granted",
+    "used",
+    "remaining",
+    "pool_drawn",
+    "pool_limit",
+    "negative_balance",
+    "state",
+    "pause_reason",
+}
+
+
+@pytest.fixture
+def api_settings(settings: Settings, pg_schema: str) -> Settings:
+    return settings.model_copy(
+        update={
+            "api_tokens": SecretStr(orjson.dumps(TOKENS).decode()),
+            "postgres_schema": pg_schema,
+        }
+    )
+
+
+@pytest.fixture
+async def stores(api_settings: Settings) -> AsyncIterator[tuple[Any, dict[str, Any], asyncpg.Pool]]:
+    """Both orgs applied to the rules, their effects written to a fresh ledger schema."""
+    model, effects = build_model()
+    await migrate(api_settings)
+    ledger = await Ledger.connect(api_settings)
+    try:
+        batch = FlushBatch()
+        for org_id, org_effects in effects.items():
+            batch.add_effects(org_id, org_effects)
+        await ledger.write(batch)
+    finally:
+        await ledger.close()
+    # The API's own pool: no search_path, its queries name the schema explicitly.
+    pool = await asyncpg.create_pool(**pg_connect_kwargs(api_settings), min_size=1, max_size=2)
+    try:
+        yield model, effects, pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def client(
+    api_settings: Settings, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+) -> AsyncIterator[TestClient]:
+    model, _, pool = stores
+
+    async def pg_ok() -> bool:
+        return bool(await pool.fetchval("SELECT 1") == 1)
+
+    app = create_app(
+        api_settings,
+        engine=model,
+        ledger=PgLedgerReader(pool, api_settings.postgres_schema),
+        ready_checks={"postgres": pg_ok},
+    )
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+async def get_json(client: TestClient, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+    resp = await client.get(path, headers=headers)
+    return resp.status, orjson.loads(await resp.read())
+
+
+# --- Auth --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Basic dG9rLWFjbWU6"},
+        {"Authorization": "tok-acme"},
+        {"Authorization": "Bearer tok-acm"},
+    ],
+    ids=["none", "empty", "unknown", "basic", "no-scheme", "prefix"],
+)
+@pytest.mark.parametrize("path", ["/v1/orgs/acme/credits", "/v1/orgs/acme/ledger"])
+async def test_missing_or_unknown_token_is_401(
+    client: TestClient, headers: dict[str, str], path: str
+) -> None:
+    status, body = await get_json(client, path, headers)
+    assert status == 401
+    assert body["error"] == "unauthorized"
+    assert "alice" not in orjson.dumps(body).decode()
+
+
+async def test_query_token_is_not_accepted_by_the_json_api(client: TestClient) -> None:
+    status, _ = await get_json(client, "/v1/orgs/acme/credits?token=tok-acme", {})
+    assert status == 401
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/orgs/acme/credits",
+        "/v1/orgs/acme/ledger",
+        "/v1/orgs/acme/ledger?member_id=alice",
+        "/v1/orgs/no-such-org/credits",
+    ],
+)
+async def test_token_of_another_org_is_403_without_data(client: TestClient, path: str) -> None:
+    resp = await client.get(path, headers=GLOBEX)
+    raw = await resp.text()
+    assert resp.status == 403
+    assert orjson.loads(raw)["error"] == "forbidden"
+    for secret in ("alice", "bob", "812.5", "1000"):
+        assert secret not in raw
+
+
+async def test_each_token_sees_only_its_org(client: TestClient) -> None:
+    status, acme = await get_json(client, "/v1/orgs/acme/credits", ACME)
+    assert status == 200 and acme["org_id"] == "acme"
+    status, globex = await get_json(client, "/v1/orgs/globex/credits", GLOBEX)
+    assert status == 200 and globex["org_id"] == "globex"
+    assert {m["member_id"] for m in globex["members"]} == {"zed"}
+    assert "zed" not in orjson.dumps(acme).decode()
+    # The all-orgs token reads both, and the same documents.
+    assert (await get_json(client, "/v1/orgs/acme/credits", ADMIN))[1] == acme
+    assert (await get_json(client, "/v1/orgs/globex/credits", ADMIN))[1] == globex
+
+
+async def test_health_and_metrics_need_no_token(client: TestClient) -> None:
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"postgres": True}
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    text = await resp.text()
+    assert "metering_events_total" in text
+    assert 'metering_http_requests_total{route="/readyz",status="200"}' in text
+
+
+async def test_readyz_is_503_when_a_dependency_fails(api_settings: Settings) -> None:
+    async def ok() -> bool:
+        return True
+
+    async def down() -> bool:
+        raise ConnectionError("redis down")
+
+    app = create_app(api_settings, ready_checks={"postgres": ok, "redis": down})
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"] == {"postgres": True, "redis": False}
+
+
+# --- The SPEC section 7 document ---------------------------------------------------------------
+
+
+async def test_credits_document_has_the_spec_shape_and_numbers(client: TestClient) -> None:
+    status, doc = await get_json(client, "/v1/orgs/acme/credits", ACME)
+    assert status == 200
+    assert set(doc) == SECTION7_KEYS
+    assert set(doc["pool"]) == POOL_KEYS
+    assert doc["cycle_start"] == "2026-11-01T00:00:00Z"
+    assert doc["reset_at"] == "2026-12-01T00:00:00Z"
+    # 2000 purchased, alice and bob drew one 500-credit block each.
+    assert doc["pool"] == {
+        "balance": "1000",
+        "used_this_cycle": "1000",
+        "locked": False,
+        "refill_pending": False,
+    }
+    members = {m["member_id"]: m for m in doc["members"]}
+    assert set(members) == {"alice", "bob", "<carol & co>"}
+    for m in members.values():
+        assert set(m) == MEMBER_KEYS
+        for key in ("granted", "used", "remaining", "pool_drawn", "negative_balance"):
+            assert isinstance(m[key], str)  # amounts are decimal strings, never floats
+    alice = members["alice"]
+    assert (alice["used"], alice["pool_drawn"], alice["state"]) == ("812.5", "500", "running")
+    assert alice["pool_limit"] is None
+    bob = members["bob"]
+    assert (bob["pool_limit"], bob["state"], bob["pause_reason"]) == (
+        "500",
+        "paused",
+        "member_limit_reached",
+    )
+    assert bob["negative_balance"] != "0"
+    assert members["<carol & co>"]["active"] is False
+
+
+async def test_unknown_org_is_404(client: TestClient) -> None:
+    status, body = await get_json(client, "/v1/orgs/no-such-org/credits", ADMIN)
+    assert status == 404
+    assert body["error"] == "not_found"
+
+
+async def test_document_equals_the_rules_view(
+    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+) -> None:
+    model = stores[0]
+    for org_id, headers in (("acme", ACME), ("globex", GLOBEX)):
+        status, doc = await get_json(client, f"/v1/orgs/{org_id}/credits", headers)
+        assert status == 200
+        assert doc == model.dashboard(org_id)
+
+
+# --- Ledger ------------------------------------------------------------------------------------
+
+
+async def _all_pages(
+    client: TestClient, org_id: str, headers: dict[str, str], extra: str = "", limit: int = 4
+) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        path = f"/v1/orgs/{org_id}/ledger?limit={limit}{extra}"
+        if cursor:
+            path += f"&cursor={cursor}"
+        status, body = await get_json(client, path, headers)
+        assert status == 200, body
+        assert len(body["entries"]) <= limit
+        entries.extend(body["entries"])
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+        assert len(body["entries"]) == limit  # only the last page may be short
+        assert pages < 100
+    return entries
+
+
+async def test_ledger_pages_cover_every_entry_once_newest_first(
+    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+) -> None:
+    effects = stores[1]
+    expected = sorted(
+        (e for e in effects["acme"] if e["kind"] == "ledger"), key=lambda e: -e["seq"]
+    )
+    assert len(expected) > 8  # several pages of 4
+    entries = await _all_pages(client, "acme", ACME)
+    assert [e["seq"] for e in entries] == [e["seq"] for e in expected]
+    first, want = entries[-1], expected[-1]
+    assert first["member_id"] == want["member_id"]
+    assert first["movement"] == want["movement"] and first["bucket"] == want["bucket"]
+    assert first["amount"] == format_mc(want["amount_mc"])
+    assert first["at"].endswith("Z")
+    assert "org_id" not in first and "amount_mc" not in first
+    # Amounts are signed decimal credit strings: usage debits are negative.
+    debit = next(e for e in entries if e["source_kind"] == "usage" and e["member_id"] == "alice")
+    assert debit["amount"].startswith("-")
+
+
+async def test_ledger_member_filter_and_org_isolation(
+    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+) -> None:
+    effects = stores[1]
+    alice = await _all_pages(client, "acme", ACME, "&member_id=alice", limit=2)
+    assert alice and {e["member_id"] for e in alice} == {"alice"}
+    assert len(alice) == sum(
+        1 for e in effects["acme"] if e["kind"] == "ledger" and e["member_id"] == "alice"
+    )
+    globex = await _all_pages(client, "globex", GLOBEX)
+    assert globex and {e["member_id"] for e in globex} <= {"zed", None}
+    # Another org's member id used as a filter finds nothing in this org.
+    assert await _all_pages(client, "acme", ACME, "&member_id=zed") == []
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=1001", "limit=ten", "cursor=not-a-cursor", f"cursor={encode_cursor(5)}x"],
+)
+async def test_ledger_rejects_bad_paging_parameters(client: TestClient, query: str) -> None:
+    status, body = await get_json(client, f"/v1/orgs/acme/ledger?{query}", ACME)
+    assert status == 400
+    assert body["error"] == "bad_request"
+
+
+def test_cursor_is_opaque_and_round_trips() -> None:
+    cursor = encode_cursor(123456789)
+    assert "123456789" not in cursor
+    assert decode_cursor(cursor) == 123456789
+    with pytest.raises(ValueError):
+        decode_cursor("bDE6LTE")  # "l1:-1"
+
+
+async def test_requests_are_counted_by_route_and_status(client: TestClient) -> None:
+    def count(status: str) -> float:
+        value = metrics.REGISTRY.get_sample_value(
+            "metering_http_requests_total",
+            {"route": "/v1/orgs/{org_id}/credits", "status": status},
+        )
+        return value or 0.0
+
+    before = count("403")
+    await client.get("/v1/orgs/acme/credits", headers=GLOBEX)
+    assert count("403") == before + 1
