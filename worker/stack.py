@@ -353,9 +353,10 @@ def _ensure_port_free(port: int, what: str, setting: str) -> None:
     if _port_open(port):
         raise StackError(
             f"port {HOST}:{port} is in use by a process this stack did not start, so {what} "
-            f"cannot start there. Stop that process (another checkout's stack? try "
-            f"`python -m worker.stack down` there), or use it as an external service by "
-            f"setting {setting} (or METERING_STACK_EXTERNAL=1)."
+            f"cannot start there (this stack never talks to data it does not own). Stop that "
+            f"process (another checkout's stack? run `python -m worker.stack down` there), or "
+            f"use the running services as they are with METERING_STACK_EXTERNAL=1, or point "
+            f"{setting} at another server."
         )
 
 
@@ -545,11 +546,8 @@ def _pg_bindir() -> Path | None:
 def _ensure_postgres_installed() -> Path:
     bindir = _pg_bindir()
     if bindir is None:
-        # Debian's package would create and start a "main" cluster on 5432; we run our own.
-        conf = Path("/etc/postgresql-common/createcluster.conf")
-        if _is_debian_root() and not conf.exists():
-            conf.parent.mkdir(parents=True, exist_ok=True)
-            conf.write_text("create_main_cluster = false\n")
+        # Debian's package also creates a "main" cluster on 5432; ours is separate (own port,
+        # own data under the stack dir), so that one is left alone.
         _apt_install(["postgresql"], "PostgreSQL is not installed")
         bindir = _pg_bindir()
         if bindir is None:
@@ -766,6 +764,9 @@ class Kafka:
 
     def _java(self) -> str:
         java = shutil.which("java")
+        if not java and _is_debian_root():
+            _apt_install(["default-jre-headless"], "Java is needed to run the Kafka broker")
+            java = shutil.which("java")
         if not java:
             raise StackError(
                 "Java (17+) is needed to run the Kafka broker and was not found; install a JRE "
@@ -780,6 +781,9 @@ class Kafka:
         if stamp.exists() and stamp.read_text() == digest:
             return
         mvn = shutil.which("mvn")
+        if not mvn and _is_debian_root():
+            _apt_install(["maven"], "Maven is needed to fetch the Kafka broker jars")
+            mvn = shutil.which("mvn")
         if not mvn:
             raise StackError(
                 "Maven is needed to fetch the Kafka broker jars and was not found; install it "
@@ -1014,10 +1018,10 @@ def _print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    print(line.rstrip())
+    print(line.rstrip(), flush=True)
     print("  ".join("-" * w for w in widths))
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), flush=True)
 
 
 @contextlib.contextmanager
@@ -1054,7 +1058,7 @@ def up(settings: Settings, cluster: bool = False) -> None:
         raise StackError(
             "services do not answer: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
         )
-    print(f"stack is up (data in {root})")
+    print(f"stack is up (data in {root})", flush=True)
     _print_table(["setting", "value"], _connection_table(settings, cluster))
 
 
@@ -1090,19 +1094,25 @@ def status(settings: Settings) -> bool:
     }
     rows = []
     for name in ("kafka", "redis", "postgres"):
-        pid = pids[name]
-        mode = ("local" if local[name] else "external") + (f" pid {pid}" if pid else "")
         err = answers[name]
+        mode = _run_by(local[name], pids[name], err is None)
         rows.append((name, where[name], mode, "answers" if err is None else f"DOWN ({err})"))
     for node in _cluster_nodes(root):
         pid = node.pid()
         if pid is not None or _port_open(node.port):
             state = _cluster_info(node.port).get("cluster_state", "?")
-            rows.append(
-                (node.name, f"{HOST}:{node.port}", f"local pid {pid}", f"cluster_state {state}")
-            )
+            mode = _run_by(True, pid, True)
+            rows.append((node.name, f"{HOST}:{node.port}", mode, f"cluster_state {state}"))
     _print_table(["service", "address", "run by", "state"], rows)
     return all(v is None for v in answers.values())
+
+
+def _run_by(local: bool, pid: int | None, answers: bool) -> str:
+    if not local:
+        return "external"
+    if pid is not None:
+        return f"this stack (pid {pid})"
+    return "another process" if answers else "not running"
 
 
 def topics(settings: Settings) -> None:
