@@ -548,6 +548,34 @@ def _make_engine(settings: Settings) -> DashboardSource:
     return instance
 
 
+async def start_http(
+    settings: Settings,
+    stack: AsyncExitStack,
+    *,
+    engine: DashboardSource | None,
+    pg_pool: Any | None = None,
+    ready_checks: Mapping[str, ReadyCheck] | None = None,
+) -> web.AppRunner:
+    """Serve the API inside another process (the worker) on ``http_host:http_port``.
+
+    ``pg_pool`` (an asyncpg pool, e.g. ``Ledger.pool``) backs the ledger endpoint; the server
+    stops when ``stack`` closes. Probes and scrapes hit this server, so the worker should call
+    this early in start-up: ``/healthz`` answers at once, ``/readyz`` reports the checks.
+    """
+    app = create_app(
+        settings,
+        engine=engine,
+        ledger=PgLedgerReader(pg_pool, settings.postgres_schema) if pg_pool is not None else None,
+        ready_checks=ready_checks,
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await web.TCPSite(runner, settings.http_host, settings.http_port).start()
+    log.info("http listening", extra={"host": settings.http_host, "port": settings.http_port})
+    return runner
+
+
 async def run_api(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the API on ``Settings.http_host:http_port`` until ``stop`` is set or SIGTERM."""
     import signal
