@@ -1,0 +1,962 @@
+"""The Kafka loop: fetch, decode, drop decided ids, group by org, apply, publish, flush, commit.
+
+One batch goes through two stages that overlap across batches:
+
+- stage A (``_stage_a``): ``getmany`` a batch, decode and validate every record, drop ids that
+  are duplicates in the batch, in PostgreSQL (one ``= ANY($1)`` query per kind) or in a batch
+  still being flushed, apply the rest through the engine (one call per org and chunk, several
+  orgs in flight), and hand the effect messages and dead letters to the producer;
+- stage B (``_stage_b``): wait for Kafka's acks, write the batch's rows and the next offsets in
+  one PostgreSQL transaction, acknowledge the engine outboxes, commit the offsets to Kafka.
+
+While stage B of batch N waits on Kafka and PostgreSQL, stage A already applies batch N+1.
+The write order and what a crash between any two steps leaves behind are written next to each
+step below and in docs/delivery.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from schemas.decode import CommandRecord, Rejection, UsageRecord, decode_admin, decode_usage
+from worker import metrics
+from worker.config import Settings
+from worker.ledger import FlushBatch, Ledger, ParkedEvent
+from worker.model import CommandItem, UsageItem
+from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ENGINE_CHUNK = 500
+"""Items per engine call: bounds the time one Lua call holds Redis (NOTES: ~500 debits/call)."""
+
+ENGINE_CONCURRENCY = 6
+"""Engine calls in flight across orgs (NOTES: 4 calls in flight roughly double throughput)."""
+
+PARKED_RETRY_LIMIT = 5_000
+"""Parked events retried per turn (the rest wait for the next turn)."""
+
+UNPARSEABLE = frozenset({"message_too_large", "invalid_utf8", "invalid_json"})
+
+
+class Engine(Protocol):
+    """What the pipeline needs from the engine (``worker.engine.RedisEngine``)."""
+
+    async def apply(self, org_id: str, items: Sequence[Any]) -> Any:
+        """Apply items of one org atomically; returns ``.outcomes`` and ``.effects``."""
+
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Effects not yet acknowledged with ``seq > after_seq``, in seq order."""
+
+    async def outbox_ack(self, org_id: str, upto_seq: int) -> Any:
+        """Drop the org's outbox effects with ``seq <= upto_seq``."""
+
+    async def orgs_with_outbox(self) -> list[str]:
+        """Every org that has unacknowledged effects (startup recovery)."""
+
+
+# --- fault injection (tests only) --------------------------------------------------------------
+# FAULT-INJECTION HOOK for the crash tests: METERING_CRASH_AT=<step>[:<n>] makes the process
+# exit abruptly (os._exit(137), like kill -9) at <step> of the n-th Kafka batch (default 1).
+# Steps: after_script, after_publish, after_pg_commit, before_offset_commit. Never set it in
+# production; nothing else reads it.
+CRASH_STEPS = ("after_script", "after_publish", "after_pg_commit", "before_offset_commit")
+
+
+def _crash_plan() -> tuple[str, int] | None:
+    raw = os.environ.get("METERING_CRASH_AT", "").strip()
+    if not raw:
+        return None
+    step, _, nth = raw.partition(":")
+    if step not in CRASH_STEPS:
+        raise ValueError(f"METERING_CRASH_AT step must be one of {CRASH_STEPS}, got {step!r}")
+    return step, int(nth or 1)
+
+
+# --- batch data ------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Pending:
+    """One accepted input on its way to the engine."""
+
+    ident: str  # event_id or command_id
+    is_usage: bool
+    item: Any  # UsageItem | CommandItem
+    raw: RawSource
+    parked: ParkedEvent | None = None
+
+
+@dataclass(slots=True)
+class Batch:
+    """One fetched batch (or one turn of parked retries) through both stages."""
+
+    number: int
+    records: int = 0  # Kafka records (usage + admin) covered by this batch
+    by_org: dict[str, list[Pending]] = field(default_factory=lambda: defaultdict(list))
+    flush: FlushBatch = field(default_factory=FlushBatch)
+    messages: list[OutMessage] = field(default_factory=list)
+    acks: dict[str, int] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)  # ids decided by the pipeline, not the engine
+    commit: dict[TopicPartition, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wait_publish: Callable[[], Awaitable[Any]] | None = None
+    orgs_with_commands: set[str] = field(default_factory=set)
+    is_retry: bool = False
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for the shutdown summary line."""
+
+    batches: int = 0
+    records: int = 0
+    charged: int = 0
+    applied_commands: int = 0
+    duplicate: int = 0
+    replayed: int = 0
+    rejected: int = 0
+    parked: int = 0
+    unparked: int = 0
+    published: int = 0
+    dead_letters: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _status(outcome: Any) -> tuple[str, str | None]:
+    """(status, code) of an engine outcome (object, dict or plain string)."""
+    if isinstance(outcome, str):
+        return outcome, None
+    if isinstance(outcome, Mapping):
+        return str(outcome.get("status")), outcome.get("code")
+    return str(outcome.status), getattr(outcome, "code", None)
+
+
+def _peek_ids(raw: bytes) -> dict[str, str]:
+    """Best-effort string ids of a rejected message (``event_id``, ``org_id`` ...)."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return {
+        k: v
+        for k in ("event_id", "command_id", "org_id", "member_id", "task_id", "type")
+        if isinstance(v := obj.get(k), str) and 0 < len(v) <= 128
+    }
+
+
+class Backoff:
+    """Exponential backoff for outages (capped by ``Settings.retry_backoff_max_seconds``)."""
+
+    def __init__(self, settings: Settings, stop: asyncio.Event) -> None:
+        self._max = settings.retry_backoff_max_seconds
+        self._stop = stop
+
+    async def retry(
+        self,
+        stage: str,
+        func: Callable[[], Awaitable[T]],
+        *,
+        give_up: Callable[[], bool] | None = None,
+    ) -> T:
+        """Run ``func`` until it succeeds; between attempts sleep 0.1 s, 0.2 s ... up to max.
+
+        ``give_up()`` is consulted after a failure; when true the error propagates (shutdown
+        past its grace period: leaving work undone is safe, see docs/delivery.md).
+        """
+        delay = 0.1
+        while True:
+            try:
+                return await func()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                metrics.ERRORS.labels(stage=stage).inc()
+                metrics.WORKER_UP.set(0)
+                if give_up is not None and give_up():
+                    raise
+                log.warning(
+                    "%s failed (%s: %s); retrying in %.1f s", stage, type(exc).__name__, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max)
+
+
+class Pipeline:
+    """The consumer loop of one worker process (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: Engine,
+        ledger: Ledger,
+        publisher: Publisher,
+        stop: asyncio.Event,
+        max_events: int | None = None,
+        idle_exit_seconds: float | None = None,
+    ) -> None:
+        self.s = settings
+        self.engine = engine
+        self.ledger = ledger
+        self.publisher = publisher
+        self.stop = stop
+        self.max_events = max_events
+        self.idle_exit_seconds = idle_exit_seconds
+        self.stats = Stats()
+        self.consumer: AIOKafkaConsumer | None = None
+        self._backoff = Backoff(settings, stop)
+        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        self._inflight = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._batch_no = 0
+        self._kafka_batches = 0
+        self._last_seq: dict[str, int] = {}
+        self._pending_ids: dict[str, int] = {}  # pipeline-decided ids of unflushed batches
+        self._parked_hint = True  # parked rows may exist for our partitions
+        self._retry_soon = False
+        self._last_retry = 0.0
+        self._stopping_since: float | None = None
+        self._crash = _crash_plan()
+        self._tiers = frozenset(settings.tiers)
+        self._processed: dict[tuple[str, int], int] = {}  # next offset flushed, for lag
+        self._sem = asyncio.Semaphore(ENGINE_CONCURRENCY)
+        grace = settings.unknown_grace_seconds
+        self._retry_interval = max(0.2, min(5.0, grace / 4 if grace else 1.0))
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def make_consumer(self) -> AIOKafkaConsumer:
+        from worker.connections import kafka_client_kwargs
+
+        return AIOKafkaConsumer(
+            **kafka_client_kwargs(self.s),
+            group_id=self.s.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+            max_poll_interval_ms=600_000,
+        )
+
+    def processed_offsets(self) -> dict[tuple[str, int], int]:
+        """Next offset flushed to PostgreSQL per partition (for the lag gauge)."""
+        return dict(self._processed)
+
+    async def run(self, consumer: AIOKafkaConsumer) -> Stats:
+        """Consume until ``stop`` is set (or the bounded run ends); returns the counters."""
+        self.consumer = consumer
+        consumer.subscribe([self.s.topic_usage, self.s.topic_admin], listener=_Listener(self))
+        metrics.WORKER_UP.set(1)
+        stage_b = asyncio.create_task(self._stage_b(), name="pipeline-flush")
+        try:
+            await self._stage_a()
+        finally:
+            await self._queue.put(None)
+            await stage_b
+            metrics.WORKER_UP.set(0)
+        return self.stats
+
+    def _giving_up(self) -> bool:
+        # After a stop request the retries keep going for the grace period only; the runner
+        # cancels what is left, which is safe (outbox + replay, docs/delivery.md).
+        return self._stopping_since is not None and (
+            time.monotonic() - self._stopping_since > self.s.shutdown_grace_seconds
+        )
+
+    def _done(self) -> bool:
+        return self.max_events is not None and self.stats.records >= self.max_events
+
+    # --- stage A ---------------------------------------------------------------------------------
+    async def _stage_a(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        idle_since = time.monotonic()
+        fetched = 0
+        while not self.stop.is_set():
+            if self.max_events is not None and fetched >= self.max_events:
+                # Every wanted record is fetched; wait for stage B to flush them, then stop.
+                if self._done() or self.stop.is_set():
+                    break
+                await asyncio.sleep(0.01)
+                continue
+            try:
+                records = await consumer.getmany(
+                    timeout_ms=self.s.batch_timeout_ms, max_records=self.s.batch_max_records
+                )
+            except Exception as exc:
+                metrics.ERRORS.labels(stage="kafka").inc()
+                log.warning("fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            now = time.monotonic()
+            if records:
+                idle_since = now
+                batch = self._decode(records)
+                fetched += batch.records
+                self._kafka_batches += 1
+                await self._process(batch)
+            elif (
+                self.idle_exit_seconds is not None
+                and self._inflight == 0
+                and now - idle_since >= self.idle_exit_seconds
+            ):
+                log.info("idle for %.1f s: stopping (bounded run)", self.idle_exit_seconds)
+                break
+            if self._retry_soon or now - self._last_retry >= self._retry_interval:
+                await self._retry_parked()
+        self._stopping_since = time.monotonic()
+
+    def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> Batch:
+        """Decode and validate a fetched batch; bad records become dead letters at once."""
+        self._batch_no += 1
+        batch = Batch(number=self._batch_no)
+        s = self.s
+        now_ms = int(time.time() * 1000)
+        skew_ms = s.max_clock_skew_seconds * 1000
+        seen: set[str] = set()
+        counts = batch.counts
+        # Admin partitions first: a member_add and the usage it enables often share a batch.
+        for tp in sorted(records, key=lambda t: (t.topic != s.topic_admin, t.partition)):
+            recs = records[tp]
+            if not recs:
+                continue
+            is_usage = tp.topic == s.topic_usage
+            source = f"{tp.topic}:{tp.partition}"
+            next_offset = recs[-1].offset + 1
+            batch.flush.set_offset(tp.topic, tp.partition, next_offset)
+            batch.commit[tp] = next_offset
+            batch.records += len(recs)
+            for r in recs:
+                value: bytes = r.value if r.value is not None else b""
+                decoded: UsageRecord | CommandRecord | Rejection
+                if is_usage:
+                    decoded = decode_usage(
+                        value, now_ms=now_ms, max_bytes=s.max_message_bytes, max_skew_ms=skew_ms
+                    )
+                else:
+                    decoded = decode_admin(
+                        value,
+                        now_ms=now_ms,
+                        max_bytes=s.max_message_bytes,
+                        max_skew_ms=skew_ms,
+                        tiers=self._tiers,
+                    )
+                raw = RawSource(r.key, value, tp.topic, tp.partition, r.offset)
+                if isinstance(decoded, Rejection):
+                    self._reject_undecoded(batch, raw, decoded, is_usage, seen)
+                    continue
+                if isinstance(decoded, UsageRecord):
+                    ident = decoded.event_id
+                    if ident in seen:
+                        counts["duplicate"] += 1
+                        continue
+                    seen.add(ident)
+                    item = UsageItem(
+                        event_id=decoded.event_id,
+                        member_id=decoded.member_id,
+                        task_id=decoded.task_id,
+                        credits_mc=decoded.credits_mc,
+                        occurred_at_ms=decoded.occurred_at_ms,
+                        source=source,
+                        offset=r.offset,
+                    )
+                    batch.by_org[decoded.org_id].append(Pending(ident, True, item, raw))
+                else:
+                    ident = "c:" + decoded.command_id
+                    if ident in seen:
+                        counts["duplicate_command"] += 1
+                        continue
+                    seen.add(ident)
+                    citem = CommandItem(command=decoded.command, source=source, offset=r.offset)
+                    batch.by_org[decoded.org_id].append(
+                        Pending(decoded.command_id, False, citem, raw)
+                    )
+        return batch
+
+    def _reject_undecoded(
+        self, batch: Batch, raw: RawSource, rej: Rejection, is_usage: bool, seen: set[str]
+    ) -> None:
+        code = str(rej.code)
+        s = self.s
+        batch.messages.append(
+            dlq_message(
+                s.topic_usage_dlq if is_usage else s.topic_admin_dlq,
+                key=raw.key,
+                value=raw.value,
+                code=code,
+                detail=rej.detail,
+                source_topic=raw.topic,
+                source_partition=raw.partition,
+                source_offset=raw.offset,
+            )
+        )
+        # A rejected message that still names an id decides that id (SPEC 5: the first message
+        # with an event_id is charged or rejected, later ones are duplicates), so it is recorded.
+        ids = {} if code in UNPARSEABLE else _peek_ids(raw.value)
+        source = f"{raw.topic}:{raw.partition}"
+        if is_usage:
+            batch.counts["rejected"] += 1
+            metrics.EVENTS_REJECTED.labels(reason=code).inc()
+            event_id = ids.get("event_id")
+            if event_id is not None and event_id not in seen:
+                seen.add(event_id)
+                batch.ids.add(event_id)
+                batch.flush.add_rejected_usage(
+                    event_id=event_id,
+                    org_id=ids.get("org_id", ""),
+                    member_id=ids.get("member_id"),
+                    task_id=ids.get("task_id"),
+                    credits_mc=None,
+                    occurred_at_ms=None,
+                    code=code,
+                    source=source,
+                    offset=raw.offset,
+                )
+        else:
+            metrics.COMMANDS.labels(type=ids.get("type", "unknown"), status="rejected").inc()
+            command_id = ids.get("command_id")
+            if command_id is not None and "c:" + command_id not in seen:
+                seen.add("c:" + command_id)
+                batch.ids.add("c:" + command_id)
+                batch.flush.add_rejected_command(
+                    command_id=command_id,
+                    org_id=ids.get("org_id", ""),
+                    type_=ids.get("type", ""),
+                    code=code,
+                    command={"raw": raw.value[:4096].decode("utf-8", "replace")},
+                    source=source,
+                    offset=raw.offset,
+                )
+
+    async def _drop_decided(self, batch: Batch) -> None:
+        """Drop inputs whose id is already decided: permanent at-most-once.
+
+        Redis remembers ids only for a short window; PostgreSQL holds every decided id forever.
+        One query per kind for the whole batch, before the engine sees anything, so a duplicate
+        that arrives after Redis forgot its id is dropped here and never charged.
+        """
+        event_ids = [p.ident for ps in batch.by_org.values() for p in ps if p.is_usage]
+        command_ids = [p.ident for ps in batch.by_org.values() for p in ps if not p.is_usage]
+        if not event_ids and not command_ids:
+            return
+        decided_events, decided_commands = await self._backoff.retry(
+            "postgres",
+            lambda: self.ledger.decided_ids(event_ids, command_ids),
+            give_up=self._giving_up,
+        )
+        pending = self._pending_ids
+        for org_id in list(batch.by_org):
+            kept = []
+            for p in batch.by_org[org_id]:
+                if p.is_usage:
+                    if p.ident in decided_events or p.ident in pending:
+                        batch.counts["duplicate"] += 1
+                        continue
+                elif p.ident in decided_commands or "c:" + p.ident in pending:
+                    batch.counts["duplicate_command"] += 1
+                    continue
+                kept.append(p)
+            if kept:
+                batch.by_org[org_id] = kept
+            else:
+                del batch.by_org[org_id]
+
+    async def _process(self, batch: Batch) -> None:
+        """Stage A for one batch, then hand it to stage B."""
+        self._inflight += 1
+        self._drained.clear()
+        try:
+            if not batch.is_retry:
+                await self._drop_decided(batch)
+            with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
+                await self._apply_all(batch)
+            # Crash here: the engine applied the batch and its effects wait in the outboxes;
+            # nothing is published or in PostgreSQL. Restart drains the outboxes (publish +
+            # rows) and replays the batch from the PostgreSQL offsets; the engine's offset
+            # watermark turns the replay into no-ops, PostgreSQL's ids catch the rest.
+            self._maybe_crash("after_script", batch)
+            for ident in batch.ids:
+                self._pending_ids[ident] = batch.number
+            # Hand-over only: Kafka's acks are awaited in stage B, overlapping this stage.
+            batch.wait_publish = await self._backoff.retry(
+                "publish", lambda: self.publisher.send(batch.messages), give_up=self._giving_up
+            )
+        except BaseException:
+            self._finish(batch)
+            raise
+        await self._queue.put(batch)
+
+    async def _apply_all(self, batch: Batch) -> None:
+        async def one_org(org_id: str, pend: list[Pending]) -> None:
+            async with self._sem:
+                await self._apply_org(batch, org_id, pend)
+
+        orgs = list(batch.by_org.items())
+        if len(orgs) == 1:
+            await self._apply_org(batch, *orgs[0])
+        elif orgs:
+            await asyncio.gather(*(one_org(o, p) for o, p in orgs))
+
+    async def _apply_org(self, batch: Batch, org_id: str, pend: list[Pending]) -> None:
+        for start in range(0, len(pend), ENGINE_CHUNK):
+            chunk = pend[start : start + ENGINE_CHUNK]
+            items = [p.item for p in chunk]
+            retried = False
+
+            async def call(items: list[Any] = items) -> Any:
+                nonlocal retried
+                try:
+                    return await self.engine.apply(org_id, items)
+                except Exception:
+                    retried = True
+                    raise
+
+            result = await self._backoff.retry("redis", call, give_up=self._giving_up)
+            effects: list[dict[str, Any]] = list(result.effects)
+            effects = await self._fill_gap(org_id, effects, force=retried)
+            self._record_outcomes(batch, org_id, chunk, list(result.outcomes), effects)
+            if effects:
+                lookup = _lookup(chunk)
+                _add_sources(effects, lookup)
+                batch.flush.add_effects(org_id, effects)
+                batch.messages.extend(self.publisher.encoder.messages(org_id, effects, lookup))
+                top = max(int(e["seq"]) for e in effects)
+                batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
+                metrics.count_effects(tuple(effects))
+
+    async def _fill_gap(
+        self, org_id: str, effects: list[dict[str, Any]], *, force: bool
+    ) -> list[dict[str, Any]]:
+        """Add unacknowledged outbox effects that precede this call's effects.
+
+        ``outbox_ack`` acknowledges a prefix (``seq <= upto``). Effects of the same org made by
+        another worker (producers not keying by org), or by a call whose reply was lost, may sit
+        in the outbox below our seqs; we persist and publish them too before acking past them
+        (idempotent rows, at-least-once messages), so an ack never drops an effect that is not
+        in PostgreSQL.
+        """
+        last = self._last_seq.get(org_id)
+        first = int(effects[0]["seq"]) if effects else None
+        if not force and (first is None or (last is not None and first == last + 1)):
+            if effects:
+                self._last_seq[org_id] = int(effects[-1]["seq"])
+            return effects
+        pending = await self._backoff.retry(
+            "redis",
+            lambda: self.engine.outbox_pending(org_id, last or 0),
+            give_up=self._giving_up,
+        )
+        have = {int(e["seq"]) for e in effects}
+        extra = [e for e in pending if int(e["seq"]) not in have]
+        if first is not None:
+            extra = [e for e in extra if int(e["seq"]) < first]
+        merged = sorted([*extra, *effects], key=lambda e: int(e["seq"]))
+        if merged:
+            self._last_seq[org_id] = max(int(merged[-1]["seq"]), last or 0)
+        return merged
+
+    def _record_outcomes(
+        self,
+        batch: Batch,
+        org_id: str,
+        chunk: list[Pending],
+        outcomes: list[Any],
+        effects: list[dict[str, Any]],
+    ) -> None:
+        counts = batch.counts
+        usage_effects = {e["event_id"] for e in effects if e.get("kind") == "usage"}
+        command_effects = {e["command_id"] for e in effects if e.get("kind") == "command"}
+        now_ms = int(time.time() * 1000)
+        grace_ms = self.s.unknown_grace_seconds * 1000
+        for p, outcome in zip(chunk, outcomes, strict=True):
+            status, code = _status(outcome)
+            if not p.is_usage:
+                if status == "applied":
+                    counts["applied_command"] += 1
+                    batch.orgs_with_commands.add(org_id)
+                elif status == "duplicate":
+                    counts["duplicate_command"] += 1
+                    metrics.COMMANDS.labels(type=p.item.command.get("type"), status=status).inc()
+                elif status == "replayed":
+                    counts["replayed"] += 1
+                elif p.ident not in command_effects:
+                    # Rejected without a record in the org's outbox (e.g. the org does not
+                    # exist): the pipeline dead-letters and records it itself.
+                    reason = code or "rejected"
+                    counts["rejected_command"] += 1
+                    metrics.COMMANDS.labels(
+                        type=p.item.command.get("type"), status="rejected"
+                    ).inc()
+                    batch.messages.append(_dlq_for(self.s.topic_admin_dlq, p.raw, reason))
+                    batch.ids.add("c:" + p.ident)
+                    batch.flush.add_rejected_command(
+                        command_id=p.ident,
+                        org_id=org_id,
+                        type_=str(p.item.command.get("type")),
+                        code=reason,
+                        command=p.item.command,
+                        source=f"{p.raw.topic}:{p.raw.partition}",
+                        offset=p.raw.offset,
+                    )
+                continue
+            if status == "applied":
+                counts["charged"] += 1
+                if p.parked is not None:
+                    batch.flush.parked_del.append(p.ident)
+                    counts["unparked"] += 1
+            elif status == "duplicate":
+                counts["duplicate"] += 1
+                if p.parked is not None:
+                    batch.flush.parked_del.append(p.ident)
+            elif status == "replayed":
+                counts["replayed"] += 1
+            elif status == "unknown":
+                reason = code or "unknown_org"
+                parked = p.parked
+                if parked is None:
+                    # Park durably, in the same transaction as the offsets that pass it; wait
+                    # for the admin command that creates the org/member (grace period).
+                    counts["parked"] += 1
+                    batch.ids.add(p.ident)
+                    item = p.item
+                    batch.flush.parked_add.append(
+                        (
+                            p.ident,
+                            org_id,
+                            item.member_id,
+                            item.task_id,
+                            item.credits_mc,
+                            item.occurred_at_ms,
+                            reason,
+                            p.raw.topic,
+                            p.raw.partition,
+                            p.raw.offset,
+                            p.raw.key,
+                            p.raw.value,
+                        )
+                    )
+                    self._parked_hint = True
+                elif now_ms - parked.parked_at_ms >= grace_ms:
+                    # Grace period over: dead-letter, record the decision, leave the lot.
+                    counts["rejected"] += 1
+                    metrics.EVENTS_REJECTED.labels(reason=reason).inc()
+                    batch.messages.append(_dlq_for(self.s.topic_usage_dlq, p.raw, reason))
+                    batch.flush.parked_del.append(p.ident)
+                    batch.ids.add(p.ident)
+                    item = p.item
+                    batch.flush.add_rejected_usage(
+                        event_id=p.ident,
+                        org_id=org_id,
+                        member_id=item.member_id,
+                        task_id=item.task_id,
+                        credits_mc=item.credits_mc,
+                        occurred_at_ms=item.occurred_at_ms,
+                        code=reason,
+                        source=f"{p.raw.topic}:{p.raw.partition}",
+                        offset=p.raw.offset,
+                    )
+                else:
+                    counts["still_parked"] += 1
+            else:  # rejected by the engine (e.g. member_removed): a usage effect carries it
+                counts["rejected"] += 1
+                metrics.EVENTS_REJECTED.labels(reason=code or "rejected").inc()
+                if p.parked is not None:
+                    batch.flush.parked_del.append(p.ident)
+                if p.ident not in usage_effects:
+                    reason = code or "rejected"
+                    batch.messages.append(_dlq_for(self.s.topic_usage_dlq, p.raw, reason))
+                    batch.ids.add(p.ident)
+                    item = p.item
+                    batch.flush.add_rejected_usage(
+                        event_id=p.ident,
+                        org_id=org_id,
+                        member_id=item.member_id,
+                        task_id=item.task_id,
+                        credits_mc=item.credits_mc,
+                        occurred_at_ms=item.occurred_at_ms,
+                        code=reason,
+                        source=f"{p.raw.topic}:{p.raw.partition}",
+                        offset=p.raw.offset,
+                    )
+
+    # --- parked events ---------------------------------------------------------------------------
+    async def _retry_parked(self) -> None:
+        """Offer parked events of our partitions to the engine again (after the org or member
+        may have been created), and dead-letter those past the grace period."""
+        self._last_retry = time.monotonic()
+        self._retry_soon = False
+        if not self._parked_hint or self.consumer is None:
+            return
+        partitions = sorted(
+            tp.partition for tp in self.consumer.assignment() if tp.topic == self.s.topic_usage
+        )
+        if not partitions:
+            return
+        try:
+            rows = await self.ledger.parked_for_partitions(
+                self.s.topic_usage, partitions, PARKED_RETRY_LIMIT
+            )
+        except Exception as exc:
+            metrics.ERRORS.labels(stage="postgres").inc()
+            log.warning("reading parked events failed: %s", exc)
+            return
+        rows = [r for r in rows if r.event_id not in self._pending_ids]
+        metrics.PARKED_EVENTS.set(len(rows))
+        if not rows:
+            self._parked_hint = False
+            return
+        self._batch_no += 1
+        batch = Batch(number=self._batch_no, is_retry=True)
+        for r in rows:
+            item = UsageItem(
+                event_id=r.event_id,
+                member_id=r.member_id,
+                task_id=r.task_id,
+                credits_mc=r.credits_mc,
+                occurred_at_ms=r.occurred_at_ms,
+                source=f"{r.source_topic}:{r.source_partition}",
+                offset=-1,
+            )
+            raw = RawSource(r.key, r.value, r.source_topic, r.source_partition, r.source_offset)
+            batch.by_org[r.org_id].append(Pending(r.event_id, True, item, raw, parked=r))
+        await self._process(batch)
+
+    # --- stage B ---------------------------------------------------------------------------------
+    async def _stage_b(self) -> None:
+        while True:
+            batch = await self._queue.get()
+            if batch is None:
+                return
+            try:
+                await self._flush(batch)
+            except Exception:
+                log.exception("flush of batch %d abandoned", batch.number)
+            finally:
+                self._finish(batch)
+
+    async def _flush(self, batch: Batch) -> None:
+        started = time.perf_counter()
+        giving_up = self._giving_up
+        # 1. Kafka acks for effect messages and dead letters handed over in stage A.
+        if batch.wait_publish is not None:
+            wait = batch.wait_publish
+
+            async def publish() -> None:
+                nonlocal wait
+                try:
+                    await wait()
+                except Exception:
+                    # Resend everything: the idempotent producer and the consumers' seq dedupe
+                    # make a second copy harmless, a missing one is not.
+                    wait = await self.publisher.send(batch.messages)
+                    raise
+
+            await self._backoff.retry("publish", publish, give_up=giving_up)
+        # Crash here: messages are in Kafka, nothing in PostgreSQL, effects still in the
+        # outboxes. Restart drains the outboxes again (messages published twice: consumers
+        # drop seen seqs) and replays the batch from the PostgreSQL offsets (no-op in the
+        # engine); dead letters of the replayed records are published again, identified by
+        # their source coordinates.
+        self._maybe_crash("after_publish", batch)
+        # 2. One transaction: ledger rows, decided ids, parked events, offsets.
+        with metrics.timed(metrics.PG_FLUSH_SECONDS):
+            await self._backoff.retry(
+                "postgres", lambda: self.ledger.write(batch.flush), give_up=giving_up
+            )
+        # Crash here: PostgreSQL holds the batch and the offsets past it; the outboxes still
+        # hold the effects. Restart re-drains them: rows conflict and are skipped, messages are
+        # published again (at-least-once). Consumption resumes after the batch.
+        self._maybe_crash("after_pg_commit", batch)
+        # 3. Outbox ack: only now may Redis forget the effects.
+        if batch.acks:
+            await self._backoff.retry(
+                "redis",
+                lambda: asyncio.gather(
+                    *(self.engine.outbox_ack(o, seq) for o, seq in batch.acks.items())
+                ),
+                give_up=giving_up,
+            )
+        # Crash here: everything is durable; only Kafka's committed offsets lag behind. They
+        # are informational (lag, tools): a restart seeks to the PostgreSQL offsets.
+        self._maybe_crash("before_offset_commit", batch)
+        # 4. Kafka offset commit, best effort (PostgreSQL's offsets are the ones that count).
+        if batch.commit and self.consumer is not None:
+            assigned = self.consumer.assignment()
+            offsets = {
+                tp: OffsetAndMetadata(off, "") for tp, off in batch.commit.items() if tp in assigned
+            }
+            if offsets:
+                try:
+                    await asyncio.wait_for(self.consumer.commit(offsets), timeout=10)
+                except Exception as exc:
+                    metrics.ERRORS.labels(stage="kafka").inc()
+                    log.info("kafka offset commit skipped (%s); postgres has the offsets", exc)
+        for (topic, partition), off in batch.flush.offsets.items():
+            self._processed[(topic, partition)] = off
+        self._account(batch)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.WORKER_UP.set(1)
+        if batch.orgs_with_commands and self._parked_hint:
+            self._retry_soon = True
+
+    def _finish(self, batch: Batch) -> None:
+        for ident in batch.ids:
+            if self._pending_ids.get(ident) == batch.number:
+                del self._pending_ids[ident]
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._drained.set()
+
+    def _account(self, batch: Batch) -> None:
+        c = batch.counts
+        st = self.stats
+        if not batch.is_retry:
+            st.batches += 1
+            st.records += batch.records
+            metrics.BATCH_SIZE.observe(batch.records)
+        st.charged += c["charged"]
+        st.applied_commands += c["applied_command"]
+        st.duplicate += c["duplicate"] + c["duplicate_command"]
+        st.replayed += c["replayed"]
+        st.rejected += c["rejected"] + c["rejected_command"]
+        st.parked += c["parked"]
+        st.unparked += c["unparked"]
+        dead = sum(1 for m in batch.messages if m.is_dlq)
+        st.dead_letters += dead
+        st.published += len(batch.messages) - dead
+        decided = c["charged"] + c["rejected"]
+        metrics.count_outcomes(
+            {
+                "processed": decided,
+                "charged": c["charged"],
+                "duplicate": c["duplicate"],
+                "replayed": c["replayed"],
+                "parked": c["parked"],
+            }
+        )
+        # "rejected" of usage events is counted per reason where it is decided.
+        metrics.EVENTS.labels(outcome="rejected").inc(c["rejected"])
+
+    def _maybe_crash(self, step: str, batch: Batch) -> None:
+        if self._crash is None or batch.is_retry:
+            return
+        want_step, nth = self._crash
+        if step == want_step and self._kafka_batches >= nth:
+            log.error("fault injection: exiting at %s of batch %d", step, self._kafka_batches)
+            logging.shutdown()
+            os._exit(137)
+
+    # --- rebalance -------------------------------------------------------------------------------
+    async def wait_drained(self, limit_seconds: float) -> bool:
+        """Wait until every fetched batch is flushed (or ``limit_seconds``); True when drained."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), limit_seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """Seek every newly assigned partition to the offset recorded in PostgreSQL."""
+        assert self.consumer is not None
+        tps = list(assigned)
+        metrics.REBALANCES.inc()
+        for topic in (self.s.topic_usage, self.s.topic_admin):
+            metrics.ASSIGNED_PARTITIONS.labels(topic=topic).set(
+                sum(1 for tp in self.consumer.assignment() if tp.topic == topic)
+            )
+        if not tps:
+            return
+        stored = await self._backoff.retry("postgres", self.ledger.load_offsets)
+        for tp in tps:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+        self._parked_hint = True
+        self._retry_soon = True
+        log.info(
+            "assigned %d partitions (%d with offsets in postgres)",
+            len(tps),
+            sum(1 for tp in tps if (tp.topic, tp.partition) in stored),
+        )
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        """Flush what was fetched before the partitions go to another worker."""
+        tps = list(revoked)
+        if not tps:
+            return
+        # Waiting on our own flush (never on a lock the fetch loop holds) cannot deadlock: the
+        # flush stage does not need the consumer, and the commit it makes is best effort.
+        drained = await self.wait_drained(max(10.0, self.s.shutdown_grace_seconds))
+        if not drained:
+            log.warning("revoking partitions before the in-flight batch was flushed")
+        for tp in tps:
+            metrics.forget_lag(tp.topic, tp.partition)
+            self._processed.pop((tp.topic, tp.partition), None)
+
+
+def _lookup(chunk: Sequence[Pending]) -> Callable[[str], RawSource | None]:
+    index: dict[str, RawSource] | None = None
+
+    def find(ident: str) -> RawSource | None:
+        nonlocal index
+        if index is None:
+            index = {p.ident: p.raw for p in chunk}
+        return index.get(ident)
+
+    return find
+
+
+def _add_sources(effects: list[dict[str, Any]], lookup: Callable[[str], RawSource | None]) -> None:
+    """Note where each decided input came from on its usage/command record (PostgreSQL keeps
+    it for audits; the engine's outbox does not carry it)."""
+    for e in effects:
+        kind = e.get("kind")
+        if kind == "usage":
+            raw = lookup(str(e.get("event_id")))
+        elif kind == "command":
+            raw = lookup(str(e.get("command_id")))
+        else:
+            continue
+        if raw is not None and "source" not in e:
+            e["source"] = f"{raw.topic}:{raw.partition}"
+            e["offset"] = raw.offset
+
+
+def _dlq_for(topic: str, raw: RawSource, code: str) -> OutMessage:
+    return dlq_message(
+        topic,
+        key=raw.key,
+        value=raw.value,
+        code=code,
+        detail=code,
+        source_topic=raw.topic,
+        source_partition=raw.partition,
+        source_offset=raw.offset,
+    )
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._p = pipeline
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._p.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._p.on_assigned(assigned)

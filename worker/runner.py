@@ -1,0 +1,254 @@
+"""Process lifecycle of the worker: start-up recovery, the consumer loop, graceful shutdown.
+
+Start-up, in this order (each step safe to repeat after a crash):
+
+1. apply PostgreSQL migrations;
+2. drain the Redis outboxes left by a previous run (publish, persist, ack);
+3. compare each org's last effect seq in Redis with PostgreSQL and rebuild the orgs Redis lost;
+4. join the consumer group; on assignment each partition seeks to its PostgreSQL offset.
+
+Signals only set an ``asyncio.Event``. On SIGTERM/SIGINT the loop stops fetching, finishes
+the in-flight batches (flush, ack, commit) and the resources close in reverse order through an
+``AsyncExitStack``, all within ``Settings.shutdown_grace_seconds``; whatever is cut short by the
+grace period is safe to abandon (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from schemas.encode import encode_admin_command
+from worker import metrics
+from worker.config import Settings
+from worker.consumer import Backoff, Pipeline
+from worker.ledger import Ledger, migrate
+from worker.publisher import OutMessage, Publisher
+from worker.recovery import drain_outboxes, rebuild_behind
+
+log = logging.getLogger(__name__)
+
+ENV_MAX_EVENTS = "METERING_MAX_EVENTS"
+ENV_IDLE_EXIT = "METERING_IDLE_EXIT_SECONDS"
+
+
+def make_engine(settings: Settings) -> Any:
+    """The production engine (``worker.engine.RedisEngine``) built from settings."""
+    engine_module = importlib.import_module("worker.engine")
+    factory = getattr(engine_module.RedisEngine, "from_settings", None)
+    if factory is not None:
+        return factory(settings)
+    from worker.connections import redis_client
+
+    return engine_module.RedisEngine(redis_client(settings), settings)
+
+
+async def _close_engine(engine: Any) -> None:
+    for name in ("aclose", "close"):
+        closer = getattr(engine, name, None)
+        if closer is not None:
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result
+            return
+
+
+def _env_number(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else None
+
+
+async def run_worker(
+    settings: Settings | None = None,
+    *,
+    max_events: int | None = None,
+    idle_exit_seconds: float | None = None,
+    stop: asyncio.Event | None = None,
+    engine: Any = None,
+) -> dict[str, int]:
+    """Run the worker until SIGTERM/SIGINT, ``stop``, or the bounded-run limits.
+
+    ``max_events``: stop once that many input records (usage + admin, good or bad) are flushed.
+    ``idle_exit_seconds``: stop when nothing arrived for that long and nothing is in flight.
+    Both default to the ``METERING_MAX_EVENTS`` / ``METERING_IDLE_EXIT_SECONDS`` environment
+    variables (bounded runs of a worker subprocess in tests and the benchmark). Returns the
+    counters also logged as the summary line.
+    """
+    settings = settings or Settings()
+    if max_events is None and (env := _env_number(ENV_MAX_EVENTS)) is not None:
+        max_events = int(env)
+    if idle_exit_seconds is None:
+        idle_exit_seconds = _env_number(ENV_IDLE_EXIT)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    started = time.monotonic()
+    counters: dict[str, int] = {}
+    try:
+        counters = await _run(settings, stop, max_events, idle_exit_seconds, engine)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        counters["seconds"] = round(time.monotonic() - started)
+        log.info(
+            "worker stopped: %s",
+            " ".join(f"{k}={v}" for k, v in counters.items()),
+            extra={"summary": counters},
+        )
+    return counters
+
+
+async def _run(
+    settings: Settings,
+    stop: asyncio.Event,
+    max_events: int | None,
+    idle_exit_seconds: float | None,
+    engine: Any,
+) -> dict[str, int]:
+    backoff = Backoff(settings, stop)
+    counters: dict[str, int] = {}
+    async with AsyncExitStack() as stack:
+        # PostgreSQL may still be starting (or down): keep trying, but let SIGTERM end it.
+        await _until_stopped(stop, backoff.retry("postgres", lambda: migrate(settings)))
+        if stop.is_set():
+            return counters
+        ledger = await Ledger.connect(settings)
+        stack.push_async_callback(ledger.close)
+        if engine is None:
+            engine = make_engine(settings)
+            stack.push_async_callback(_close_engine, engine)
+        publisher = Publisher(settings)
+        await _until_stopped(stop, backoff.retry("kafka", publisher.start))
+        stack.push_async_callback(publisher.stop)
+        if stop.is_set():
+            return counters
+
+        drained = await backoff.retry("redis", lambda: drain_outboxes(engine, ledger, publisher))
+        counters["drained_effects"] = drained
+        if drained:
+            log.info("drained %d effects left in the outboxes by a previous run", drained)
+
+        rebuilt = await backoff.retry("redis", lambda: rebuild_behind(settings, engine, ledger))
+        counters["rebuilt_orgs"] = len(rebuilt)
+
+        pipeline = Pipeline(
+            settings,
+            engine=engine,
+            ledger=ledger,
+            publisher=publisher,
+            stop=stop,
+            max_events=max_events,
+            idle_exit_seconds=idle_exit_seconds,
+        )
+        consumer = pipeline.make_consumer()
+        await _until_stopped(stop, backoff.retry("kafka", consumer.start))
+        stack.push_async_callback(consumer.stop)
+
+        lag_task = asyncio.create_task(_lag_loop(pipeline, consumer, stop), name="lag")
+        stack.push_async_callback(_cancel, lag_task)
+        if settings.tick_interval_seconds > 0:
+            tick_task = asyncio.create_task(
+                _tick_loop(settings, pipeline, ledger, publisher, stop), name="ticks"
+            )
+            stack.push_async_callback(_cancel, tick_task)
+
+        run = asyncio.create_task(pipeline.run(consumer), name="pipeline")
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not run.done():
+            # Stop requested: the loop stops fetching and flushes what it has; cut it short
+            # at the grace period (what is left is replayed by the next owner, harmlessly).
+            try:
+                await asyncio.wait_for(run, timeout=settings.shutdown_grace_seconds)
+            except TimeoutError:
+                log.warning("grace period over: abandoning the in-flight batch")
+        if run.done() and not run.cancelled() and run.exception() is not None:
+            raise run.exception()  # type: ignore[misc]
+        counters.update(pipeline.stats.as_dict())
+    return counters
+
+
+async def _until_stopped(stop: asyncio.Event, work: Any) -> None:
+    """Await ``work`` unless ``stop`` is set first (start-up retries must not block SIGTERM)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if not task.done():
+        await _cancel(task)
+        return
+    task.result()
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def _lag_loop(pipeline: Pipeline, consumer: Any, stop: asyncio.Event) -> None:
+    """Refresh the consumer-lag gauges every few seconds, also when idle."""
+    from worker.lag import LagMonitor, consumer_lag_source
+
+    monitor = LagMonitor(consumer_lag_source(consumer, pipeline.processed_offsets), interval=5.0)
+    await monitor.run(stop)
+
+
+async def _tick_loop(
+    settings: Settings,
+    pipeline: Pipeline,
+    ledger: Ledger,
+    publisher: Publisher,
+    stop: asyncio.Event,
+) -> None:
+    """Publish a ``tick`` admin command for every known org every ``tick_interval_seconds``.
+
+    Only the worker that owns partition 0 of the admin topic ticks, so a scaled-out group sends
+    one tick per org per interval. Ticks carry wall-clock time: cycles close and paused members
+    resume even when an org sends nothing.
+    """
+    interval = settings.tick_interval_seconds
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        if stop.is_set():
+            return
+        consumer = pipeline.consumer
+        if consumer is None or not any(
+            tp.topic == settings.topic_admin and tp.partition == 0 for tp in consumer.assignment()
+        ):
+            continue
+        try:
+            orgs = list(await ledger.org_seqs())
+            now_ms = int(time.time() * 1000)
+            messages = [
+                OutMessage(
+                    settings.topic_admin,
+                    org.encode(),
+                    encode_admin_command(
+                        {
+                            "type": "tick",
+                            "command_id": f"tick:{org}:{now_ms}",
+                            "org_id": org,
+                            "at_ms": now_ms,
+                        }
+                    ),
+                )
+                for org in orgs
+            ]
+            await publisher.publish(messages)
+        except Exception as exc:
+            metrics.ERRORS.labels(stage="publish").inc()
+            log.warning("tick publishing failed: %s", exc)
