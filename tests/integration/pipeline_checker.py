@@ -391,8 +391,8 @@ async def check_pipeline(
             assert got == expected_bad[src_topic], (
                 f"{dlq_topic}: {sum(got.values())} dead letters,"
                 f" {sum(expected_bad[src_topic].values())} expected;"
-                f" unexpected {list((got - expected_bad[src_topic]))[:3]},"
-                f" missing {list((expected_bad[src_topic] - got))[:3]}"
+                f" unexpected {list(got - expected_bad[src_topic])[:3]},"
+                f" missing {list(expected_bad[src_topic] - got)[:3]}"
             )
             codes = {bytes(r.value): header(r, "error.code") for r in unique.values()}
             for m in workload.messages:
@@ -497,6 +497,7 @@ async def check_pipeline(
         if key not in last or v["seq"] > last[key][2]:
             last[key] = (v["signal"], v["reason"], v["seq"])
     assert last == model_last_signal, (
-        f"control topic differs from the model: {sorted(set(last.items()) ^ set(model_last_signal.items()))[:4]}"
+        "control topic differs from the model: "
+        f"{sorted(set(last.items()) ^ set(model_last_signal.items()))[:4]}"
     )
     return report
