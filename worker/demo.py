@@ -22,7 +22,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -182,8 +182,9 @@ class Outputs:
 class Demo:
     """Drives the story: publish, run the worker until idle, show what came out."""
 
-    def __init__(self, settings: Settings, out: Out, idle_exit: float) -> None:
+    def __init__(self, settings: Settings, out: Out, idle_exit: float, engine: Any) -> None:
         self.s = settings
+        self.engine = engine
         self.out = out
         self.idle_exit = idle_exit
         self.cmd = Commands(prefix="demo-cmd")
@@ -210,7 +211,7 @@ class Demo:
         from worker.runner import run_worker
 
         started = time.monotonic()
-        await run_worker(self.s, idle_exit_seconds=self.idle_exit)
+        await run_worker(self.s, idle_exit_seconds=self.idle_exit, engine=self.engine)
         records = await self.outputs.new_records()
         self.out.line(f"   (worker ran {time.monotonic() - started:.1f} s)")
         self.show(records)
@@ -279,20 +280,13 @@ class Demo:
 
     # reading state
     async def dashboards(self, orgs: Sequence[str]) -> None:
-        from worker.connections import redis_client
-        from worker.engine import RedisEngine
-
-        client = redis_client(self.s)
-        try:
-            engine = RedisEngine(client, self.s)
-            for org in orgs:
-                view = await engine.dashboard(org)
-                if view is None:
-                    self.out.say(f"{org}: unknown org")
-                    continue
-                self.show_dashboard(view)
-        finally:
-            await client.aclose()
+        """The SPEC section 7 dashboard of each org, as ``GET /v1/orgs/{org}/credits`` serves it."""
+        for org in orgs:
+            view = await self.engine.dashboard(org)
+            if view is None:
+                self.out.say(f"{org}: unknown org")
+                continue
+            self.show_dashboard(view)
 
     def show_dashboard(self, view: dict[str, Any]) -> None:
         pool = view["pool"]
@@ -388,7 +382,7 @@ async def story(demo: Demo) -> None:
     out.say("bob runs 8 tasks of 200 credits: 500 allocation + two blocks reach his 1,000 limit;")
     out.say("the last 100 credits become debt and bob is paused (member_limit_reached).")
     out.say("bob's second block leaves acme's pool at 500, below 800: a refill is requested.")
-    out.say("erin (globex, limit 0) runs 3 tasks of 180: 20 credits of debt, paused.")
+    out.say("erin (globex, limit 0) runs 3 tasks of 180: 40 credits of debt, paused.")
     out.say("carol and dave work within their 15,000-credit allocations.")
     msgs: list[Message] = []
     for i in range(4):
@@ -407,7 +401,9 @@ async def story(demo: Demo) -> None:
     if demo.refill_requests:
         request = demo.refill_requests[-1]
         out.say(f"answering refill_result failed for request {request['request_id']}:")
-        out.say("the pool locks and everyone who needs it is paused.")
+        out.say("the admin is notified and the pool locks: no new blocks. Members who still")
+        out.say("have allocation or block credits keep working; the next one who needs the")
+        out.say("pool is paused with reason refill_failed.")
         await demo.admin(
             cmd.refill_result(request["org_id"], request["request_id"], "failed", at(10))
         )
@@ -478,8 +474,16 @@ async def _cleanup(settings: Settings) -> None:
             await conn.close()
 
 
-async def run_demo(base: Settings, *, keep: bool = False, idle_exit: float = 1.5) -> int:
+async def run_demo(
+    base: Settings,
+    *,
+    keep: bool = False,
+    idle_exit: float = 1.5,
+    engine_factory: Callable[[Settings], Any] | None = None,
+) -> int:
     """Run the story against the services ``base`` points at; returns an exit status."""
+    from worker.runner import _close_engine, make_engine
+
     run_id = datetime.now(UTC).strftime("%m%d%H%M%S")
     settings = demo_settings(base, run_id)
     out = Out()
@@ -489,12 +493,15 @@ async def run_demo(base: Settings, *, keep: bool = False, idle_exit: float = 1.5
         f"{settings.postgres_schema}, Redis db {DEMO_REDIS_DB}; org clock starts {T0:%Y-%m-%d}"
     )
     await _ensure(settings)
-    demo = Demo(settings, out, idle_exit)
+    # One engine for the whole story: every act's worker run and the dashboards share it.
+    engine = (engine_factory or make_engine)(settings)
+    demo = Demo(settings, out, idle_exit, engine)
     await demo.outputs.start()
     try:
         await story(demo)
     finally:
         await demo.outputs.stop()
+        await _close_engine(engine)
         if not keep:
             await _cleanup(settings)
     out.line()
@@ -514,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show the worker's own log lines")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:
+        # Fresh topics elect their leaders a moment after creation; the client's retries of
+        # that moment are noise in a demo.
+        logging.getLogger("aiokafka").setLevel(logging.ERROR)
     base = Settings()
     if not args.verbose:
         base = base.model_copy(update={"log_level": "WARNING"})
