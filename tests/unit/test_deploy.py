@@ -210,3 +210,18 @@ def test_dashboard_panels_have_unique_ids_and_a_datasource() -> None:
             continue
         assert panel["targets"], panel["title"]
         assert panel["datasource"]["type"] == "prometheus"
+
+
+def test_every_runbook_link_points_at_a_section_of_the_operations_guide() -> None:
+    guide = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    anchors = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in guide.splitlines()
+        if line.startswith("#")
+    }
+    links = [r["annotations"]["runbook"] for r in _alert_rules() if "alert" in r]
+    assert links
+    for link in links:
+        path, _, anchor = link.partition("#")
+        assert path == "docs/operations.md"
+        assert anchor in anchors, link
