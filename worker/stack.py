@@ -1060,6 +1060,18 @@ def up(settings: Settings, cluster: bool = False) -> None:
         )
     print(f"stack is up (data in {root})", flush=True)
     _print_table(["setting", "value"], _connection_table(settings, cluster))
+    logs = [
+        (name, str(path))
+        for name, path, is_local in (
+            ("kafka", Kafka(root / "kafka").log, local["kafka"]),
+            ("redis", _redis_node(root).log, local["redis"]),
+            ("postgres", Postgres(root / "pg").log, local["postgres"]),
+        )
+        if is_local
+    ]
+    if logs:
+        print(flush=True)
+        _print_table(["service", "log file"], logs)
 
 
 def down(settings: Settings) -> None:
