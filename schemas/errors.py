@@ -34,7 +34,21 @@ code                           meaning                                          
 ``member_removed``             member was removed before ``occurred_at``               engine
 ``duplicate``                  ``event_id``/``command_id`` already decided: counted    engine
                                in metrics only, never dead-lettered
+``member_exists``              ``member_add`` for a member that is already active      engine
+``promo_expired``              ``promo_grant`` whose ``expires_at`` is not after the    engine
+                               org clock
+``duplicate_grant``            ``promo_grant`` reusing a ``grant_id`` of the member     engine
+``balance_overflow``           the input would push a pool balance, debt or invoice     engine
+                               past 10^12 credits (the exact range of Lua doubles)
+``invalid_amount``             defensive re-check inside the engine of an amount the    engine
+                               decoder already validated (seen only if a producer
+                               bypasses the decoder)
+``invalid_command``            same, for a command's fields                            engine
 =============================  =====================================================  ==========
+
+The engine's codes are the ``E_*`` constants of ``worker.constants``; a test keeps the two lists
+in step. ``unknown_request`` (a ``refill_result`` for an unknown or answered request) is not a
+rejection: SPEC section 4 says it changes nothing, so it is applied as a no-op.
 
 When a message has several problems the decoder reports the first one in this order: size,
 UTF-8, JSON syntax, top-level type, then the fields in the order SPEC section 6 lists them
@@ -66,6 +80,12 @@ class ErrorCode(StrEnum):
     UNKNOWN_MEMBER = "unknown_member"
     MEMBER_REMOVED = "member_removed"
     DUPLICATE = "duplicate"
+    MEMBER_EXISTS = "member_exists"
+    PROMO_EXPIRED = "promo_expired"
+    DUPLICATE_GRANT = "duplicate_grant"
+    BALANCE_OVERFLOW = "balance_overflow"
+    INVALID_AMOUNT = "invalid_amount"
+    INVALID_COMMAND = "invalid_command"
 
 
 class WireError(ValueError):

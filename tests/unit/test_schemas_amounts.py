@@ -168,3 +168,12 @@ def test_parse_agrees_with_decimal_oracle(text: str, wrap: type) -> None:
     except WireError as err:
         got = err.code
     assert got == expected
+
+
+def test_bounds_match_the_engine() -> None:
+    # The decoder and the engine must agree on what fits, or the engine would reject (or, for
+    # Lua doubles, round) what the decoder let through.
+    from worker import constants
+
+    assert constants.MAX_USAGE_MC == MAX_USAGE_MC
+    assert constants.MAX_AMOUNT_MC == MAX_ADMIN_MC

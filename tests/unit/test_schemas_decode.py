@@ -203,8 +203,27 @@ def test_error_codes_are_stable() -> None:
             "unknown_member",
             "member_removed",
             "duplicate",
+            "member_exists",
+            "promo_expired",
+            "duplicate_grant",
+            "balance_overflow",
+            "invalid_amount",
+            "invalid_command",
         ]
     )
+
+
+def test_engine_codes_are_in_the_contract() -> None:
+    # Every code the engine can put in an ``error.code`` header is a documented ErrorCode.
+    from worker import constants
+
+    engine_codes = {
+        value
+        for name, value in vars(constants).items()
+        if name.startswith("E_") and name != "E_UNKNOWN_REQUEST"
+    }
+    assert engine_codes
+    assert engine_codes <= {code.value for code in ErrorCode}
 
 
 # --- admin commands ---------------------------------------------------------------------------
