@@ -50,7 +50,8 @@ from worker.config import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_POM = PROJECT_ROOT / "deploy" / "kafka" / "pom.xml"
 HOST = "127.0.0.1"
-KAFKA_HEAP = os.environ.get("METERING_STACK_KAFKA_HEAP", "-Xms256m -Xmx640m")
+# Same variable as Kafka's own start scripts, so people can reuse what they know.
+KAFKA_HEAP = os.environ.get("KAFKA_HEAP_OPTS", "-Xms256m -Xmx640m")
 START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 
