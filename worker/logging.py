@@ -87,6 +87,21 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def setup_logging(
     settings: Settings | None = None,
     *,
@@ -97,7 +112,9 @@ def setup_logging(
     """Configure the root logger (idempotent: replaces handlers set up by an earlier call)."""
     fmt = fmt or (settings.log_format if settings else "console")
     level = level or (settings.log_level if settings else "INFO")
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler: logging.StreamHandler = (  # type: ignore[type-arg]
+        logging.StreamHandler(stream) if stream is not None else _StderrHandler()
+    )
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
