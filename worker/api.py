@@ -576,6 +576,56 @@ async def start_http(
     return runner
 
 
+async def serve_worker_http(
+    settings: Settings,
+    stack: AsyncExitStack,
+    *,
+    engine: DashboardSource,
+    ledger: Any,
+    publisher: Any,
+) -> web.AppRunner | None:
+    """The worker's HTTP server: health, readiness, ``/metrics`` and the read API.
+
+    Readiness: PostgreSQL through ``ledger.ping()``, Redis through a PING on a client of its
+    own, Kafka through a metadata request on the publisher's producer. A port already in use
+    is logged and counted (``metering_errors_total{stage="http"}``) instead of stopping the
+    worker: metering matters more than its probes, and an orchestrator notices the failing
+    probe anyway.
+    """
+    from worker.connections import redis_client
+
+    redis = redis_client(settings)
+    stack.push_async_callback(redis.aclose)
+
+    async def postgres_ok() -> bool:
+        await ledger.ping()
+        return True
+
+    async def redis_ok() -> bool:
+        return bool(await redis.ping())
+
+    async def kafka_ok() -> bool:
+        cluster = await publisher.producer.client.fetch_all_metadata()
+        return bool(cluster.brokers())
+
+    try:
+        return await start_http(
+            settings,
+            stack,
+            engine=engine,
+            pg_pool=ledger.pool,
+            ready_checks={"postgres": postgres_ok, "redis": redis_ok, "kafka": kafka_ok},
+        )
+    except OSError as exc:
+        metrics.ERRORS.labels(stage="http").inc()
+        log.error(
+            "http server not started: %s",
+            exc,
+            extra={"host": settings.http_host, "port": settings.http_port},
+        )
+        return None
+
+
 async def run_api(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve the API on ``Settings.http_host:http_port`` until ``stop`` is set or SIGTERM."""
     import signal

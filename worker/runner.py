@@ -129,6 +129,11 @@ async def _run(
             engine = make_engine(settings)
             stack.push_async_callback(_close_engine, engine)
         publisher = Publisher(settings)
+        # Health, readiness, /metrics and the read API, up before the slow start-up steps so
+        # probes answer during a long drain or rebuild (worker.api.serve_worker_http).
+        from worker.api import serve_worker_http
+
+        await serve_worker_http(settings, stack, engine=engine, ledger=ledger, publisher=publisher)
         await _until_stopped(stop, backoff.retry("kafka", publisher.start))
         stack.push_async_callback(publisher.stop)
         if stop.is_set():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import io
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,13 +16,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession
 from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from schemas.encode import encode_usage_event
 from worker import cli, metrics
-from worker.api import create_app
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
 from worker.lag import group_lag, postgres_offsets
@@ -128,7 +128,13 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
 
     engine = _engine(settings)
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_worker(settings, engine=engine, stop=stop))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    worker_settings = settings.model_copy(
+        update={"http_port": free_port, "api_tokens": SecretStr('{"t": "*"}')}
+    )
+    worker = asyncio.create_task(run_worker(worker_settings, engine=engine, stop=stop))
     try:
         # Drained: the worker's own offsets reach the end of every partition.
         deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -149,21 +155,28 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
                 settings.topic_usage, settings.topic_partitions
             )
             await asyncio.sleep(0.25)
-        app = create_app(
-            settings.model_copy(update={"api_tokens": SecretStr('{"t": "*"}')}), engine=engine
-        )
-        async with TestClient(TestServer(app)) as client:
-            body = await (await client.get("/metrics")).text()
+        # The worker process itself serves the probes, /metrics and the read API.
+        base = f"http://127.0.0.1:{worker_settings.http_port}"
+        async with ClientSession() as http:
+            assert (await http.get(f"{base}/healthz")).status == 200
+            ready = await http.get(f"{base}/readyz")
+            assert (await ready.json())["checks"] == {
+                "postgres": True,
+                "redis": True,
+                "kafka": True,
+            }
+            assert ready.status == 200
+            body = await (await http.get(f"{base}/metrics")).text()
             for p in range(settings.topic_partitions):
-                assert (
-                    f'metering_consumer_lag{{partition="{p}",topic="{settings.topic_usage}"}} 0.0'
-                    in body
-                )
-            resp = await client.get(
-                f"/v1/orgs/{org}/credits", headers={"Authorization": "Bearer t"}
+                line = f'metering_consumer_lag{{partition="{p}",topic="{settings.topic_usage}"}}'
+                assert f"{line} 0.0" in body
+            assert "metering_worker_up 1.0" in body
+            resp = await http.get(
+                f"{base}/v1/orgs/{org}/credits", headers={"Authorization": "Bearer t"}
             )
             assert resp.status == 200
             doc = await resp.json()
+            assert (await http.get(f"{base}/v1/orgs/{org}/credits")).status == 401
 
         # The table after draining, from the same CLI an operator runs.
         after = await asyncio.to_thread(_cli, "lag")
