@@ -300,6 +300,17 @@ def _read_pid(pidfile: Path, marker: str) -> int | None:
     return None
 
 
+def _pids_with_cwd(path: Path) -> list[int]:
+    """Processes whose working directory is ``path`` (how a server's helpers are found)."""
+    target = path.resolve()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(proc / "cwd")) == target:
+                found.append(int(proc.name))
+    return found
+
+
 def _port_open(port: int, host: str = HOST) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
@@ -617,6 +628,7 @@ class Postgres:
         if pid is not None:
             say(f"postgres already running (pid {pid}), reusing it")
         else:
+            self._clear_crash_leftovers()
             _ensure_port_free(self.port, "postgres", "METERING_POSTGRES_DSN")
             self.root.mkdir(parents=True, exist_ok=True)
             self.sockdir.mkdir(parents=True, exist_ok=True)
@@ -671,6 +683,29 @@ class Postgres:
                     f"see {self.log}\n{_tail(self.log)}"
                 )
         asyncio.run(self._ensure_role_and_db())
+
+    def _clear_crash_leftovers(self) -> None:
+        """After a killed postmaster: stop its orphaned backends and remove the stale lock file.
+
+        Postgres refuses to start while ``postmaster.pid`` names a live process (an unreaped
+        zombie counts) or old backends still hold the shared memory. Only processes whose
+        working directory is this data folder are touched, so nothing of another cluster is.
+        """
+        lockfile = self.data / "postmaster.pid"
+        stale = [lockfile, *self.sockdir.glob(".s.PGSQL.*")]
+        if not any(path.exists() for path in stale):
+            return
+        orphans = [pid for pid in _pids_with_cwd(self.data) if _pid_alive(pid)]
+        for pid in orphans:
+            say(f"stopping a leftover postgres process (pid {pid}) of a crashed server")
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_pid_alive(p) for p in orphans) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        say(f"removing the stale lock files of a crashed server ({lockfile})")
+        for path in stale:
+            path.unlink(missing_ok=True)
 
     async def _ensure_role_and_db(self) -> None:
         import asyncpg
