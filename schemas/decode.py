@@ -51,27 +51,17 @@ from collections.abc import Collection
 from typing import Annotated, Any, Final
 
 import msgspec
-from pydantic import ValidationError
 
-from schemas.amounts import MAX_USAGE_MC, JsonNumber, parse_credits_text
+from schemas.amounts import MAX_USAGE_MC, parse_credits_text
 from schemas.errors import ErrorCode, WireError
+from schemas.jsonwire import NUMBER_START, QUOTE, VALUE_DECODER, check_utf8
 from schemas.models import (
     ID_MAX_LENGTH,
-    AdminCommandModel,
-    AutoRefillSet,
-    CreditRequest,
     MemberAdd,
-    MemberLimitSet,
-    MemberRemove,
     MemberSetTier,
-    OrgUpsert,
-    PoolPurchase,
-    PromoGrant,
-    RefillResult,
-    Tick,
     TierLimitSet,
     UsageEvent,
-    error_code,
+    parse_admin_command,
 )
 from schemas.timestamps import datetime_to_ms, parse_timestamp_ms
 
@@ -120,34 +110,8 @@ class _UsageWire(msgspec.Struct, gc=False):
 
 
 _USAGE_DECODER: Final = msgspec.json.Decoder(_UsageWire)
-_FIELDS_DECODER: Final = msgspec.json.Decoder(dict[str, msgspec.Raw])
-_VALUE_DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
-_NUMBER_START: Final = frozenset(b"-0123456789")
-_QUOTE: Final = ord('"')
 _BACKSLASH: Final = ord("\\")
 _ZERO: Final = ord("0")
-
-_USAGE_FIELDS: Final = frozenset(
-    {"event_id", "org_id", "member_id", "task_id", "credits", "occurred_at"}
-)
-_COMMAND_MODELS: Final[dict[str, type[AdminCommandModel]]] = {
-    "org_upsert": OrgUpsert,
-    "member_add": MemberAdd,
-    "member_remove": MemberRemove,
-    "member_set_tier": MemberSetTier,
-    "tier_limit_set": TierLimitSet,
-    "member_limit_set": MemberLimitSet,
-    "pool_purchase": PoolPurchase,
-    "auto_refill_set": AutoRefillSet,
-    "refill_result": RefillResult,
-    "promo_grant": PromoGrant,
-    "credit_request": CreditRequest,
-    "tick": Tick,
-}
-_COMMAND_FIELDS: Final = {
-    name: frozenset(f.alias or key for key, f in model.model_fields.items())
-    for name, model in _COMMAND_MODELS.items()
-}
 _TIERED: Final = (MemberAdd, MemberSetTier, TierLimitSet)
 
 
@@ -160,27 +124,25 @@ def _precheck(raw: bytes, max_bytes: int) -> Rejection | None:
         return Rejection(
             ErrorCode.MESSAGE_TOO_LARGE, f"message is {len(raw)} bytes, limit {max_bytes}"
         )
-    # isascii() is a cheap scan; only non-ASCII input pays for a full UTF-8 check, which
-    # msgspec alone would skip inside fields it ignores.
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return Rejection(ErrorCode.INVALID_UTF8, f"invalid UTF-8 at byte {err.start}")
+    # Checked up front because msgspec does not look inside the fields it skips.
+    try:
+        check_utf8(raw)
+    except WireError as err:
+        return Rejection(err.code, err.detail)
     return None
 
 
 def _fast_credits(token: bytes) -> int:
     first = token[0]
-    if first == _QUOTE:
+    if first == QUOTE:
         if _BACKSLASH in token:
             try:
-                text = _VALUE_DECODER.decode(token)
+                text = VALUE_DECODER.decode(token)
             except msgspec.DecodeError:
                 raise _Defer from None
             return parse_credits_text(text, max_mc=MAX_USAGE_MC)
         token = token[1:-1]
-    elif first not in _NUMBER_START:
+    elif first not in NUMBER_START:
         raise WireError(ErrorCode.WRONG_TYPE, "amount must be a number or a decimal string")
     # Common shapes ("12", "12.5") are computed here; anything unusual, and every error, goes
     # through parse_credits_text, which owns the rules. bytes.isdigit() is ASCII-only.
@@ -260,13 +222,9 @@ def reference_decode_usage(
 
 def _reference_usage(raw: bytes, *, now_ms: int, max_skew_ms: int) -> UsageRecord | Rejection:
     try:
-        fields = json_fields(raw, _USAGE_FIELDS)
+        event = UsageEvent.from_wire(raw)
     except WireError as err:
         return Rejection(err.code, err.detail)
-    try:
-        event = UsageEvent.model_validate(fields)
-    except ValidationError as err:
-        return _rejection(err)
     occurred_at_ms = datetime_to_ms(event.occurred_at)
     if occurred_at_ms > now_ms + max_skew_ms:
         return _future("occurred_at", occurred_at_ms, now_ms)
@@ -293,80 +251,17 @@ def decode_admin(
     if rejection is not None:
         return rejection
     try:
-        fields = _raw_fields(raw)
+        command = parse_admin_command(raw)
     except WireError as err:
         return Rejection(err.code, err.detail)
-    if "type" not in fields:
-        return Rejection(ErrorCode.MISSING_FIELD, "type: field required")
-    try:
-        type_ = _value(fields["type"])
-    except WireError as err:
-        return Rejection(err.code, f"type: {err.detail}")
-    if not isinstance(type_, str):
-        return Rejection(ErrorCode.WRONG_TYPE, "type: must be a string")
-    model = _COMMAND_MODELS.get(type_)
-    if model is None:
-        return Rejection(ErrorCode.UNKNOWN_COMMAND_TYPE, f"type: {type_[:40]!r} is not known")
-    try:
-        known = _COMMAND_FIELDS[type_]
-        values = {key: _value(token) for key, token in fields.items() if key in known}
-    except WireError as err:
-        return Rejection(err.code, err.detail)
-    try:
-        command = model.model_validate(values)
-    except ValidationError as err:
-        return _rejection(err)
     if tiers is not None and isinstance(command, _TIERED) and command.tier not in tiers:
         return Rejection(ErrorCode.UNKNOWN_TIER, f"tier: {command.tier[:40]!r} is not known")
     at_ms = datetime_to_ms(command.at)
     if at_ms > now_ms + max_skew_ms:
         return _future("at", at_ms, now_ms)
-    return CommandRecord(type_, command.command_id, command.org_id, at_ms, command.to_engine())
-
-
-def json_fields(raw: bytes, known: Collection[str]) -> dict[str, object]:
-    """The ``known`` top-level fields of a JSON object, each as the models expect it.
-
-    Strings, bools and null become Python values, numbers become :class:`JsonNumber` (their
-    raw text), arrays and objects become empty placeholders (no field accepts them). Unknown
-    fields are never parsed beyond their syntax.
-    """
-    return {key: _value(token) for key, token in _raw_fields(raw).items() if key in known}
-
-
-def _raw_fields(raw: bytes) -> dict[str, msgspec.Raw]:
-    try:
-        fields: dict[str, msgspec.Raw] = _FIELDS_DECODER.decode(raw)
-    except msgspec.ValidationError:
-        raise WireError(ErrorCode.WRONG_TYPE, "message is not a JSON object") from None
-    except msgspec.DecodeError as err:
-        raise WireError(ErrorCode.INVALID_JSON, str(err)) from None
-    return fields
-
-
-def _value(token: msgspec.Raw) -> object:
-    data = bytes(token)
-    first = data[0]
-    if first == _QUOTE:
-        try:
-            return _VALUE_DECODER.decode(data)
-        except msgspec.DecodeError as err:
-            raise WireError(ErrorCode.INVALID_JSON, str(err)) from None
-    if first in _NUMBER_START:
-        return JsonNumber(data.decode())
-    if data == b"true":
-        return True
-    if data == b"false":
-        return False
-    if data == b"null":
-        return None
-    return [] if first == ord("[") else {}
-
-
-def _rejection(err: ValidationError) -> Rejection:
-    first = err.errors(include_url=False, include_input=False)[0]
-    loc = ".".join(str(part) for part in first["loc"]) or "message"
-    return Rejection(error_code(first["type"]), f"{loc}: {first['msg']}")
+    return CommandRecord(
+        command.type, command.command_id, command.org_id, at_ms, command.to_engine()
+    )
 
 
 def _future(field: str, at_ms: int, now_ms: int) -> Rejection:

@@ -1,10 +1,12 @@
 """pydantic v2 models of every message in SPEC section 6: the reference for the wire contract.
 
 Incoming messages (:class:`UsageEvent`, :data:`AdminCommand`) validate exactly as SPEC
-section 5 says, with the error codes of :mod:`schemas.errors`. They expect the output of
-:func:`schemas.decode.json_fields` (JSON numbers as :class:`~schemas.amounts.JsonNumber`), so
-amounts never pass through a float; the fast decoder in :mod:`schemas.decode` must agree with
-them and a differential test checks it.
+section 5 says, with the error codes of :mod:`schemas.errors`. Validate raw messages with
+``UsageEvent.from_wire(raw)`` and :func:`parse_admin_command`, never ``model_validate_json``:
+pydantic's JSON parser reads ``12.5`` as a binary float, which the amount fields refuse
+(``wrong_type``) rather than round. ``from_wire`` feeds the models through
+:mod:`schemas.jsonwire`, which keeps JSON numbers as their text. The fast decoder in
+:mod:`schemas.decode` must agree with these models; a differential test checks it.
 
 Conventions:
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Self, get_args
 
 from pydantic import (
     BaseModel,
@@ -37,12 +39,14 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
     WithJsonSchema,
 )
 from pydantic_core import PydanticCustomError
 
 from schemas.amounts import MAX_ADMIN_MC, MAX_USAGE_MC, JsonNumber, parse_credits
 from schemas.errors import ErrorCode, WireError
+from schemas.jsonwire import json_fields, json_value, raw_fields
 from schemas.timestamps import datetime_to_ms, parse_timestamp
 
 ID_MAX_LENGTH: Final = 128
@@ -200,6 +204,24 @@ UtcTimestamp = Annotated[
 class _Incoming(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
+    @classmethod
+    def wire_names(cls) -> frozenset[str]:
+        """The field names this message has on the wire (aliases where set)."""
+        return frozenset(f.alias or name for name, f in cls.model_fields.items())
+
+    @classmethod
+    def from_wire(cls, raw: bytes) -> Self:
+        """Validate one raw JSON message (amounts never through a float).
+
+        Raises :class:`WireError` with the code of the first problem (syntax, then fields in
+        declaration order). Size and the wall-clock check are the decoder's business.
+        """
+        fields = json_fields(raw, cls.wire_names())
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            raise wire_error(err) from None
+
 
 class _Outgoing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -347,23 +369,6 @@ AdminCommand = Annotated[AdminCommandModel, Field(discriminator="type")]
 
 ADMIN_COMMAND_ADAPTER: Final[TypeAdapter[AdminCommandModel]] = TypeAdapter(AdminCommand)
 
-COMMAND_TYPES: Final = frozenset(
-    {
-        "org_upsert",
-        "member_add",
-        "member_remove",
-        "member_set_tier",
-        "tier_limit_set",
-        "member_limit_set",
-        "pool_purchase",
-        "auto_refill_set",
-        "refill_result",
-        "promo_grant",
-        "credit_request",
-        "tick",
-    }
-)
-
 PauseReason = Literal["pool_exhausted", "member_limit_reached", "refill_failed", "member_removed"]
 ResumeReason = Literal["funded", "limit_raised", "cycle_reset", "member_added"]
 NotificationType = Literal[
@@ -419,6 +424,50 @@ class Invoice(_Outgoing):
     amount_usd_cents: int = Field(ge=0)
 
 
+_COMMAND_MODELS: Final[dict[str, type[AdminCommandModel]]] = {
+    get_args(model.model_fields["type"].annotation)[0]: model
+    for model in (
+        OrgUpsert,
+        MemberAdd,
+        MemberRemove,
+        MemberSetTier,
+        TierLimitSet,
+        MemberLimitSet,
+        PoolPurchase,
+        AutoRefillSet,
+        RefillResult,
+        PromoGrant,
+        CreditRequest,
+        Tick,
+    )
+}
+
+COMMAND_TYPES: Final = frozenset(_COMMAND_MODELS)
+
+
+def parse_admin_command(raw: bytes) -> AdminCommandModel:
+    """Validate one raw admin command: ``type`` first, then that type's fields.
+
+    Raises :class:`WireError` (``missing_field``/``wrong_type``/``unknown_command_type`` for a
+    bad ``type``, then the field codes). Agrees with :data:`ADMIN_COMMAND_ADAPTER`.
+    """
+    fields = raw_fields(raw)
+    if "type" not in fields:
+        raise WireError(ErrorCode.MISSING_FIELD, "type: field required")
+    type_ = json_value(fields["type"])
+    if not isinstance(type_, str):
+        raise WireError(ErrorCode.WRONG_TYPE, "type: must be a string")
+    model = _COMMAND_MODELS.get(type_)
+    if model is None:
+        raise WireError(ErrorCode.UNKNOWN_COMMAND_TYPE, f"type: {type_[:40]!r} is not known")
+    known = model.wire_names()
+    values = {key: json_value(token) for key, token in fields.items() if key in known}
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise wire_error(err) from None
+
+
 _TYPE_CODES: Final = {
     "missing": ErrorCode.MISSING_FIELD,
     "union_tag_not_found": ErrorCode.MISSING_FIELD,
@@ -441,6 +490,13 @@ def error_code(error_type: str) -> ErrorCode:
     if code is not None:
         return code
     return _TYPE_CODES.get(error_type, ErrorCode.INVALID_FIELD)
+
+
+def wire_error(err: ValidationError) -> WireError:
+    """The first error of a pydantic ``ValidationError`` as a coded :class:`WireError`."""
+    first = err.errors(include_url=False, include_input=False)[0]
+    loc = ".".join(str(part) for part in first["loc"]) or "message"
+    return WireError(error_code(first["type"]), f"{loc}: {first['msg']}")
 
 
 __all__ = [
@@ -466,4 +522,6 @@ __all__ = [
     "TierLimitSet",
     "UsageEvent",
     "error_code",
+    "parse_admin_command",
+    "wire_error",
 ]

@@ -368,3 +368,36 @@ def test_tiers_are_not_checked_without_a_catalogue() -> None:
     raw = _command({"type": "member_add", "member_id": "m", "tier": "gold"})
     record = decode_admin(raw, now_ms=NOW_MS)
     assert isinstance(record, CommandRecord) and record.command["tier"] == "gold"
+
+
+# --- the models used directly -----------------------------------------------------------------
+
+
+def test_from_wire_reads_fractional_numbers_exactly() -> None:
+    from schemas.models import UsageEvent
+
+    raw = _raw_credits("0.1")
+    assert UsageEvent.from_wire(raw).credits_mc == 100
+
+
+def test_model_validate_json_refuses_rather_than_rounds() -> None:
+    # pydantic's JSON parser yields a binary float for 0.1; the amount field refuses it instead
+    # of guessing. This is why callers go through from_wire (documented in schemas.models).
+    from pydantic import ValidationError
+
+    from schemas.models import UsageEvent
+
+    with pytest.raises(ValidationError) as info:
+        UsageEvent.model_validate_json(_raw_credits("0.1"))
+    assert info.value.errors()[0]["type"] == "wrong_type"
+
+
+def test_parse_admin_command_returns_the_typed_model() -> None:
+    from schemas.errors import WireError
+    from schemas.models import PoolPurchase, parse_admin_command
+
+    command = parse_admin_command(_command({"type": "pool_purchase", "credits": 2.5}))
+    assert isinstance(command, PoolPurchase) and command.credits_mc == 2_500
+    with pytest.raises(WireError) as info:
+        parse_admin_command(_command({"type": "pool_purchase", "credits": 2.5001}))
+    assert info.value.code is ErrorCode.AMOUNT_TOO_PRECISE
