@@ -639,13 +639,17 @@ class Postgres:
                 if not self.log.exists():
                     self.log.touch()
                 shutil.chown(self.log, user, user)
-            if not (self.data / "PG_VERSION").exists():
+            if not self.data.exists():
+                # initdb writes into a side folder that is renamed when complete: a crash
+                # mid-way leaves only the side folder, which the next run discards.
+                staging = self.root / "data.init"
+                shutil.rmtree(staging, ignore_errors=True)
                 say(f"initialising a PostgreSQL cluster in {self.data}")
                 _run(
                     _as_pg(
                         [
                             str(bindir / "initdb"),
-                            "-D", str(self.data),
+                            "-D", str(staging),
                             "-U", "postgres",
                             "--auth=trust",  # loopback-only throwaway cluster
                             "-E", "UTF8",
@@ -656,6 +660,7 @@ class Postgres:
                     ),
                     "initdb",
                 )  # fmt: skip
+                staging.rename(self.data)
             opts = " ".join(
                 [
                     f"-c listen_addresses={HOST}",
@@ -842,6 +847,8 @@ class Kafka:
         )  # fmt: skip
         if not list(staging.glob("kafka_2.13-*.jar")):
             raise StackError(f"Maven finished but {staging} has no kafka_2.13 jar")
+        # The stamp goes in last and the folder is swapped in whole: a crash at any point
+        # leaves either the old complete libs or a partial folder the next run deletes.
         (staging / ".pom.sha256").write_text(digest)
         shutil.rmtree(self.libs, ignore_errors=True)
         staging.rename(self.libs)
@@ -919,6 +926,10 @@ class Kafka:
     def format_storage(self) -> None:
         if (self.data / "meta.properties").exists():
             return
+        # No meta.properties means no broker ever ran here: whatever a crashed earlier format
+        # left behind holds no data, and the tool refuses a half-formatted folder.
+        shutil.rmtree(self.data, ignore_errors=True)
+        self.data.mkdir(parents=True)
         say(f"formatting KRaft storage in {self.data}")
         _run(
             self._classpath_cmd(
