@@ -242,13 +242,22 @@ LEDGER_KEY: web.AppKey[LedgerSource | None] = web.AppKey("ledger")
 READY_KEY: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
 
 
+class StoreUnavailable(Exception):
+    """A store behind a read endpoint does not answer (becomes 503)."""
+
+
 async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None:
     engine = request.app[ENGINE_KEY]
     if engine is None:
-        raise web.HTTPServiceUnavailable(text="dashboard source not configured")
-    result = engine.dashboard(org_id)
-    if inspect.isawaitable(result):
-        result = await result
+        raise StoreUnavailable("dashboard source not configured")
+    try:
+        result = engine.dashboard(org_id)
+        if inspect.isawaitable(result):
+            result = await result
+    except Exception as exc:  # Redis down or failing over: a clear 503, not a stack trace
+        metrics.ERRORS.labels(stage="api").inc()
+        log.warning("dashboard read failed", extra={"org_id": org_id, "error": repr(exc)})
+        raise StoreUnavailable("live balances are unavailable, retry shortly") from exc
     if result is None:
         return None
     data: dict[str, Any] = result
@@ -264,7 +273,10 @@ async def credits_handler(request: web.Request) -> web.Response:
     denied = _authorize(request, org_id, allow_query=False)
     if denied is not None:
         return denied
-    data = await _dashboard(request, org_id)
+    try:
+        data = await _dashboard(request, org_id)
+    except StoreUnavailable as exc:
+        return _json_error(503, "unavailable", str(exc))
     if data is None:
         return _json_error(404, "not_found", f"unknown org {org_id!r}")
     return web.json_response(data, dumps=_dumps, headers={"Cache-Control": "no-store"})
@@ -292,7 +304,12 @@ async def ledger_handler(request: web.Request) -> web.Response:
         return _json_error(400, "bad_request", "invalid cursor")
     member_id = request.query.get("member_id") or None
     # One extra row tells whether another page exists without a COUNT query.
-    rows = await ledger.page(org_id, member_id, before, limit + 1)
+    try:
+        rows = await ledger.page(org_id, member_id, before, limit + 1)
+    except (TimeoutError, OSError) as exc:
+        metrics.ERRORS.labels(stage="api").inc()
+        log.warning("ledger read failed", extra={"org_id": org_id, "error": repr(exc)})
+        return _json_error(503, "unavailable", "ledger store is unavailable, retry shortly")
     more = len(rows) > limit
     rows = rows[:limit]
     body = {
@@ -314,7 +331,10 @@ async def page_handler(request: web.Request) -> web.Response:
             render_message_page(status, "Sign-in required" if status == 401 else "Forbidden"),
             status=status,
         )
-    data = await _dashboard(request, org_id)
+    try:
+        data = await _dashboard(request, org_id)
+    except StoreUnavailable as exc:
+        return _html_response(render_message_page(503, str(exc)), status=503)
     if data is None:
         return _html_response(render_message_page(404, f"Unknown org {org_id}"), status=404)
     return _html_response(render_dashboard(data))

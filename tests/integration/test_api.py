@@ -326,3 +326,26 @@ async def test_requests_are_counted_by_route_and_status(client: TestClient) -> N
     before = count("403")
     await client.get("/v1/orgs/acme/credits", headers=GLOBEX)
     assert count("403") == before + 1
+
+
+async def test_a_failing_store_is_503_not_a_stack_trace(api_settings: Settings) -> None:
+    class DownEngine:
+        async def dashboard(self, org_id: str) -> dict[str, Any] | None:
+            raise ConnectionError("redis://:pw@cache down")
+
+    class DownLedger:
+        async def page(self, *args: Any) -> list[dict[str, Any]]:
+            raise ConnectionRefusedError("postgres down")
+
+    app = create_app(api_settings, engine=DownEngine(), ledger=DownLedger())
+    async with TestClient(TestServer(app)) as c:
+        for path in ("/v1/orgs/acme/credits", "/v1/orgs/acme/ledger"):
+            resp = await c.get(path, headers=ACME)
+            assert resp.status == 503
+            body = await resp.json()
+            assert body["error"] == "unavailable"
+            assert "pw" not in orjson.dumps(body).decode()
+        page = await c.get("/orgs/acme?token=tok-acme")
+        assert page.status == 503
+        # Auth still comes first: a bad token learns nothing about the stores.
+        assert (await c.get("/v1/orgs/acme/credits")).status == 401
