@@ -306,7 +306,7 @@ async def ledger_handler(request: web.Request) -> web.Response:
     # One extra row tells whether another page exists without a COUNT query.
     try:
         rows = await ledger.page(org_id, member_id, before, limit + 1)
-    except (TimeoutError, OSError) as exc:
+    except Exception as exc:  # PostgreSQL down or failing over: 503, not a stack trace
         metrics.ERRORS.labels(stage="api").inc()
         log.warning("ledger read failed", extra={"org_id": org_id, "error": repr(exc)})
         return _json_error(503, "unavailable", "ledger store is unavailable, retry shortly")
