@@ -56,7 +56,6 @@ START_TIMEOUT = 120.0
 STOP_TIMEOUT = 60.0
 
 _LOCAL_KAFKA = Settings.model_fields["kafka_bootstrap"].default
-_LOCAL_REDIS = Settings.model_fields["redis_url"].default.get_secret_value()
 _LOCAL_POSTGRES = Settings.model_fields["postgres_dsn"].default.get_secret_value()
 
 
