@@ -112,6 +112,7 @@ class _UsageWire(msgspec.Struct, gc=False):
 _USAGE_DECODER: Final = msgspec.json.Decoder(_UsageWire)
 _BACKSLASH: Final = ord("\\")
 _ZERO: Final = ord("0")
+_ESCAPED_NUL: Final = b"\\u0000"
 _TIERED: Final = (MemberAdd, MemberSetTier, TierLimitSet)
 
 
@@ -168,9 +169,11 @@ def fast_decode_usage(
 
     Assumes the size and UTF-8 checks passed. Exposed for the differential tests.
     """
+    if _ESCAPED_NUL in raw:
+        return None  # ids may not contain U+0000; rare enough to leave to the models
     try:
         wire = _USAGE_DECODER.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     try:
         credits_mc = _fast_credits(bytes(wire.credits))

@@ -10,13 +10,14 @@ code                           meaning                                          
 ``message_too_large``          raw message longer than ``max_message_bytes`` (64 KiB)   decoder
 ``invalid_utf8``               bytes are not valid UTF-8                               decoder
 ``invalid_json``               not syntactically valid JSON (incl. NaN, a lone        decoder
-                               surrogate escape in a field the worker reads)
+                               surrogate escape), or nested too deeply to parse
 ``wrong_type``                 the message is not a JSON object, or a field has the    decoder
                                wrong JSON type (``true`` or ``12`` for a string, a
                                string or float for an integer, a bool for an amount)
 ``missing_field``              a required field is absent (``null`` is a wrong type     decoder
                                unless the field allows it)
-``invalid_field``              right type, bad value: id not 1-128 characters,         decoder
+``invalid_field``              right type, bad value: id not 1-128 characters or       decoder
+                               containing U+0000 (PostgreSQL cannot store it),
                                amount not plain decimal notation (``1e3``, ``"+1"``,
                                ``" 1"``, ``".5"``), bad date, unknown enum value,
                                anchor day outside 1-31

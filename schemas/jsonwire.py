@@ -42,6 +42,9 @@ def raw_fields(raw: bytes) -> dict[str, msgspec.Raw]:
         raise WireError(ErrorCode.WRONG_TYPE, "message is not a JSON object") from None
     except msgspec.DecodeError as err:
         raise WireError(ErrorCode.INVALID_JSON, str(err)) from None
+    except RecursionError:
+        # Nesting deeper than the interpreter allows: refused, so it cannot crash the consumer.
+        raise WireError(ErrorCode.INVALID_JSON, "JSON nested too deeply") from None
     return fields
 
 

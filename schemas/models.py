@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Annotated, Any, Final, Literal, Self, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -131,8 +132,25 @@ def _member_limit(value: object) -> int | Literal["inherit"] | None:
     return _amount(allow_zero=True, max_mc=MAX_ADMIN_MC)(value)
 
 
-Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, strict=True)]
-"""An identifier: a JSON string of 1-128 characters (code points)."""
+def _no_nul(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold U+0000: such a string would be accepted here and then
+    # fail the ledger write forever, so it is refused at the door.
+    if "\x00" in value:
+        raise PydanticCustomError(
+            ErrorCode.INVALID_FIELD.value, "{detail}", {"detail": "contains U+0000"}
+        )
+    return value
+
+
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, strict=True),
+    AfterValidator(_no_nul),
+]
+"""An identifier: a JSON string of 1-128 characters (code points), without U+0000."""
+Note = Annotated[
+    str, StringConstraints(max_length=NOTE_MAX_LENGTH, strict=True), AfterValidator(_no_nul)
+]
 
 Timestamp = Annotated[
     datetime,
@@ -341,7 +359,7 @@ class CreditRequest(_Command):
     type: Literal["credit_request"]
     member_id: Id
     credits_mc: PositiveAmount = Field(alias="credits")
-    note: Annotated[str, StringConstraints(max_length=NOTE_MAX_LENGTH, strict=True)] | None = None
+    note: Note | None = None
 
 
 class Tick(_Command):

@@ -136,6 +136,9 @@ USAGE_REJECTIONS: list[tuple[str, bytes, ErrorCode]] = [
     ("numeric occurred_at", _event(occurred_at=1_795_739_400), ErrorCode.WRONG_TYPE),
     ("empty event_id", _event(event_id=""), ErrorCode.INVALID_FIELD),
     ("129-char member_id", _event(member_id="m" * 129), ErrorCode.INVALID_FIELD),
+    ("NUL in event_id", _event(event_id="e\x00"), ErrorCode.INVALID_FIELD),
+    ("deeply nested extra field", _event(x="X").replace(b'"X"', b"[" * 5_000 + b"]" * 5_000), ErrorCode.INVALID_JSON),
+    ("lone surrogate in an extra field", _event(x="\ud800"), ErrorCode.INVALID_JSON),
     ("credits 0", _event(credits=0), ErrorCode.AMOUNT_NOT_POSITIVE),
     ("credits -1", _event(credits=-1), ErrorCode.AMOUNT_NOT_POSITIVE),
     ('credits "-0.5"', _event(credits="-0.5"), ErrorCode.AMOUNT_NOT_POSITIVE),
@@ -335,6 +338,8 @@ ADMIN_REJECTIONS: list[tuple[str, bytes, ErrorCode]] = [
     ("refill status maybe", _command({"type": "refill_result", "request_id": "r", "status": "maybe"}), ErrorCode.INVALID_FIELD),
     ("promo without expiry", _command({"type": "promo_grant", "member_id": "m", "grant_id": "g", "credits": 1}), ErrorCode.MISSING_FIELD),
     ("promo naive expiry", _command({"type": "promo_grant", "member_id": "m", "grant_id": "g", "credits": 1, "expires_at": "2027-01-01T00:00:00"}), ErrorCode.TIMESTAMP_WITHOUT_TIMEZONE),
+    ("note with NUL", _command({"type": "credit_request", "member_id": "m", "credits": 1, "note": "a\x00"}), ErrorCode.INVALID_FIELD),
+    ("deep nesting", _command({"type": "tick", "x": "X"}).replace(b'"X"', b"[" * 5_000 + b"]" * 5_000), ErrorCode.INVALID_JSON),
     ("credit request note 5", _command({"type": "credit_request", "member_id": "m", "credits": 1, "note": 5}), ErrorCode.WRONG_TYPE),
 ]  # fmt: skip
 

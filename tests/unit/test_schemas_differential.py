@@ -42,7 +42,9 @@ def _string(text: str, ascii_only: bool) -> str:
 ids = st.one_of(
     st.text(min_size=1, max_size=12),
     st.text(alphabet="abc-_0123456789", min_size=1, max_size=12),
-    st.sampled_from(["", "x" * 128, "x" * 129, "é" * 128, "😀" * 128, "😀" * 129, " "]),
+    st.sampled_from(
+        ["", "x" * 128, "x" * 129, "é" * 128, "😀" * 128, "😀" * 129, " ", "\x00", "a\x00b"]
+    ),
 )
 
 plain_amounts = st.one_of(
@@ -117,7 +119,21 @@ time_tokens = st.one_of(
 any_tokens = st.one_of(
     st.text(max_size=8).map(json.dumps),
     st.integers().map(str),
-    st.sampled_from(["true", "false", "null", "[]", "{}", "[1, {}]", "1.5", "1e400", '"\\ud800"']),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            "null",
+            "[]",
+            "{}",
+            "[1, {}]",
+            "1.5",
+            "1e400",
+            '"\\ud800"',
+            '"a\\u0000"',
+            "[" * 3_000 + "]" * 3_000,
+        ]
+    ),
 )
 
 
