@@ -1,0 +1,278 @@
+"""RedisEngine: the production credit engine, a typed wrapper over the Lua scripts.
+
+One ``apply`` call runs a batch of items of ONE org atomically in Redis (``worker/lua/apply.lua``)
+and returns one outcome per item and the effects produced; the same effects stay in the org's
+outbox stream until ``outbox_ack``. Org-wide work (cycle end, pool running dry, funding after
+debt) is chunked inside Redis; ``apply`` keeps calling the script until every item is applied
+and no chunked work is left, so the caller sees one call. Key layout, memory figures and the
+dedupe design are in ``docs/engine.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from worker.constants import (
+    DEFAULT_WALK_BUDGET,
+    KEY_MEMBERS,
+    KEY_ORG,
+    KEY_OUTBOX,
+    MAX_TIER_CREDITS,
+    MC_PER_CREDIT,
+    org_keys,
+)
+from worker.model import (
+    ApplyResult,
+    CommandItem,
+    Grant,
+    Item,
+    Member,
+    Org,
+    Outcome,
+    UsageItem,
+    _roll,
+    dashboard_view,
+    state_view,
+)
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    from worker.config import Settings
+
+__all__ = [
+    "ApplyResult",
+    "CommandItem",
+    "Item",
+    "Outcome",
+    "RedisEngine",
+    "UsageItem",
+    "load_apply_script",
+]
+
+_LEDGER = (
+    "member_id", "source_kind", "source_id", "task_id", "movement", "bucket", "grant_id",
+    "amount_mc", "cycle_start_ms", "late", "at_ms",
+)  # fmt: skip
+_FIELDS: dict[int, tuple[str, tuple[str, ...]]] = {
+    1: ("ledger", _LEDGER),
+    2: ("usage", ("event_id", "member_id", "task_id", "credits_mc", "occurred_at_ms", "status",
+                  "code", "late")),
+    3: ("command", ("command_id", "type", "status", "code", "command")),
+    4: ("signal", ("member_id", "signal", "reason", "member_seq", "issued_at_ms")),
+    5: ("notification", ("type", "member_id", "detail", "at_ms")),
+    6: ("refill_request", ("request_id", "credits_mc", "amount_usd_cents", "at_ms")),
+    7: ("invoice", ("cycle_start_ms", "cycle_end_ms", "negative_balance_mc", "amount_usd_cents")),
+}  # fmt: skip
+
+
+def load_apply_script() -> str:
+    """The apply script: ``lua/lib/*.lua`` (shared helpers) followed by ``lua/apply.lua``."""
+    root = resources.files("worker") / "lua"
+    lib = sorted((p for p in (root / "lib").iterdir() if p.name.endswith(".lua")),
+                 key=lambda p: p.name)  # fmt: skip
+    parts = [p.read_text(encoding="utf-8") for p in lib]
+    parts.append((root / "apply.lua").read_text(encoding="utf-8"))
+    return "\n".join(parts)
+
+
+def _encode_item(item: Item) -> list[Any]:
+    if isinstance(item, UsageItem):
+        return [1, item.event_id, item.member_id, item.task_id, item.credits_mc,
+                item.occurred_at_ms, item.source, item.offset]  # fmt: skip
+    return [2, orjson.dumps(dict(item.command)).decode(), item.source, item.offset]
+
+
+def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
+    """Effect dicts (``docs/architecture.md`` fields) from the scripts' positional JSON."""
+    rows = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
+    out: list[dict[str, Any]] = []
+    for row in rows or ():
+        kind, names = _FIELDS[row[0]]
+        eff: dict[str, Any] = {"kind": kind, "seq": row[1], "org_id": org_id}
+        for name, value in zip(names, row[2:], strict=True):
+            eff[name] = value
+        if kind == "command":
+            eff["command"] = orjson.loads(eff["command"])
+        out.append(eff)
+    return out
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisEngine:
+    """Credit engine on Redis (standalone or Cluster): apply, outbox, dashboard."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        settings: Settings,
+        *,
+        walk_budget: int = DEFAULT_WALK_BUDGET,
+    ) -> None:
+        for name, credits in settings.tiers.items():
+            if not 0 <= credits <= MAX_TIER_CREDITS:
+                raise ValueError(f"tier {name!r}: credits must be 0..{MAX_TIER_CREDITS}")
+        self.client = client
+        self.prefix = settings.redis_key_prefix
+        self.tiers_mc = {k: v * MC_PER_CREDIT for k, v in settings.tiers.items()}
+        self.block_mc = settings.pool_block_credits * MC_PER_CREDIT
+        self.window_ms = settings.dedupe_window_seconds * 1000
+        self.walk_budget = max(1, walk_budget)
+        self._config = orjson.dumps([self.tiers_mc, self.block_mc]).decode()
+        self._apply = client.register_script(load_apply_script())
+        self.calls = 0
+        """Script calls made (tests and the benchmark read it)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RedisEngine:
+        """Engine with its own client built from settings."""
+        from worker.connections import redis_client
+
+        return cls(redis_client(settings), settings)
+
+    def keys(self, org_id: str) -> list[str]:
+        """The org's keys in ``KEYS`` order (all share the hash tag ``{org_id}``)."""
+        return org_keys(self.prefix, org_id)
+
+    async def apply(
+        self, org_id: str, items: Sequence[Item], *, now_ms: int | None = None
+    ) -> ApplyResult:
+        """Apply items of one org in order; one outcome per item plus the effects produced.
+
+        ``now_ms`` is the wall clock used for the dedupe window (defaults to the local clock).
+        Several script calls happen when org-wide work is chunked; each call is atomic and
+        leaves the org consistent, and a crash between calls leaves the pending work recorded
+        in the org hash, where the next call (of any worker) finishes it before anything else.
+        """
+        keys = self.keys(org_id)
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        encoded = [_encode_item(i) for i in items]
+        outcomes: list[Outcome] = []
+        effects: list[dict[str, Any]] = []
+        start = 0
+        stalls = 0
+        while True:
+            batch = orjson.dumps(encoded[start:]).decode()
+            args: list[str | int] = [
+                org_id, batch, now, self.window_ms, self._config, self.walk_budget,
+            ]  # fmt: skip
+            meta_raw, blob = await self._apply(keys=keys, args=args)
+            self.calls += 1
+            consumed, pending, outs = orjson.loads(meta_raw)
+            if isinstance(outs, dict):  # cjson writes an empty table as {}
+                outs = []
+            for status, code in outs[:consumed]:
+                outcomes.append(Outcome(_s(status), None if code is None else _s(code)))
+            effects.extend(decode_effects(org_id, blob))
+            start += consumed
+            if start >= len(encoded) and not pending:
+                return ApplyResult(outcomes, effects)
+            stalls = stalls + 1 if consumed == 0 and not pending else 0
+            if stalls > 3:
+                raise RuntimeError(f"engine made no progress on org {org_id!r}")
+
+    async def drain(self, org_id: str) -> ApplyResult:
+        """Finish any chunked org-wide work of the org (apply with no items)."""
+        return await self.apply(org_id, [])
+
+    # --- outbox ----------------------------------------------------------------------------
+
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Effects still in the org's outbox with ``seq > after_seq``, in seq order."""
+        key = f"{self.prefix}:{{{org_id}}}:{KEY_OUTBOX}"
+        entries = await self.client.xrange(key, min=f"({after_seq}-0", max="+")
+        out: list[dict[str, Any]] = []
+        for _id, fields in entries or ():
+            blob = (fields or {}).get("e") or (fields or {}).get(b"e")
+            out.extend(e for e in decode_effects(org_id, blob) if e["seq"] > after_seq)
+        return out
+
+    async def outbox_ack(self, org_id: str, upto_seq: int) -> int:
+        """Drop outbox entries whose effects all have ``seq <= upto_seq``; returns how many."""
+        key = f"{self.prefix}:{{{org_id}}}:{KEY_OUTBOX}"
+        return int(await self.client.xtrim(key, minid=f"{upto_seq + 1}-0", approximate=False))
+
+    async def orgs_with_outbox(self) -> list[str]:
+        """Orgs with unacked effects (SCAN over every node; startup recovery only)."""
+        suffix = f"}}:{KEY_OUTBOX}"
+        head = f"{self.prefix}:{{"
+        found: set[str] = set()
+        async for raw in self.client.scan_iter(match=f"{head}*{suffix}", count=1000):
+            key = _s(raw)
+            if key.startswith(head) and key.endswith(suffix) and await self.client.xlen(key) > 0:
+                found.add(key[len(head) : -len(suffix)])
+        return sorted(found)
+
+    # --- views -----------------------------------------------------------------------------
+
+    async def load_org(self, org_id: str) -> Org | None:
+        """The org as the model's ``Org`` (members rolled to the current cycle), or None."""
+        base = f"{self.prefix}:{{{org_id}}}:"
+        raw_org = await self.client.hgetall(base + KEY_ORG)
+        h = {_s(k): _s(v) for k, v in raw_org.items()}
+        if "ex" not in h:
+            return None
+        raw_members = await self.client.hgetall(base + KEY_MEMBERS)
+
+        def num(name: str) -> int:
+            return int(h.get(name, "0"))
+
+        org = Org(
+            org_id=org_id, anchor=num("an"), clock=num("ck"), cstart=num("cs"), cend=num("ce"),
+            last_act=num("la"), pending_anchor=num("pa") or None, cycle_no=num("cn"),
+            pool=num("pl"), locked=num("lk") == 1, pdrawn=num("pd"), below=num("bw") == 1,
+            rf_enabled=num("re") == 1, rf_threshold=num("rt"), rf_amount=num("ra"),
+            rf_monthly=num("rm"), refilled=num("rd"), rf_pending_id=h.get("rp") or None,
+            rf_pending_mc=num("rpm"), rf_counter=num("rc"), rf_limit_notified=num("rn") == 1,
+            invoice_extra=num("ie"), seq=num("sq"),
+        )  # fmt: skip
+        for k, v in h.items():
+            if k.startswith("w:"):
+                org.watermarks[k[2:]] = int(v)
+            elif k.startswith("t:"):
+                org.tier_limits[k[2:]] = None if v == "none" else int(v)
+        for mid_raw, rec in raw_members.items():
+            mid = _s(mid_raw)
+            a = orjson.loads(rec)
+            promos = a[21] if isinstance(a[21], list) else []
+            m = Member(
+                member_id=mid, tier=a[0], next_tier=a[1], active=a[2] == 1, cycle_no=a[3],
+                ag=a[4], au=a[5], bk=a[6], dr=a[7], bu=a[8], pu=a[9], debt=a[10], dsince=a[11],
+                limit=a[12], paused=a[13] == 1, reason=a[14], mseq=a[15], added_at=a[16],
+                removed_at=a[17],
+                promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
+                        for i in range(0, len(promos), 3)],
+            )  # fmt: skip
+            _roll(m, org.cycle_no, self.tiers_mc)
+            org.members[mid] = m
+        return org
+
+    async def counters(self, org_id: str) -> dict[str, int]:
+        """The org's running totals kept for O(1) cycle ends (tests compare them to sums)."""
+        raw = await self.client.hmget(
+            f"{self.prefix}:{{{org_id}}}:{KEY_ORG}", ["at", "bt", "dt", "nt"]
+        )
+        names = ("alloc_left", "blocks", "debts", "next_alloc")
+        return {n: int(_s(v)) if v is not None else 0 for n, v in zip(names, raw, strict=True)}
+
+    async def state_view(self, org_id: str) -> dict[str, Any] | None:
+        """Normalised state, comparable with ``Model.state_view``."""
+        org = await self.load_org(org_id)
+        return None if org is None else state_view(org)
+
+    async def dashboard(self, org_id: str) -> dict[str, Any] | None:
+        """The admin dashboard JSON of SPEC section 7, or None for an unknown org.
+
+        Members not yet rolled over since the last cycle end are shown rolled over.
+        """
+        org = await self.load_org(org_id)
+        return None if org is None else dashboard_view(org, self.tiers_mc)
