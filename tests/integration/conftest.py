@@ -106,16 +106,24 @@ def redis_prefix() -> str:
     return unique_name("t")
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(settings: Settings) -> str:
+    """The Redis Cluster to test against: ``METERING_REDIS_URL`` when ``METERING_REDIS_CLUSTER``
+    is set, else the local stack's cluster (``up --cluster``)."""
+    if settings.redis_cluster:
+        return settings.redis_url.get_secret_value()
+    return f"redis://127.0.0.1:{DEFAULT_REDIS_CLUSTER_PORTS[0]}/0"
+
+
 @pytest.fixture
-async def redis_cluster(redis_prefix: str) -> AsyncIterator[RedisCluster]:
-    """Client on the local 3-master Redis Cluster; keys under ``redis_prefix`` removed after."""
-    port = DEFAULT_REDIS_CLUSTER_PORTS[0]
-    client = RedisCluster(host="127.0.0.1", port=port, decode_responses=True)
+async def redis_cluster(redis_cluster_url: str, redis_prefix: str) -> AsyncIterator[RedisCluster]:
+    """Client on the Redis Cluster; keys under ``redis_prefix`` are removed after the test."""
+    client = RedisCluster.from_url(redis_cluster_url, decode_responses=True)
     try:
         await client.initialize()
     except Exception as exc:
         await client.aclose()
-        pytest.fail(f"Redis Cluster on 127.0.0.1:{port} not reachable: {exc}; {CLUSTER_HINT}")
+        pytest.fail(f"Redis Cluster {redis_cluster_url} not reachable: {exc}; {CLUSTER_HINT}")
     try:
         yield client
     finally:
@@ -128,12 +136,11 @@ async def redis_cluster(redis_prefix: str) -> AsyncIterator[RedisCluster]:
 
 
 @pytest.fixture
-def cluster_settings(settings: Settings, redis_prefix: str) -> Settings:
-    """Settings pointing at the local Redis Cluster with a unique key prefix."""
-    port = DEFAULT_REDIS_CLUSTER_PORTS[0]
+def cluster_settings(settings: Settings, redis_cluster_url: str, redis_prefix: str) -> Settings:
+    """Settings pointing at the Redis Cluster with a unique key prefix."""
     return settings.model_copy(
         update={
-            "redis_url": type(settings.redis_url)(f"redis://127.0.0.1:{port}/0"),
+            "redis_url": type(settings.redis_url)(redis_cluster_url),
             "redis_cluster": True,
             "redis_key_prefix": redis_prefix,
         }
