@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv stack-up stack-down stack-status topics test test-unit demo bench lint format
+.PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench lint format
 
 help:
 	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint        ruff check, ruff format --check, mypy --strict (worker/, schemas/)"
 	@echo "make stack-up    start Kafka, Redis (+cluster) and PostgreSQL under .stack/"
 	@echo "make stack-down  stop them"
+	@echo "make stack-clean stop them and delete their data (.stack/)"
 	@echo "make bench       end-to-end benchmark"
 
 venv: $(STAMP)
@@ -33,6 +34,10 @@ stack-up: venv
 
 stack-down:
 	@if [ -x $(PY) ]; then $(PY) -m worker.stack down; else echo "no virtualenv: nothing was started"; fi
+
+# Throws away all local data (Kafka topics, Redis, PostgreSQL); jars come back from ~/.m2.
+stack-clean: stack-down
+	rm -rf .stack
 
 stack-status: venv
 	$(PY) -m worker.stack status

@@ -1077,12 +1077,35 @@ def _step(name: str) -> Iterator[None]:
     say(f"{name} ready ({time.monotonic() - t0:.1f}s)")
 
 
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise ``up``/``down`` of one stack dir: two ``make test`` started together would
+    otherwise both see a service missing and race to start it on the same port."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another `worker.stack` command on {root} to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def up(settings: Settings, cluster: bool = False) -> None:
     """Start (or reuse) every local service, wait until each answers, print the settings."""
+    with _locked(stack_dir(settings)):
+        _up(settings, cluster)
+
+
+def _up(settings: Settings, cluster: bool) -> None:
     root = stack_dir(settings)
     local = local_services(settings)
     cluster = cluster or settings.redis_cluster
-    root.mkdir(parents=True, exist_ok=True)
     if local["redis"]:
         with _step("redis"):
             _ensure_redis_installed()
@@ -1122,6 +1145,11 @@ def up(settings: Settings, cluster: bool = False) -> None:
 
 def down(settings: Settings) -> None:
     """Stop every process this stack started (found by pidfile) and wait for it to exit."""
+    with _locked(stack_dir(settings)):
+        _down(settings)
+
+
+def _down(settings: Settings) -> None:
     root = stack_dir(settings)
     stopped = []
     if Kafka(root / "kafka").stop():
