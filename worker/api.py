@@ -529,7 +529,8 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
     from worker.connections import kafka_client_kwargs, pg_connect_kwargs, redis_client
     from worker.lag import LagMonitor, group_lag_source
 
-    engine = _make_engine(settings)
+    engine = make_dashboard_engine(settings)
+    stack.push_async_callback(close_engine, engine)
     redis = redis_client(settings)
     stack.push_async_callback(redis.aclose)
     pool = await asyncpg.create_pool(
@@ -553,19 +554,26 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
     )
 
 
-def _make_engine(settings: Settings) -> DashboardSource:
-    """The engine (``worker.engine.RedisEngine``) built from settings."""
-    # Imported lazily so the API module (and the CLI) load even without the engine.
+def make_dashboard_engine(settings: Settings) -> Any:
+    """The production engine (``worker.engine.RedisEngine``) with its own Redis client.
+
+    Imported lazily so the API module (and the CLI) load even where the engine cannot.
+    """
     engine_module = importlib.import_module("worker.engine")
+    return engine_module.RedisEngine.from_settings(settings)
 
-    factory = getattr(engine_module.RedisEngine, "from_settings", None)
-    if factory is not None:
-        built: DashboardSource = factory(settings)
-        return built
-    from worker.connections import redis_client
 
-    instance: DashboardSource = engine_module.RedisEngine(redis_client(settings), settings)
-    return instance
+async def close_engine(engine: Any) -> None:
+    """Close the engine's Redis client (``aclose``/``close`` on the engine or its client)."""
+    for target in (engine, getattr(engine, "client", None)):
+        if target is None:
+            continue
+        closer = getattr(target, "aclose", None) or getattr(target, "close", None)
+        if closer is not None:
+            result = closer()
+            if inspect.isawaitable(result):
+                await result
+            return
 
 
 async def start_http(

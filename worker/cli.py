@@ -379,20 +379,14 @@ def render_org(data: dict[str, Any]) -> str:
 
 
 async def _fetch_dashboard(settings: Settings, org_id: str) -> dict[str, Any] | None:
-    from worker.api import _make_engine
+    from worker.api import close_engine, make_dashboard_engine
 
-    engine = _make_engine(settings)
+    engine = make_dashboard_engine(settings)
     try:
-        result = engine.dashboard(org_id)
-        if inspect.isawaitable(result):
-            result = await result
-        return result  # type: ignore[no-any-return]
+        result: dict[str, Any] | None = await engine.dashboard(org_id)
+        return result
     finally:
-        close = getattr(engine, "aclose", None) or getattr(engine, "close", None)
-        if close is not None:
-            closed = close()
-            if inspect.isawaitable(closed):
-                await closed
+        await close_engine(engine)
 
 
 def cmd_org_show(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:

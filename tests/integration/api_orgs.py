@@ -1,8 +1,9 @@
 """Two small orgs for the API and dashboard tests, built through the real decoders and rules.
 
-``acme`` has a pool, a pro member who drew a block, a max member capped by a pool limit who ran
-into debt and is paused, a promo grant, and a removed member; ``globex`` is a second org whose
-data must never appear in answers about ``acme``.
+``build_model`` applies them to the rules model, ``build_redis_engine`` to the production
+engine in Redis. ``acme`` has a pool, a pro member who drew a block, a max member capped by a
+pool limit who ran into debt and is paused, a promo grant, and a removed member; ``globex`` is
+a second org whose data must never appear in answers about ``acme``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import orjson
 
 from schemas import Rejection, decode_admin
+from worker.config import Settings
+from worker.engine import RedisEngine
 from worker.model import CommandItem, Model, UsageItem
 
 T0 = dt.datetime(2026, 11, 3, 9, 0, tzinfo=dt.UTC)
@@ -82,3 +85,16 @@ def build_model() -> tuple[Model, dict[str, list[dict[str, Any]]]]:
         assert all(o.status == "applied" for o in result.outcomes), result.outcomes
         effects[org_id] = result.effects
     return model, effects
+
+
+async def build_redis_engine(
+    settings: Settings,
+) -> tuple[RedisEngine, dict[str, list[dict[str, Any]]]]:
+    """Both orgs applied through the production engine (Redis Lua) with ``settings``' Redis."""
+    engine = RedisEngine.from_settings(settings)
+    effects: dict[str, list[dict[str, Any]]] = {}
+    for org_id, items in (("acme", acme_items()), ("globex", globex_items())):
+        result = await engine.apply(org_id, items)
+        assert all(o.status == "applied" for o in result.outcomes), result.outcomes
+        effects[org_id] = result.effects
+    return engine, effects

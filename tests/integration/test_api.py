@@ -1,5 +1,6 @@
-"""The read API over real stores: auth (401/403, never another org's data), the SPEC section 7
-document, ledger paging from PostgreSQL, health, readiness and metrics."""
+"""The read API over real stores (the Redis engine, the PostgreSQL ledger): auth (401/403,
+never another org's data), the SPEC section 7 document, ledger paging, health, readiness and
+metrics."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import asyncpg
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from api_orgs import build_model
+from api_orgs import build_model, build_redis_engine
 from pydantic import SecretStr
 
 from worker import metrics
 from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor, format_mc
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
+from worker.engine import RedisEngine
 from worker.ledger import FlushBatch, Ledger, migrate
+from worker.model import Model
 
 TOKENS = {"tok-acme": "acme", "tok-globex": "globex", "tok-admin": "*"}
 ACME = {"Authorization": "Bearer tok-acme"}
@@ -42,19 +45,26 @@ MEMBER_KEYS = {
 
 
 @pytest.fixture
-def api_settings(settings: Settings, pg_schema: str) -> Settings:
+def api_settings(settings: Settings, pg_schema: str, redis_url: str, redis: Any) -> Settings:
+    """Tokens, a fresh ledger schema and this session's flushed Redis test database."""
     return settings.model_copy(
         update={
             "api_tokens": SecretStr(orjson.dumps(TOKENS).decode()),
             "postgres_schema": pg_schema,
+            "redis_url": SecretStr(redis_url),
         }
     )
 
 
 @pytest.fixture
-async def stores(api_settings: Settings) -> AsyncIterator[tuple[Any, dict[str, Any], asyncpg.Pool]]:
-    """Both orgs applied to the rules, their effects written to a fresh ledger schema."""
-    model, effects = build_model()
+async def stores(
+    api_settings: Settings,
+) -> AsyncIterator[tuple[Model, dict[str, Any], asyncpg.Pool, RedisEngine]]:
+    """Both orgs applied by the production engine in Redis, its effects written to a fresh
+    ledger schema the way the pipeline writes them; the rules model alongside for comparison."""
+    model, model_effects = build_model()
+    engine, effects = await build_redis_engine(api_settings)
+    assert effects == model_effects  # the engine and the rules agree before the API is asked
     await migrate(api_settings)
     ledger = await Ledger.connect(api_settings)
     try:
@@ -67,23 +77,24 @@ async def stores(api_settings: Settings) -> AsyncIterator[tuple[Any, dict[str, A
     # The API's own pool: no search_path, its queries name the schema explicitly.
     pool = await asyncpg.create_pool(**pg_connect_kwargs(api_settings), min_size=1, max_size=2)
     try:
-        yield model, effects, pool
+        yield model, effects, pool, engine
     finally:
         await pool.close()
+        await engine.client.aclose()
 
 
 @pytest.fixture
 async def client(
-    api_settings: Settings, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+    api_settings: Settings, stores: tuple[Model, dict[str, Any], asyncpg.Pool, RedisEngine]
 ) -> AsyncIterator[TestClient]:
-    model, _, pool = stores
+    _, _, pool, engine = stores
 
     async def pg_ok() -> bool:
         return bool(await pool.fetchval("SELECT 1") == 1)
 
     app = create_app(
         api_settings,
-        engine=model,
+        engine=engine,
         ledger=PgLedgerReader(pool, api_settings.postgres_schema),
         ready_checks={"postgres": pg_ok},
     )
@@ -226,7 +237,7 @@ async def test_unknown_org_is_404(client: TestClient) -> None:
 
 
 async def test_document_equals_the_rules_view(
-    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+    client: TestClient, stores: tuple[Model, dict[str, Any], asyncpg.Pool, RedisEngine]
 ) -> None:
     model = stores[0]
     for org_id, headers in (("acme", ACME), ("globex", GLOBEX)):
@@ -262,7 +273,7 @@ async def _all_pages(
 
 
 async def test_ledger_pages_cover_every_entry_once_newest_first(
-    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+    client: TestClient, stores: tuple[Model, dict[str, Any], asyncpg.Pool, RedisEngine]
 ) -> None:
     effects = stores[1]
     expected = sorted(
@@ -283,7 +294,7 @@ async def test_ledger_pages_cover_every_entry_once_newest_first(
 
 
 async def test_ledger_member_filter_and_org_isolation(
-    client: TestClient, stores: tuple[Any, dict[str, Any], asyncpg.Pool]
+    client: TestClient, stores: tuple[Model, dict[str, Any], asyncpg.Pool, RedisEngine]
 ) -> None:
     effects = stores[1]
     alice = await _all_pages(client, "acme", ACME, "&member_id=alice", limit=2)

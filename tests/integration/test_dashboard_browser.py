@@ -1,4 +1,5 @@
-"""The dashboard page in a real headless Chromium: the numbers a person sees are the API's.
+"""The dashboard page in a real headless Chromium: the numbers a person sees are the API's,
+and the API's are the rules model's.
 
 Needs Debian's ``chromium`` package (``/usr/bin/chromium``); the screenshot is saved as
 ``artifacts/dashboard.png``.
@@ -18,7 +19,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, web
-from api_orgs import build_model
+from api_orgs import build_model, build_redis_engine
 from pydantic import SecretStr
 
 from worker.api import create_app
@@ -91,13 +92,17 @@ def _parse(dom: str) -> _Dom:
 
 
 @pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[str]:
-    """The API with both test orgs, on a free loopback port; yields its base URL."""
-    model, _ = build_model()
+async def server(settings: Settings, redis_url: str, redis: Any) -> AsyncIterator[str]:
+    """The API over both test orgs in the production engine (Redis), on a free loopback port;
+    yields its base URL."""
     api_settings = settings.model_copy(
-        update={"api_tokens": SecretStr(orjson.dumps(TOKENS).decode())}
+        update={
+            "api_tokens": SecretStr(orjson.dumps(TOKENS).decode()),
+            "redis_url": SecretStr(redis_url),
+        }
     )
-    runner = web.AppRunner(create_app(api_settings, engine=model))
+    engine, _ = await build_redis_engine(api_settings)
+    runner = web.AppRunner(create_app(api_settings, engine=engine))
     await runner.setup()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,6 +113,7 @@ async def server(settings: Settings) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+        await engine.client.aclose()
 
 
 async def _chromium_run(url: str, *extra: str) -> str:
@@ -162,6 +168,8 @@ async def test_page_shows_the_numbers_of_the_api(server: str) -> None:
     url = f"{server}/orgs/acme?token=tok-acme"
     dom = _parse(await _chromium_run(url, "--dump-dom"))
     doc = await _api(server, "acme", "tok-acme")
+    model, _ = build_model()
+    assert doc == model.dashboard("acme")  # the engine in Redis agrees with the rules
 
     assert dom.by_id["org-id"] == "acme"
     assert dom.by_id["pool-balance"] == doc["pool"]["balance"] == "1000"

@@ -32,16 +32,6 @@ MEMBERS = ("ann", "ben", "cat")
 DRAIN_TIMEOUT = 90.0
 
 
-def _engine(settings: Settings) -> Any:
-    """The production engine (Redis) when it is installed, else the rules model."""
-    try:
-        return make_engine(settings)
-    except ModuleNotFoundError:
-        from pipeline_checker import ModelEngine
-
-        return ModelEngine(settings.tiers)
-
-
 @pytest.fixture
 def env(isolated_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """The CLI reads the same isolated topics, group, Redis db and schema from the environment."""
@@ -126,7 +116,7 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
         assert row["committed"] is None and row["member"] is None
     assert by_topic == {settings.topic_usage: produced, settings.topic_admin: 2 + len(MEMBERS)}
 
-    engine = _engine(settings)
+    engine = make_engine(settings)
     stop = asyncio.Event()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,6 +168,10 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
             doc = await resp.json()
             assert (await http.get(f"{base}/v1/orgs/{org}/credits")).status == 401
 
+        # `metering org show` reads the same document from Redis.
+        shown = await asyncio.to_thread(_cli, "org", "show", org)
+        assert shown == doc
+
         # The table after draining, from the same CLI an operator runs.
         after = await asyncio.to_thread(_cli, "lag")
         assert after["total_lag"] == 0
@@ -197,6 +191,7 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
     finally:
         stop.set()
         await asyncio.wait_for(worker, 60)
+        await engine.client.aclose()
         for p in range(settings.topic_partitions):
             metrics.forget_lag(settings.topic_usage, p)
             metrics.forget_lag(settings.topic_admin, p)
