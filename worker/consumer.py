@@ -288,13 +288,19 @@ class Pipeline:
         consumer = self.consumer
         idle_since = time.monotonic()
         fetched = 0
+        final_retry = False
         while not self.stop.is_set():
             if self.max_events is not None and fetched >= self.max_events:
-                # Every wanted record is fetched; wait for stage B to flush them, then stop.
-                if self._done() or self.stop.is_set():
-                    break
-                await asyncio.sleep(0.01)
-                continue
+                # Every wanted record is fetched; wait for stage B to flush them, give parked
+                # events one last turn (their member_add may have come in the same run), stop.
+                if not self._done() or self._inflight:
+                    await asyncio.sleep(0.01)
+                    continue
+                if self._parked_hint and not final_retry:
+                    final_retry = True
+                    await self._retry_parked()
+                    continue
+                break
             try:
                 records = await consumer.getmany(
                     timeout_ms=self.s.batch_timeout_ms, max_records=self.s.batch_max_records
@@ -812,6 +818,9 @@ class Pipeline:
         self._account(batch)
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         metrics.WORKER_UP.set(1)
+        if batch.flush.parked_add:
+            # Read back by the retry turn only once committed: raise the flag again now.
+            self._parked_hint = True
         if batch.orgs_with_commands and self._parked_hint:
             self._retry_soon = True
 

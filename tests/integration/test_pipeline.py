@@ -1,0 +1,258 @@
+"""End-to-end scenarios of the pipeline on real Kafka, Redis and PostgreSQL.
+
+The worker runs in the test's event loop in bounded mode (``run_worker(max_events=...,
+idle_exit_seconds=...)``); every scenario ends with the one checker of
+``tests/integration/pipeline_checker.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from tests.integration.pipeline_checker import ModelEngine, Workload, check_pipeline
+from worker.config import Settings
+from worker.runner import _close_engine, make_engine, run_worker
+
+
+@pytest.fixture
+def pipe_settings(isolated_settings: Settings) -> Settings:
+    """Isolated settings with the HTTP server off (tests run several workers in a row)."""
+    return isolated_settings.model_copy(update={"http_port": 0})
+
+
+@pytest.fixture
+async def engine(pipe_settings: Settings) -> AsyncIterator[Any]:
+    """The production engine on this test's Redis database."""
+    if os.environ.get("PIPELINE_TEST_ENGINE") == "model":  # development aid only
+        yield ModelEngine(pipe_settings.tiers)
+        return
+    built = make_engine(pipe_settings)
+    try:
+        yield built
+    finally:
+        await _close_engine(built)
+
+
+async def _pg_fetchval(settings: Settings, sql: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(
+        settings.postgres_dsn.get_secret_value(),
+        server_settings={"search_path": settings.postgres_schema},
+    )
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def _parked(settings: Settings) -> int:
+    try:
+        return int(await _pg_fetchval(settings, "SELECT count(*) FROM parked_events"))
+    except asyncpg.UndefinedTableError:  # the worker has not migrated yet
+        return -1
+
+
+def _org_story(w: Workload) -> None:
+    """Two orgs: one with a pool that runs dry (pauses), one without a pool (debt)."""
+    w.org("acme", ["ann", "bob", "cyd"])
+    w.org("beta", ["dee"], tier="max")
+    w.command("acme", "pool_purchase", 100, credits_mc=600_000)
+
+
+async def test_happy_path(pipe_settings: Settings, engine: Any) -> None:
+    """Allocations run out, the pool runs dry, members are paused; every credit is on the
+    ledger once and the control topic says who is paused."""
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    for i in range(120):
+        w.usage("acme", ("ann", "bob", "cyd")[i % 3], 40_000)
+        w.usage("beta", "dee", 150_000)
+    await w.produce()
+    stats = await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    assert stats["charged"] == 240
+    report = await check_pipeline(s, w, engine=engine)
+    assert len(report.charged) == 240
+    # acme: prorated allocations (joined late in the cycle) + a 600-credit pool for 4,800
+    # credits of usage: the pool runs dry, every member ends in debt and paused.
+    dash = await engine.dashboard("acme")
+    assert dash["pool"]["balance"] == "0"
+    assert [m["state"] for m in dash["members"]] == ["paused"] * 3, dash["members"]
+    assert all(m["negative_balance"] != "0" for m in dash["members"])
+
+
+async def test_duplicates_within_and_across_batches(pipe_settings: Settings, engine: Any) -> None:
+    """Copies of an event_id in the same batch and in later batches are dropped, not charged."""
+    s = pipe_settings.model_copy(update={"batch_max_records": 7})
+    w = Workload(s)
+    _org_story(w)
+    ids = [w.usage("acme", "ann", 1_000) for _ in range(20)]
+    for eid in ids[:10]:
+        w.usage("acme", "ann", 1_000, event_id=eid)  # right behind: often the same batch
+    for eid in ids:
+        w.usage("acme", "ann", 1_000, event_id=eid)  # later batches
+    await w.produce()
+    stats = await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    assert stats["charged"] == 20
+    assert stats["duplicate"] == 30
+    report = await check_pipeline(s, w, engine=engine)
+    dash = await engine.dashboard("acme")
+    ann = next(m for m in dash["members"] if m["member_id"] == "ann")
+    assert ann["used"] == "20"
+    assert report.charged == set(ids)
+
+
+async def test_full_replay_from_offset_zero(pipe_settings: Settings, engine: Any) -> None:
+    """A second consumer group reading both topics from offset 0 changes nothing: every input
+    is already decided in PostgreSQL."""
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    for i in range(60):
+        w.usage("acme", ("ann", "bob")[i % 2], 30_000)
+    w.bad_usage(b"{not json", "invalid_json")
+    await w.produce()
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    before = await engine.dashboard("acme")
+    rows_before = await _pg_fetchval(s, "SELECT count(*) FROM ledger_entries")
+
+    replay = s.model_copy(update={"consumer_group": s.consumer_group + ".replay"})
+    stats = await run_worker(
+        replay, max_events=len(w.messages), idle_exit_seconds=30, engine=engine
+    )
+    assert stats["charged"] == 0
+    assert stats["applied_commands"] == 0
+    assert stats["duplicate"] + stats["replayed"] == len(w.messages) - 1
+    assert await engine.dashboard("acme") == before
+    assert await _pg_fetchval(s, "SELECT count(*) FROM ledger_entries") == rows_before
+    await check_pipeline(replay, w, engine=engine)
+
+
+async def test_duplicate_after_redis_forgot_is_not_charged(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """Redis keeps event ids for a short window only; a copy arriving after the window is
+    caught by PostgreSQL's record of decided ids before the engine sees it."""
+    s = pipe_settings.model_copy(update={"dedupe_window_seconds": 1})
+    w = Workload(s)
+    _org_story(w)
+    first = [w.usage("acme", "ann", 5_000) for _ in range(10)]
+    await w.produce()
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    before = await engine.dashboard("acme")
+
+    await asyncio.sleep(2.5)  # well past the 1 s dedupe window of the engine
+    late = w.messages[len(w.messages) :]
+    for eid in first:
+        w.usage("acme", "ann", 5_000, event_id=eid)
+    late = w.messages[-len(first) :]
+    await w.produce(late)
+    stats = await run_worker(s, max_events=len(late), idle_exit_seconds=30, engine=engine)
+    assert stats["duplicate"] == len(first)
+    assert stats["charged"] == 0
+    assert await engine.dashboard("acme") == before
+    await check_pipeline(s, w, engine=engine)
+
+
+async def test_malformed_flood_never_blocks(pipe_settings: Settings, engine: Any) -> None:
+    """Bad messages of every kind, mixed with good ones, go to the dead-letter topics with
+    their codes; the good ones are charged; nothing blocks a partition."""
+    s = pipe_settings.model_copy(update={"unknown_grace_seconds": 1})
+    w = Workload(s)
+    _org_story(w)
+    good = []
+    base = {
+        "event_id": "x",
+        "org_id": "acme",
+        "member_id": "ann",
+        "task_id": "t",
+        "credits": "1",
+        "occurred_at": "2026-01-01T00:00:00Z",
+    }
+
+    def ev(**over: Any) -> bytes:
+        body = dict(base)
+        body["event_id"] = f"bad-{len(w.messages)}"
+        body.update(over)
+        return orjson.dumps({k: v for k, v in body.items() if v is not ...})
+
+    for i in range(5):
+        good.append(w.usage("acme", "bob", 1_000))
+        w.bad_usage(b"{not json" + bytes([48 + i]), "invalid_json")
+        w.bad_usage(b'{"event_id": "\xff\xfe' + bytes([48 + i]) + b'"}', "invalid_utf8")
+        w.bad_usage(ev(credits=-5), "amount_not_positive")
+        w.bad_usage(ev(credits="1000000.001"), "amount_too_large")
+        w.bad_usage(ev(credits=True), "wrong_type")
+        w.bad_usage(ev(member_id=...), "missing_field")
+        w.bad_usage(ev(occurred_at="2026-01-01T00:00:00"), "timestamp_without_timezone")
+        w.bad_usage(ev(occurred_at="2999-01-01T00:00:00Z"), "timestamp_in_future")
+        w.bad_usage(b"[1, 2, " + str(i).encode() + b"]", "wrong_type")
+        w.bad_admin(
+            b'{"type": "launch_rockets", "n": ' + str(i).encode() + b"}", "unknown_command_type"
+        )
+        w.unknown_org_usage(f"nobody-{i}")
+    w.bad_usage(b'{"pad": "' + b"x" * 1_000_000 + b'"}', "message_too_large")
+    w.bad_usage(b'{"pad": "' + b"y" * 70_000 + b'"}', "message_too_large")
+    await w.produce()
+    # No max_events: the unknown-org events wait out their 1 s grace before dead-lettering.
+    stats = await run_worker(s, idle_exit_seconds=4, engine=engine)
+    assert stats["charged"] == len(good)
+    report = await check_pipeline(s, w, engine=engine)
+    assert good and set(good) <= report.charged
+    dlq = report.dead_letters[s.topic_usage_dlq]
+    assert len(dlq) == sum(1 for m in w.messages if m.bad and m.topic == s.topic_usage)
+
+
+async def test_unknown_member_waits_for_member_add(pipe_settings: Settings, engine: Any) -> None:
+    """A new member's first events overtake its member_add: they are parked (durably) and
+    charged once the member exists, within the grace period."""
+    s = pipe_settings.model_copy(update={"unknown_grace_seconds": 120})
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    early = [w.usage("acme", "newbie", 2_000) for _ in range(3)]
+    await w.produce(w.messages[-3:])
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    try:
+        for _ in range(200):
+            if await _parked(s) == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert await _parked(s) == 3
+        w.command("acme", "member_add", 50, member_id="newbie", tier="pro")
+        await w.produce(w.messages[-1:])
+        for _ in range(200):
+            if await _parked(s) == 0:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        stats = await worker
+    assert stats["parked"] == 3
+    assert stats["unparked"] == 3
+    report = await check_pipeline(s, w, engine=engine)
+    assert set(early) <= report.charged
+
+
+async def test_correct_whatever_the_producer_key(pipe_settings: Settings, engine: Any) -> None:
+    """Producers that do not key by org scatter one org over every partition; the worker is
+    still exactly right (the admin commands go first so the org exists)."""
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    start = len(w.messages)
+    for i in range(200):
+        w.usage("acme", ("ann", "bob", "cyd")[i % 3], 7_000)
+        w.usage("beta", "dee", 90_000)
+    await w.produce(w.messages[start:], random_keys=True)
+    stats = await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    assert stats["charged"] == 400
+    await check_pipeline(s, w, engine=engine)
