@@ -24,6 +24,7 @@ import orjson
 
 from worker import metrics
 from worker.config import Settings
+from worker.constants import KEY_ORG
 from worker.ledger import FlushBatch, Ledger, migrate
 from worker.model import CommandItem, UsageItem
 from worker.publisher import Publisher
@@ -59,8 +60,22 @@ async def drain_outboxes(engine: Any, ledger: Ledger, publisher: Publisher) -> i
 
 async def engine_last_seq(engine: Any, org_id: str) -> int:
     """The org's last effect seq in Redis (0 when Redis does not know the org)."""
-    value = await engine.last_seq(org_id)
-    return int(value or 0)
+    method = getattr(engine, "last_seq", None)
+    if method is not None:
+        return int(await method(org_id) or 0)
+    # RedisEngine keeps the org's effect counter in field "sq" of the org hash (docs/engine.md).
+    raw = await engine.client.hget(f"{engine.prefix}:{{{org_id}}}:{KEY_ORG}", "sq")
+    return int(raw or 0)
+
+
+async def engine_reset_org(engine: Any, org_id: str) -> None:
+    """Forget everything Redis holds for one org (before replaying it from PostgreSQL)."""
+    method = getattr(engine, "reset_org", None)
+    if method is not None:
+        await method(org_id)
+        return
+    # All keys of an org share its hash tag, so one DEL is fine on a cluster too.
+    await engine.client.delete(*engine.keys(org_id))
 
 
 def replay_items(rows: Iterable[Any]) -> list[Any]:
@@ -91,7 +106,7 @@ async def rebuild_org(
     """Reset one org in Redis and replay its recorded decisions; returns the items replayed."""
     rows = await ledger.rebuild_inputs(org_id)
     items = replay_items(rows)
-    await engine.reset_org(org_id)
+    await engine_reset_org(engine, org_id)
     top = 0
     done = 0
     for start in range(0, len(items), REPLAY_CHUNK):

@@ -51,13 +51,14 @@ def make_engine(settings: Settings) -> Any:
 
 
 async def _close_engine(engine: Any) -> None:
-    for name in ("aclose", "close"):
-        closer = getattr(engine, name, None)
-        if closer is not None:
-            result = closer()
-            if asyncio.iscoroutine(result):
-                await result
-            return
+    for target in (engine, getattr(engine, "client", None)):
+        for name in ("aclose", "close"):
+            closer = getattr(target, name, None)
+            if closer is not None:
+                result = closer()
+                if asyncio.iscoroutine(result):
+                    await result
+                return
 
 
 def _env_number(name: str) -> float | None:
