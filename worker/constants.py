@@ -26,7 +26,7 @@ MAX_TIER_CREDITS = 1_000_000
 INACTIVITY_MONTHS = 12
 """The pool expires after this many calendar months without usage or funding (SPEC 3)."""
 
-DEFAULT_WALK_BUDGET = 500
+DEFAULT_WALK_BUDGET = 250
 """Member records one engine script call may visit for org-wide work before it yields."""
 
 # --- Redis key layout (all keys of one org share the hash tag ``{org_id}``) ----------------
