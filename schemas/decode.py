@@ -169,12 +169,14 @@ def fast_decode_usage(
 
     Assumes the size and UTF-8 checks passed. Exposed for the differential tests.
     """
-    if _ESCAPED_NUL in raw:
-        return None  # ids may not contain U+0000; rare enough to leave to the models
     try:
         wire = _USAGE_DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return None
+    if _ESCAPED_NUL in raw and "\x00" in (
+        wire.event_id + wire.org_id + wire.member_id + wire.task_id
+    ):
+        return None  # ids may not contain U+0000; rare enough to leave to the models
     try:
         credits_mc = _fast_credits(bytes(wire.credits))
     except WireError as err:
