@@ -56,20 +56,49 @@ __all__ = [
     "load_apply_script",
 ]
 
-_LEDGER = (
-    "member_id", "source_kind", "source_id", "task_id", "movement", "bucket", "grant_id",
-    "amount_mc", "cycle_start_ms", "late", "at_ms",
-)  # fmt: skip
-_FIELDS: dict[int, tuple[str, tuple[str, ...]]] = {
-    1: ("ledger", _LEDGER),
-    2: ("usage", ("event_id", "member_id", "task_id", "credits_mc", "occurred_at_ms", "status",
-                  "code", "late")),
-    3: ("command", ("command_id", "type", "status", "code", "command")),
-    4: ("signal", ("member_id", "signal", "reason", "member_seq", "issued_at_ms")),
-    5: ("notification", ("type", "member_id", "detail", "at_ms")),
-    6: ("refill_request", ("request_id", "credits_mc", "amount_usd_cents", "at_ms")),
-    7: ("invoice", ("cycle_start_ms", "cycle_end_ms", "negative_balance_mc", "amount_usd_cents")),
-}  # fmt: skip
+
+def _ledger(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "ledger", "seq": r[1], "org_id": org, "member_id": r[2],
+            "source_kind": r[3], "source_id": r[4], "task_id": r[5], "movement": r[6],
+            "bucket": r[7], "grant_id": r[8], "amount_mc": r[9], "cycle_start_ms": r[10],
+            "late": r[11], "at_ms": r[12]}  # fmt: skip
+
+
+def _usage(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "usage", "seq": r[1], "org_id": org, "event_id": r[2], "member_id": r[3],
+            "task_id": r[4], "credits_mc": r[5], "occurred_at_ms": r[6], "status": r[7],
+            "code": r[8], "late": r[9]}  # fmt: skip
+
+
+def _command(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "command", "seq": r[1], "org_id": org, "command_id": r[2], "type": r[3],
+            "status": r[4], "code": r[5], "command": orjson.loads(r[6])}  # fmt: skip
+
+
+def _signal(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "signal", "seq": r[1], "org_id": org, "member_id": r[2], "signal": r[3],
+            "reason": r[4], "member_seq": r[5], "issued_at_ms": r[6]}  # fmt: skip
+
+
+def _notification(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "notification", "seq": r[1], "org_id": org, "type": r[2],
+            "member_id": r[3], "detail": r[4], "at_ms": r[5]}  # fmt: skip
+
+
+def _refill_request(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "refill_request", "seq": r[1], "org_id": org, "request_id": r[2],
+            "credits_mc": r[3], "amount_usd_cents": r[4], "at_ms": r[5]}  # fmt: skip
+
+
+def _invoice(r: list[Any], org: str) -> dict[str, Any]:
+    return {"kind": "invoice", "seq": r[1], "org_id": org, "cycle_start_ms": r[2],
+            "cycle_end_ms": r[3], "negative_balance_mc": r[4],
+            "amount_usd_cents": r[5]}  # fmt: skip
+
+
+# Effects travel from the script as positional JSON arrays (row[0] = kind code, row[1] = seq).
+_DECODERS = (None, _ledger, _usage, _command, _signal, _notification, _refill_request, _invoice)
+_OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
 
 def load_apply_script() -> str:
@@ -92,16 +121,18 @@ def _encode_item(item: Item) -> list[Any]:
 def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
     """Effect dicts (``docs/architecture.md`` fields) from the scripts' positional JSON."""
     rows = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-    out: list[dict[str, Any]] = []
-    for row in rows or ():
-        kind, names = _FIELDS[row[0]]
-        eff: dict[str, Any] = {"kind": kind, "seq": row[1], "org_id": org_id}
-        for name, value in zip(names, row[2:], strict=True):
-            eff[name] = value
-        if kind == "command":
-            eff["command"] = orjson.loads(eff["command"])
-        out.append(eff)
-    return out
+    if not rows:
+        return []
+    dec = _DECODERS
+    return [dec[r[0]](r, org_id) for r in rows]  # type: ignore[misc]
+
+
+def _outcome(status: Any, code: Any) -> Outcome:
+    key = (_s(status), None if code is None else _s(code))
+    found = _OUTCOMES.get(key)
+    if found is None:
+        found = _OUTCOMES[key] = Outcome(*key)
+    return found
 
 
 def _s(value: Any) -> str:
@@ -170,8 +201,7 @@ class RedisEngine:
             consumed, pending, outs = orjson.loads(meta_raw)
             if isinstance(outs, dict):  # cjson writes an empty table as {}
                 outs = []
-            for status, code in outs[:consumed]:
-                outcomes.append(Outcome(_s(status), None if code is None else _s(code)))
+            outcomes.extend(_outcome(status, code) for status, code in outs[:consumed])
             effects.extend(decode_effects(org_id, blob))
             start += consumed
             if start >= len(encoded) and not pending:

@@ -208,3 +208,27 @@ async def test_scripts_on_redis_cluster(
     await redis_cluster.script_flush()
     res = await engine.apply("join_day_10_of_30-o", [cmd("tick", T0 + 400 * 86_400_000)])
     assert res.outcomes[0].status == "applied"
+
+
+async def test_dedupe_window_rotates(client: aioredis.Redis, settings: Settings) -> None:
+    engine = RedisEngine(client, settings)
+    w = settings.dedupe_window_seconds * 1000
+    now = 1000 * w  # the start of a window
+    await engine.apply(
+        "o",
+        [cmd("org_upsert", T0, billing_anchor_day=1),
+         cmd("member_add", T0, member_id="a", tier="pro")],
+        now_ms=now,
+    )  # fmt: skip
+    event = UsageItem("ev", "a", "t", C, T0 + 1)
+    assert (await engine.apply("o", [event], now_ms=now + 10)).outcomes[0].status == "applied"
+    # Remembered for at least one full window, across a rotation.
+    for later in (now + w - 1, now + w, now + 2 * w - 1):
+        res = await engine.apply("o", [event], now_ms=later)
+        assert res.outcomes[0].status == "duplicate", later
+    # Two windows on, Redis has forgotten it: the Postgres check of the pipeline is what keeps
+    # an event_id decided once, ever.
+    res = await engine.apply("o", [event], now_ms=now + 2 * w)
+    assert res.outcomes[0].status == "applied"
+    keys = engine.keys("o")
+    assert await client.scard(keys[3]) == 1 and await client.scard(keys[8]) == 0

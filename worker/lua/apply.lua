@@ -2,8 +2,9 @@
 -- continue any pending org-wide work (the same script with no items is the "drain" call).
 -- Loaded after lib/*.lua (concatenated by worker/engine.py).
 --
--- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 dedupe zset, 5 paused zset,
---       6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset   (one hash tag {org_id})
+-- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 dedupe set (current window),
+--       5 paused zset, 6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset,
+--       9 dedupe set (previous window)                             (one hash tag {org_id})
 -- ARGV: 1 org_id, 2 items (JSON), 3 wall clock ms, 4 dedupe window ms,
 --       5 config JSON [{tier: mc}, block_mc], 6 walk budget (members per call)
 -- Returns {meta JSON [consumed, pending, outcomes], effects JSON}.
@@ -15,8 +16,8 @@
 -- together at the end of the script, so a worker crash after the call loses nothing: the
 -- effects are in the outbox until acked.
 
-local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E, K_D1 =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local ORG_ID = ARGV[1]
 local ITEMS = cjson.decode(ARGV[2])
 local NOW = tonumber(ARGV[3])
@@ -52,7 +53,7 @@ end
 -- Org state: read once, written once (changed fields only)
 -- ---------------------------------------------------------------------------------------
 local NUM_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're',
-  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np'}
+  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np', 'wb'}
 local O, W, TL, JOBS = {}, {}, {}, {}
 local ODIRTY, WDIRTY, TLDIRTY = {}, {}, {}
 local EXISTS = false
@@ -512,7 +513,27 @@ end
 -- ---------------------------------------------------------------------------------------
 -- Idempotency: per-source offset watermark, then the dedupe window
 -- ---------------------------------------------------------------------------------------
-redis.call('ZREMRANGEBYSCORE', K_D, '-inf', '(' .. fmt(NOW - WINDOW))
+-- The dedupe window is two plain sets rotated every WINDOW ms of wall clock: an id stays
+-- between one and two windows, and adding one costs a set insert instead of a sorted-set one.
+if EXISTS then
+  local bucket = math.floor(NOW / WINDOW)
+  if bucket > O.wb then
+    if bucket == O.wb + 1 then
+      redis.call('UNLINK', K_D1)
+      if redis.call('EXISTS', K_D) == 1 then redis.call('RENAME', K_D, K_D1) end
+    else
+      redis.call('UNLINK', K_D, K_D1)
+    end
+    S('wb', bucket)
+  end
+end
+local function seen_in_window(ids)
+  local a = redis.call('SMISMEMBER', K_D, unpack(ids))
+  local b = redis.call('SMISMEMBER', K_D1, unpack(ids))
+  local out = {}
+  for j = 1, #ids do out[j] = (a[j] == 1 or b[j] == 1) end
+  return out
+end
 local SEEN = {}      -- dedupe ids known to exist (prefetched or added by this call)
 local NEW_IDS = {}   -- ids to add to the window at the end
 do
@@ -529,8 +550,8 @@ do
     for i = 1, #keys, 1000 do
       local part = {}
       for j = i, math.min(i + 999, #keys) do part[#part + 1] = keys[j] end
-      local scores = redis.call('ZMSCORE', K_D, unpack(part))
-      for j = 1, #part do if scores[j] then SEEN[part[j]] = true end end
+      local found = seen_in_window(part)
+      for j = 1, #part do if found[j] then SEEN[part[j]] = true end end
     end
   end
 end
@@ -552,7 +573,7 @@ local function gate(src, off, key)
   if off >= 0 and W[src] ~= nil and W[src] >= off then
     local u = 'u|' .. src .. '|' .. fmt(off)
     if SEEN[u] == nil then
-      SEEN[u] = redis.call('ZSCORE', K_D, u) and true or false
+      SEEN[u] = seen_in_window({u})[1]
     end
     if not SEEN[u] then return {'replayed', NULL}, nil end
     drop = u
@@ -868,6 +889,7 @@ local function do_command(it)
     for _, f in ipairs(NUM_FIELDS) do O[f] = 0; ODIRTY[f] = true end
     O.rp = ''; ODIRTY.rp = true
     O.an, O.ck, O.cs, O.ce, O.la = day, at, s, e, at
+    O.wb = math.floor(NOW / WINDOW)
     EXISTS = true
     ODIRTY.ex = true
     O.ex = 1
@@ -942,14 +964,13 @@ if EXISTS then
     end
   end
   if #margs > 0 then redis.call('HSET', K_M, unpack(margs)) end
-  for i = 1, #NEW_IDS, 500 do
-    local zargs = {}
-    for j = i, math.min(i + 499, #NEW_IDS) do
-      zargs[#zargs + 1] = NOW; zargs[#zargs + 1] = NEW_IDS[j]
-    end
-    redis.call('ZADD', K_D, unpack(zargs))
+  for i = 1, #NEW_IDS, 1000 do
+    redis.call('SADD', K_D, unpack(NEW_IDS, i, math.min(i + 999, #NEW_IDS)))
   end
-  if #UNKNOWN_SEEN_DROP > 0 then redis.call('ZREM', K_D, unpack(UNKNOWN_SEEN_DROP)) end
+  if #UNKNOWN_SEEN_DROP > 0 then
+    redis.call('SREM', K_D, unpack(UNKNOWN_SEEN_DROP))
+    redis.call('SREM', K_D1, unpack(UNKNOWN_SEEN_DROP))
+  end
 end
 local blob = '[]'
 if #E > 0 then

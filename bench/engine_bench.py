@@ -1,0 +1,116 @@
+"""Micro-benchmark of the credit engine alone: debits/s from one Python process into Redis.
+
+    .venv/bin/python -m bench.engine_bench [--orgs 1000] [--members 20] [--events 200000]
+        [--batch 500] [--inflight 4]
+
+Runs against ``Settings.redis_url`` (the local stack's Redis, AOF everysec) under a unique key
+prefix that is deleted afterwards. Each script call applies a batch of one org's debits; several
+calls are kept in flight. Prints progress and the figures recorded in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+
+import redis.asyncio as aioredis
+
+from worker.config import Settings
+from worker.engine import RedisEngine
+from worker.model import CommandItem, UsageItem
+
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+
+
+async def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--orgs", type=int, default=1000)
+    p.add_argument("--members", type=int, default=20)
+    p.add_argument("--events", type=int, default=200_000)
+    p.add_argument("--batch", type=int, default=500, help="debits per script call")
+    p.add_argument("--inflight", type=int, default=4, help="script calls in flight")
+    a = p.parse_args(argv)
+
+    base = Settings()
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    settings = base.model_copy(update={"redis_key_prefix": prefix})
+    client = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    engine = RedisEngine(client, settings)
+    info = await client.info("persistence")
+    print(
+        f"redis {settings.redis_url.get_secret_value()} aof={info.get('aof_enabled')} "
+        f"prefix={prefix}: {a.orgs} orgs x {a.members} members, {a.events} debits, "
+        f"batch {a.batch}, {a.inflight} in flight",
+        flush=True,
+    )
+    orgs = [f"org{i:05d}" for i in range(a.orgs)]
+    sem = asyncio.Semaphore(a.inflight)
+
+    async def setup(org: str) -> None:
+        items: list[CommandItem | UsageItem] = [
+            CommandItem({"type": "org_upsert", "command_id": f"{org}-c0", "at_ms": T0,
+                         "billing_anchor_day": 1}),
+            CommandItem({"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
+                         "credits_mc": 10**12}),
+        ]  # fmt: skip
+        items += [
+            CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
+                         "member_id": f"m{j}", "tier": "max"})
+            for j in range(a.members)
+        ]  # fmt: skip
+        async with sem:
+            await engine.apply(org, items)
+
+    t = time.perf_counter()
+    await asyncio.gather(*(setup(o) for o in orgs))
+    print(f"setup {time.perf_counter() - t:.1f}s", flush=True)
+
+    # Work units: (org, batch of debits). Debits of 1.5 credits spread over the members, so
+    # allocations run out and blocks are drawn from the pool along the way.
+    per_org = a.events // a.orgs
+    units: list[tuple[str, list[UsageItem]]] = []
+    for start in range(0, per_org, a.batch):
+        for o in orgs:
+            n = min(a.batch, per_org - start)
+            units.append((o, [
+                UsageItem(f"{o}-e{start + k}", f"m{(start + k) % a.members}", "task", 1500,
+                          T0 + 1000 + start + k, "credits.usage.v1:0", start + k)
+                for k in range(n)
+            ]))  # fmt: skip
+    total = sum(len(u[1]) for u in units)
+    done = 0
+    charged = 0
+    t = time.perf_counter()
+    last = t
+
+    async def run(org: str, batch: list[UsageItem]) -> None:
+        nonlocal done, charged, last
+        async with sem:
+            res = await engine.apply(org, batch)
+        done += len(batch)
+        charged += sum(1 for o in res.outcomes if o.status == "applied")
+        now = time.perf_counter()
+        if now - last >= 2:
+            last = now
+            print(f"  {done:>9,} debits  {done / (now - t):>9,.0f}/s", flush=True)
+
+    await asyncio.gather(*(run(o, b) for o, b in units))
+    elapsed = time.perf_counter() - t
+    print(
+        f"RESULT {total:,} debits in {elapsed:.2f}s = {total / elapsed:,.0f} debits/s "
+        f"({engine.calls} script calls incl. setup; {charged:,} charged)",
+        flush=True,
+    )
+    # Clean up the benchmark's keys.
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=5000)]
+    for i in range(0, len(keys), 1000):
+        await client.delete(*keys[i : i + 1000])
+    await client.aclose()
+    return 0 if charged == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
