@@ -142,10 +142,13 @@ local function dirty(m) MDIRTY[m.id] = true end
 -- Effects
 -- ---------------------------------------------------------------------------------------
 local E = {}
+local NE = 0
 local function emit(e)
-  S('sq', O.sq + 1)
-  e[2] = O.sq
-  E[#E + 1] = e
+  local sq = O.sq + 1
+  O.sq = sq
+  e[2] = sq
+  NE = NE + 1
+  E[NE] = e
 end
 
 local function ctx_of(kind, id, task, late)
@@ -642,7 +645,12 @@ local function do_usage(it)
     end
   end
   emit({2, 0, eid, mid, task, c, occ, code and 'rejected' or 'charged', code or NULL, late})
-  finish_point(ctx, nil, {m}, {}, avail)
+  -- Fast path: a running member with credits left, no debt and the pool as available as
+  -- before cannot change state, so there is nothing to evaluate.
+  if not (m.pz == 0 and m.debt == 0 and m.inq == 0 and m.ag - m.au + m.bk > 0
+      and tier_mc(m.tier) ~= 0 and tier_mc(m.nt) ~= 0 and (not avail or pool_available())) then
+    finish_point(ctx, nil, {m}, {}, avail)
+  end
   if code then return {'rejected', code} end
   return {'applied', NULL}
 end
@@ -935,6 +943,7 @@ if EXISTS and consumed == #ITEMS and #JOBS > 0 then run_jobs() end
 
 -- Write-back. Everything above only read, or wrote the member sets; the state lands here.
 if EXISTS then
+  if NE > 0 then ODIRTY.sq = true end
   local args = {}
   for k in pairs(ODIRTY) do
     args[#args + 1] = k
