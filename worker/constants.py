@@ -17,9 +17,11 @@ MAX_USAGE_MC = 1_000_000 * MC_PER_CREDIT
 """Largest single usage event (SPEC section 5: credits <= 1,000,000)."""
 MAX_AMOUNT_MC = 10**12
 """Largest single admin amount (purchase, promo grant, refill settings, limits): 10^9 credits."""
-MAX_BALANCE_MC = 10**15
-"""Largest pool balance, member debt or invoice total (10^12 credits); inputs that would pass it
-are rejected with ``balance_overflow``. MAX_BALANCE_MC + MAX_AMOUNT_MC < MAX_EXACT_MC."""
+MAX_BALANCE_MC = 10**13
+"""Largest pool balance, member debt or open invoice (10^10 credits); inputs that would pass it
+are rejected with ``balance_overflow``. Redis' cjson prints 14 significant digits, so every
+amount an effect or a record carries must stay below 10^14 mc; MAX_BALANCE_MC + MAX_AMOUNT_MC
+does."""
 MAX_TIER_CREDITS = 1_000_000
 """Tier allocations above this could make the proration product inexact in a double."""
 

@@ -22,7 +22,10 @@ from worker.constants import (
     KEY_MEMBERS,
     KEY_ORG,
     KEY_OUTBOX,
+    MAX_AMOUNT_MC,
+    MAX_BALANCE_MC,
     MAX_TIER_CREDITS,
+    MAX_USAGE_MC,
     MC_PER_CREDIT,
     org_keys,
 )
@@ -158,7 +161,9 @@ class RedisEngine:
         self.block_mc = settings.pool_block_credits * MC_PER_CREDIT
         self.window_ms = settings.dedupe_window_seconds * 1000
         self.walk_budget = max(1, walk_budget)
-        self._config = orjson.dumps([self.tiers_mc, self.block_mc]).decode()
+        self._config = orjson.dumps(
+            [self.tiers_mc, self.block_mc, MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC]
+        ).decode()
         self._apply = client.register_script(load_apply_script())
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""

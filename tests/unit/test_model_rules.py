@@ -613,6 +613,22 @@ async def s_late_event(h: Harness) -> None:
     assert (await h.state("o"))["clock"] == T(2026, 2, 2)
 
 
+async def s_exact_amount_bound(h: Harness) -> None:
+    await setup(h, "o", T(2026, 1, 1))
+    # Ten purchases of the largest admin amount (10^9 credits) reach MAX_BALANCE_MC (10^10
+    # credits) exactly; one more millicredit would pass it and is rejected.
+    res = await h.run(
+        "o", *(cmd("pool_purchase", T(2026, 1, 1), credits_mc=10**12) for _ in range(10))
+    )
+    assert {o.status for o in res.outcomes} == {"applied"}
+    res = await h.run("o", cmd("pool_purchase", T(2026, 1, 1), credits_mc=1))
+    assert (res.outcomes[0].status, res.outcomes[0].code) == ("rejected", "balance_overflow")
+    st = await h.state("o")
+    assert st["pool"] == 10**13
+    dash = await h.dashboard("o")
+    assert dash is not None and dash["pool"]["balance"] == "10000000000"
+
+
 SCENARIOS: dict[str, Callable[[Harness], Awaitable[None]]] = {
     name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")
 }

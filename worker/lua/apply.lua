@@ -6,7 +6,8 @@
 --       5 paused zset, 6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset,
 --       9 dedupe set (previous window)                             (one hash tag {org_id})
 -- ARGV: 1 org_id, 2 items (JSON), 3 wall clock ms, 4 dedupe window ms,
---       5 config JSON [{tier: mc}, block_mc], 6 walk budget (members per call)
+--       5 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance],
+--       6 walk budget (members per call)
 -- Returns {meta JSON [consumed, pending, outcomes], effects JSON}.
 --
 -- Write order and crashes: a script is atomic, but Redis has no rollback, so every input is
@@ -24,13 +25,11 @@ local NOW = tonumber(ARGV[3])
 local WINDOW = tonumber(ARGV[4])
 local CFG = cjson.decode(ARGV[5])
 local TIERS, BLOCK = CFG[1], CFG[2]
+local MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC = CFG[3], CFG[4], CFG[5]
 local BUDGET = tonumber(ARGV[6])
 local NULL = cjson.null
 local INACTIVITY_MONTHS = 12
 local YEAR_MS = 365 * 86400000
-local MAX_USAGE_MC = 1000000000
-local MAX_AMOUNT_MC = 1000000000000
-local MAX_BALANCE_MC = 10000000000000
 
 local function fmt(x) return string.format('%d', x) end
 local function tier_mc(t) return TIERS[t] or 0 end
