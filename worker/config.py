@@ -33,9 +33,7 @@ class Settings(BaseSettings):
 
     # --- Kafka -------------------------------------------------------------------------------
     kafka_bootstrap: str = f"127.0.0.1:{DEFAULT_KAFKA_PORT}"
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -64,9 +62,7 @@ class Settings(BaseSettings):
         f"postgresql://metering@127.0.0.1:{DEFAULT_POSTGRES_PORT}/metering"
     )
     postgres_schema: str = "metering"
-    postgres_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = (
-        "prefer"
-    )
+    postgres_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     postgres_pool_size: int = Field(default=4, ge=1, le=64)
 
     # --- Product rules -----------------------------------------------------------------------
