@@ -70,12 +70,13 @@ def _ledger(r: list[Any], org: str) -> dict[str, Any]:
 def _usage(r: list[Any], org: str) -> dict[str, Any]:
     return {"kind": "usage", "seq": r[1], "org_id": org, "event_id": r[2], "member_id": r[3],
             "task_id": r[4], "credits_mc": r[5], "occurred_at_ms": r[6], "status": r[7],
-            "code": r[8], "late": r[9]}  # fmt: skip
+            "code": r[8], "late": r[9], "source": r[10], "offset": r[11]}  # fmt: skip
 
 
 def _command(r: list[Any], org: str) -> dict[str, Any]:
     return {"kind": "command", "seq": r[1], "org_id": org, "command_id": r[2], "type": r[3],
-            "status": r[4], "code": r[5], "command": orjson.loads(r[6])}  # fmt: skip
+            "status": r[4], "code": r[5], "command": orjson.loads(r[6]), "source": r[7],
+            "offset": r[8]}  # fmt: skip
 
 
 def _signal(r: list[Any], org: str) -> dict[str, Any]:

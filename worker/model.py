@@ -686,6 +686,8 @@ class Model:
             status="rejected" if code else "charged",
             code=code,
             late=late,
+            source=item.source,
+            offset=item.offset,
         )
         self._evaluate(org, ctx, None)
         return Outcome(REJECTED, code) if code else Outcome(APPLIED)
@@ -715,6 +717,8 @@ class Model:
                 status="applied",
                 code=None,
                 command=dict(cmd),
+                source=item.source,
+                offset=item.offset,
             )
             return Outcome(APPLIED)
         gate = self._gate(org, item, "c|" + cid)
@@ -735,6 +739,8 @@ class Model:
             status="rejected" if status == REJECTED else "applied",
             code=code,
             command=dict(cmd),
+            source=item.source,
+            offset=item.offset,
         )
         self._evaluate(org, ctx, reason)
         return Outcome(status, code)

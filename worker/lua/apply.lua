@@ -643,7 +643,8 @@ local function do_usage(it)
       ledger(ctx, mid, 'charge', 'debt', -unpaid)
     end
   end
-  emit({2, 0, eid, mid, task, c, occ, code and 'rejected' or 'charged', code or NULL, late})
+  emit({2, 0, eid, mid, task, c, occ, code and 'rejected' or 'charged', code or NULL, late, src,
+    off})
   -- Fast path: a running member with credits left, no debt and the pool as available as
   -- before cannot change state, so there is nothing to evaluate.
   if not (m.pz == 0 and m.debt == 0 and m.inq == 0 and m.ag - m.au + m.bk > 0
@@ -902,7 +903,7 @@ local function do_command(it)
     O.ex = 1
     mark(src, off)
     remember('c|' .. cid)
-    emit({3, 0, cid, typ, 'applied', NULL, raw})
+    emit({3, 0, cid, typ, 'applied', NULL, raw, src, off})
     return {'applied', NULL}
   end
   local key = 'c|' .. cid
@@ -920,7 +921,7 @@ local function do_command(it)
   local code, reason, flags = dispatch(cmd, ctx, touched)
   local status = 'applied'
   if code ~= nil and code ~= 'unknown_request' then status = 'rejected' end
-  emit({3, 0, cid, typ, status, code or NULL, raw})
+  emit({3, 0, cid, typ, status, code or NULL, raw, src, off})
   finish_point(ctx, reason, touched, flags, avail)
   return {status, code or NULL}
 end
