@@ -220,6 +220,16 @@ class RedisEngine:
         """Finish any chunked org-wide work of the org (apply with no items)."""
         return await self.apply(org_id, [])
 
+    async def last_seq(self, org_id: str) -> int:
+        """The org's last effect seq (0 when Redis does not know the org)."""
+        raw = await self.client.hget(f"{self.prefix}:{{{org_id}}}:{KEY_ORG}", "sq")
+        return int(_s(raw)) if raw is not None else 0
+
+    async def reset_org(self, org_id: str) -> None:
+        """Forget everything Redis holds for one org (before a rebuild replays it)."""
+        # One DEL is fine on a cluster: every key of the org shares its hash tag.
+        await self.client.delete(*self.keys(org_id))
+
     # --- outbox ----------------------------------------------------------------------------
 
     async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:

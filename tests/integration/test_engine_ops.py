@@ -232,3 +232,13 @@ async def test_dedupe_window_rotates(client: aioredis.Redis, settings: Settings)
     assert res.outcomes[0].status == "applied"
     keys = engine.keys("o")
     assert await client.scard(keys[3]) == 1 and await client.scard(keys[8]) == 0
+
+
+async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) -> None:
+    engine = RedisEngine(client, settings)
+    assert await engine.last_seq("o") == 0
+    res = await engine.apply("o", [cmd("org_upsert", T0, billing_anchor_day=1), cmd("tick", T0)])
+    assert await engine.last_seq("o") == res.effects[-1]["seq"] == 2
+    await engine.reset_org("o")
+    assert await engine.last_seq("o") == 0 and await engine.dashboard("o") is None
+    assert await client.keys("*{o}*") == []
