@@ -114,6 +114,10 @@ _BACKSLASH: Final = ord("\\")
 _ZERO: Final = ord("0")
 _ESCAPED_NUL: Final = b"\\u0000"
 _TIERED: Final = (MemberAdd, MemberSetTier, TierLimitSet)
+_CREDITS_MC: dict[bytes, int] = {}
+"""Raw ``credits`` token -> millicredits, for tokens already parsed as valid. Producers send a
+small set of distinct amounts, so most events skip the parse; cleared when full."""
+_CREDITS_CACHE_MAX: Final = 65_536
 
 
 class _Defer(Exception):
@@ -177,12 +181,18 @@ def fast_decode_usage(
         wire.event_id + wire.org_id + wire.member_id + wire.task_id
     ):
         return None  # ids may not contain U+0000; rare enough to leave to the models
-    try:
-        credits_mc = _fast_credits(bytes(wire.credits))
-    except WireError as err:
-        return Rejection(err.code, f"credits: {err.detail}")
-    except _Defer:
-        return None
+    token = bytes(wire.credits)
+    credits_mc = _CREDITS_MC.get(token)
+    if credits_mc is None:
+        try:
+            credits_mc = _fast_credits(token)
+        except WireError as err:
+            return Rejection(err.code, f"credits: {err.detail}")
+        except _Defer:
+            return None
+        if len(_CREDITS_MC) >= _CREDITS_CACHE_MAX:
+            _CREDITS_MC.clear()
+        _CREDITS_MC[token] = credits_mc
     try:
         occurred_at_ms = parse_timestamp_ms(wire.occurred_at)
     except WireError as err:
@@ -202,9 +212,10 @@ def decode_usage(
     max_skew_ms: int = DEFAULT_MAX_SKEW_MS,
 ) -> UsageRecord | Rejection:
     """Decode and validate one usage event (SPEC sections 5 and 6)."""
-    rejection = _precheck(raw, max_bytes)
-    if rejection is not None:
-        return rejection
+    if len(raw) > max_bytes or not raw.isascii():
+        rejection = _precheck(raw, max_bytes)
+        if rejection is not None:
+            return rejection
     result = fast_decode_usage(raw, now_ms=now_ms, max_skew_ms=max_skew_ms)
     if result is None:
         return _reference_usage(raw, now_ms=now_ms, max_skew_ms=max_skew_ms)
