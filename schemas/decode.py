@@ -6,15 +6,18 @@ integer arithmetic. Whenever msgspec itself refuses a message (a missing field, 
 syntax), the message is handed to :func:`reference_decode_usage`, the pydantic model path, which
 decides the code. Rejections are rare, so their codes come from one place by construction; the
 accepted set, the parsed values and the amount/timestamp codes of the fast path are checked
-against the models by a hypothesis differential test.
+against the models by a hypothesis differential test. Two bounded caches (credit tokens and
+date-time prefixes already found valid) let the values that repeat from event to event skip
+their parse; errors are never cached. Measured at about 1.3-1.9 us per 170-byte event on the
+2-core reference machine (0.2 us of it in msgspec), against about 7 us for the model path.
 
 ``decode_admin`` always uses the pydantic models: admin traffic is small.
 
 Checks run in this order, and the first failure is the rejection: size (``max_bytes``), UTF-8,
 JSON syntax, top-level object, fields in SPEC order (admin: ``type`` first), configured tiers
 (admin, when ``tiers`` is given), then ``occurred_at``/``at`` against ``now_ms + max_skew_ms``.
-Unknown extra fields are ignored and not even parsed. With a duplicated key the last occurrence
-wins, as in most JSON parsers.
+Unknown extra fields are ignored (only their JSON syntax is checked, since the message must be
+valid JSON). With a duplicated key the last occurrence wins, as in most JSON parsers.
 
 Engine dict of an admin command (``CommandRecord.command``). Every command has::
 

@@ -4,7 +4,7 @@ pydantic's own JSON parser reads ``12.5`` as a binary float before any validator
 models are fed from here instead: msgspec splits the top-level object into raw tokens, and each
 field the model knows is converted on its own (strings, bools and null to Python values,
 numbers to :class:`~schemas.amounts.JsonNumber`, arrays and objects to empty placeholders,
-since no incoming field accepts them). Unknown fields are never parsed beyond their syntax.
+since no incoming field accepts them). Unknown fields are checked for JSON syntax only.
 """
 
 from __future__ import annotations
