@@ -247,7 +247,7 @@ class Demo:
                         v.get("type"),
                         v.get("org_id"),
                         v.get("member_id"),
-                        orjson.dumps(v.get("detail", {})).decode()[:70],
+                        ", ".join(f"{k}={val}" for k, val in (v.get("detail") or {}).items()),
                     )
                     for _, v, _ in notes
                 ],
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # Fresh topics elect their leaders a moment after creation; the client's retries of
         # that moment are noise in a demo.
-        logging.getLogger("aiokafka").setLevel(logging.ERROR)
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     base = Settings()
     if not args.verbose:
         base = base.model_copy(update={"log_level": "WARNING"})
