@@ -42,6 +42,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -401,7 +402,10 @@ NotificationType = Literal[
 
 
 class TaskControl(_Outgoing):
-    """Pause or resume a member's tasks (compacted topic ``credits.control.v1``)."""
+    """Pause or resume a member's tasks (compacted topic ``credits.control.v1``, key
+    ``org_id/member_id``). A pause carries a pause reason (pool_exhausted, member_limit_reached,
+    refill_failed, member_removed), a resume a resume reason (funded, limit_raised, cycle_reset,
+    member_added). ``seq`` increases strictly per member; the latest record is the state."""
 
     signal: Literal["pause", "resume"]
     org_id: Id
@@ -409,6 +413,13 @@ class TaskControl(_Outgoing):
     reason: PauseReason | ResumeReason
     seq: int = Field(ge=1)
     issued_at: UtcTimestamp
+
+    @model_validator(mode="after")
+    def _reason_fits_signal(self) -> Self:
+        pausing = self.reason in get_args(PauseReason)
+        if pausing != (self.signal == "pause"):
+            raise ValueError(f"reason {self.reason!r} does not go with signal {self.signal!r}")
+        return self
 
 
 class Notification(_Outgoing):

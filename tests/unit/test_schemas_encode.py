@@ -143,8 +143,10 @@ def test_org_wide_notification_has_null_member() -> None:
     ("model", "raw"),
     [
         (TaskControl, b'{"signal":"stop","org_id":"o","member_id":"m","reason":"funded","seq":1,"issued_at":"2026-11-01T00:00:00Z"}'),
-        (TaskControl, b'{"signal":"pause","org_id":"o","member_id":"m","reason":"funded","seq":0,"issued_at":"2026-11-01T00:00:00Z"}'),
-        (TaskControl, b'{"signal":"pause","org_id":"o","member_id":"m","reason":"funded","seq":1,"issued_at":"2026-11-01T00:00:00+00:00"}'),
+        (TaskControl, b'{"signal":"pause","org_id":"o","member_id":"m","reason":"funded","seq":1,"issued_at":"2026-11-01T00:00:00Z"}'),
+        (TaskControl, b'{"signal":"resume","org_id":"o","member_id":"m","reason":"member_removed","seq":1,"issued_at":"2026-11-01T00:00:00Z"}'),
+        (TaskControl, b'{"signal":"pause","org_id":"o","member_id":"m","reason":"pool_exhausted","seq":0,"issued_at":"2026-11-01T00:00:00Z"}'),
+        (TaskControl, b'{"signal":"resume","org_id":"o","member_id":"m","reason":"funded","seq":1,"issued_at":"2026-11-01T00:00:00+00:00"}'),
         (Invoice, b'{"type":"invoice","org_id":"o","cycle_start":"2026-11-01T00:00:00Z","cycle_end":"2026-12-01T00:00:00Z","negative_balance_credits":"1.50","amount_usd_cents":2}'),
         (RefillRequest, b'{"type":"refill_request","request_id":"r","org_id":"o","credits":12.5,"amount_usd_cents":13}'),
         (Notification, b'{"type":"pool_empty","org_id":"o","member_id":null,"detail":{},"at":"2026-11-01T00:00:00Z"}'),
@@ -293,3 +295,23 @@ def test_schema_files_describe_the_wire_names() -> None:
     }
     refill = admin["$defs"]["AutoRefillSet"]["required"]
     assert {"enabled", "threshold", "amount", "monthly_limit"} <= set(refill)
+
+
+@pytest.mark.parametrize(
+    ("signal", "reason"),
+    [
+        ("pause", "pool_exhausted"),
+        ("pause", "member_limit_reached"),
+        ("pause", "refill_failed"),
+        ("pause", "member_removed"),
+        ("resume", "funded"),
+        ("resume", "limit_raised"),
+        ("resume", "cycle_reset"),
+        ("resume", "member_added"),
+    ],
+)
+def test_every_spec_signal_reason_is_accepted(signal: str, reason: str) -> None:
+    raw = encode_task_control(
+        signal=signal, org_id="o", member_id="m", reason=reason, seq=1, issued_at_ms=0
+    )
+    assert TaskControl.model_validate_json(raw).reason == reason
