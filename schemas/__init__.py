@@ -50,6 +50,7 @@ from schemas.models import (
     RefillRequest,
     TaskControl,
     UsageEvent,
+    parse_admin_command,
 )
 from schemas.timestamps import format_timestamp, parse_timestamp_ms
 
@@ -86,6 +87,7 @@ __all__ = [
     "encode_usage_event",
     "format_credits",
     "format_timestamp",
+    "parse_admin_command",
     "parse_credits",
     "parse_timestamp_ms",
     "usd_cents_from_mc",
