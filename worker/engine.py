@@ -100,8 +100,22 @@ def _invoice(r: list[Any], org: str) -> dict[str, Any]:
             "amount_usd_cents": r[5]}  # fmt: skip
 
 
+def _charge(r: list[Any], org: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    # One row for the common charge: a usage event paid by one bucket (ledger seq, usage seq+1).
+    ledger = {"kind": "ledger", "seq": r[1], "org_id": org, "member_id": r[5],
+              "source_kind": "usage", "source_id": r[4], "task_id": r[6], "movement": "charge",
+              "bucket": r[2], "grant_id": r[3], "amount_mc": -r[7], "cycle_start_ms": r[12],
+              "late": r[9], "at_ms": r[13]}  # fmt: skip
+    usage = {"kind": "usage", "seq": r[1] + 1, "org_id": org, "event_id": r[4],
+             "member_id": r[5], "task_id": r[6], "credits_mc": r[7], "occurred_at_ms": r[8],
+             "status": "charged", "code": None, "late": r[9], "source": r[10],
+             "offset": r[11]}  # fmt: skip
+    return ledger, usage
+
+
 # Effects travel from the script as positional JSON arrays (row[0] = kind code, row[1] = seq).
 _DECODERS = (None, _ledger, _usage, _command, _signal, _notification, _refill_request, _invoice)
+_CHARGE = 8
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
 
@@ -128,7 +142,13 @@ def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
     if not rows:
         return []
     dec = _DECODERS
-    return [dec[r[0]](r, org_id) for r in rows]  # type: ignore[misc]
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        if r[0] == _CHARGE:
+            out.extend(_charge(r, org_id))
+        else:
+            out.append(dec[r[0]](r, org_id))  # type: ignore[misc]
+    return out
 
 
 def _outcome(status: Any, code: Any) -> Outcome:

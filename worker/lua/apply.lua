@@ -621,6 +621,7 @@ local function do_usage(it)
   local ctx = ctx_of('usage', eid, task, late)
   local avail = pool_available()
   local code = nil
+  local compact = false
   if not (type(c) == 'number' and c == math.floor(c) and c > 0 and c <= MAX_USAGE_MC) then
     code = 'invalid_amount'
   elseif m.act ~= 1 or (m.ra and occ < m.aa) then
@@ -635,6 +636,7 @@ local function do_usage(it)
     code = 'balance_overflow'
   else
     S('la', O.ck)
+    local before = NE
     local unpaid = consume(m, c, ctx, 'charge')
     if unpaid > 0 then
       if m.debt == 0 then m.ds = O.ck end
@@ -642,9 +644,19 @@ local function do_usage(it)
       S('dt', O.dt + unpaid)
       ledger(ctx, mid, 'charge', 'debt', -unpaid)
     end
+    if NE == before + 1 then
+      -- The common case, one bucket paid it all: the ledger row and the usage row travel as
+      -- one compact row (kind 8, seq of the ledger row; the usage row is seq + 1).
+      local l = E[NE]
+      E[NE] = {8, l[2], l[8], l[9], eid, mid, task, c, occ, late, src, off, l[11], l[13]}
+      O.sq = O.sq + 1
+      compact = true
+    end
   end
-  emit({2, 0, eid, mid, task, c, occ, code and 'rejected' or 'charged', code or NULL, late, src,
-    off})
+  if not compact then
+    emit({2, 0, eid, mid, task, c, occ, code and 'rejected' or 'charged', code or NULL, late,
+      src, off})
+  end
   -- Fast path: a running member with credits left, no debt and the pool as available as
   -- before cannot change state, so there is nothing to evaluate.
   if not (m.pz == 0 and m.debt == 0 and m.inq == 0 and m.ag - m.au + m.bk > 0
