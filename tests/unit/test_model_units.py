@@ -1,0 +1,80 @@
+"""Units of the model: amounts, cents, proration bounds, calendar, and the invariant checker."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from worker.model import (
+    CommandItem,
+    Model,
+    UsageItem,
+    add_months,
+    cents,
+    check_invariants,
+    cycle_containing,
+    format_mc,
+    iso,
+    prorate_mc,
+    to_ms,
+)
+
+
+def T(y: int, m: int, d: int, h: int = 0) -> int:
+    return to_ms(dt.datetime(y, m, d, h, tzinfo=dt.UTC))
+
+
+@pytest.mark.parametrize(
+    ("mc", "text"),
+    [(0, "0"), (1, "0.001"), (1500, "1.5"), (812_500, "812.5"), (10**13, "10000000000"),
+     (-12_345, "-12.345")],
+)  # fmt: skip
+def test_format_mc(mc: int, text: str) -> None:
+    assert format_mc(mc) == text
+
+
+@pytest.mark.parametrize(
+    ("mc", "usd_cents"), [(0, 0), (499, 0), (500, 1), (12_345, 12), (12_500, 13), (999, 1)]
+)
+def test_cents_round_half_up(mc: int, usd_cents: int) -> None:
+    assert cents(mc) == usd_cents
+
+
+def test_proration_bounds() -> None:
+    s, e = T(2026, 4, 1), T(2026, 5, 1)
+    assert prorate_mc(500_000, s, e, s) == 500_000  # joined at the start: everything
+    assert prorate_mc(500_000, s, e, e - 1000) == 0  # one second left: floor to 0 credits
+    assert prorate_mc(500_000, s, e, T(2026, 4, 30)) == 16_000  # 1 day of 30: 16.66 -> 16
+    assert prorate_mc(15_000_000, s, e, T(2026, 4, 10, 12)) == 10_250_000
+
+
+def test_calendar() -> None:
+    # Anchor 31 in February falls on the 28th.
+    assert cycle_containing(T(2026, 3, 30), 31) == (T(2026, 2, 28), T(2026, 3, 31))
+    assert cycle_containing(T(2026, 3, 31), 31) == (T(2026, 3, 31), T(2026, 4, 30))
+    assert add_months(T(2024, 2, 29, 5), 12) == T(2025, 2, 28, 5)
+    assert iso(T(2026, 1, 2) + 5) == "2026-01-02T00:00:00.005Z"
+
+
+def test_invariant_checker_catches_a_broken_state() -> None:
+    model = Model()
+    at = T(2026, 1, 1)
+    res = model.apply(
+        "o",
+        [CommandItem({"type": "org_upsert", "command_id": "c1", "at_ms": at,
+                      "billing_anchor_day": 1}),
+         CommandItem({"type": "member_add", "command_id": "c2", "at_ms": at, "member_id": "a",
+                      "tier": "pro"}),
+         CommandItem({"type": "pool_purchase", "command_id": "c3", "at_ms": at,
+                      "credits_mc": 100_000}),
+         UsageItem("e1", "a", "t", 650_000, at + 1)],
+    )  # fmt: skip
+    org = model.orgs["o"]
+    assert check_invariants(org, res.effects) == []
+    org.pool += 1  # a credit from nowhere
+    assert any("bucket pool" in p for p in check_invariants(org, res.effects))
+    org.pool -= 1
+    signal = next(e for e in res.effects if e["kind"] == "signal")
+    assert any("two" in p for p in check_invariants(org, [*res.effects, dict(signal, seq=99)]))
+    assert any("seq" in p for p in check_invariants(org, list(reversed(res.effects))))
