@@ -131,7 +131,9 @@ def parse_credits(
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise WireError(ErrorCode.INVALID_FIELD, f"amount {value} is not finite")
-        return parse_credits_text(_plain(value), allow_zero=allow_zero, max_mc=max_mc, whole=whole)
+        return parse_credits_text(
+            format(value, "f"), allow_zero=allow_zero, max_mc=max_mc, whole=whole
+        )
     if value < 0 or (value == 0 and not allow_zero):
         raise WireError(
             ErrorCode.AMOUNT_NOT_POSITIVE,
@@ -157,11 +159,6 @@ def format_credits(mc: int) -> str:
 def usd_cents_from_mc(mc: int) -> int:
     """USD cents for an amount in millicredits (1 credit = 1 cent), rounded half up."""
     return (mc + MC_PER_CREDIT // 2) // MC_PER_CREDIT
-
-
-def _plain(value: Decimal) -> str:
-    text = format(value, "f")
-    return "0" if text in ("-0", "0") else text
 
 
 def _json_type(value: object) -> str:

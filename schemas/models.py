@@ -96,7 +96,8 @@ def _timestamp(value: object) -> datetime:
         if isinstance(value, str):
             return parse_timestamp(value)
         if isinstance(value, datetime):
-            datetime_to_ms(value)  # refuses naive values
+            if datetime_to_ms(value) < 0:  # also refuses naive values
+                raise WireError(ErrorCode.INVALID_FIELD, "timestamp is before 1970-01-01")
             return value.replace(microsecond=value.microsecond // 1000 * 1000)
     except WireError as err:
         raise _custom(err) from None
