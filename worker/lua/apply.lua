@@ -568,6 +568,8 @@ local function mark(src, off)
 end
 
 local UNKNOWN_SEEN_DROP = {}
+local OUT_APPLIED, OUT_DUPLICATE, OUT_REPLAYED = {'applied', NULL}, {'duplicate', NULL},
+  {'replayed', NULL}
 -- Returns the outcome when the item is not to be decided, else nil and, for a replayed offset
 -- that was unknown when first seen, its dedupe entry (dropped once the item is decided).
 local function gate(src, off, key)
@@ -577,13 +579,13 @@ local function gate(src, off, key)
     if SEEN[u] == nil then
       SEEN[u] = seen_in_window({u})[1]
     end
-    if not SEEN[u] then return {'replayed', NULL}, nil end
+    if not SEEN[u] then return OUT_REPLAYED, nil end
     drop = u
   end
   if SEEN[key] then
     mark(src, off)
     if drop then SEEN[drop] = false; UNKNOWN_SEEN_DROP[#UNKNOWN_SEEN_DROP + 1] = drop end
-    return {'duplicate', NULL}, nil
+    return OUT_DUPLICATE, nil
   end
   return nil, drop
 end
@@ -664,7 +666,7 @@ local function do_usage(it)
     finish_point(ctx, nil, {m}, {}, avail)
   end
   if code then return {'rejected', code} end
-  return {'applied', NULL}
+  return OUT_APPLIED
 end
 
 local function credit_pool(amount)
