@@ -113,4 +113,8 @@ async def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    try:
+        import uvloop  # the worker runs on uvloop too
+    except ImportError:  # pragma: no cover - optional
+        sys.exit(asyncio.run(main()))
+    sys.exit(uvloop.run(main()))
