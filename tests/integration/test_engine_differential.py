@@ -25,7 +25,7 @@ from worker.engine import RedisEngine
 from worker.model import CommandItem, Item, Model, UsageItem, check_invariants, to_ms
 
 TIERS = {"pro": 500, "max": 15_000, "free": 0}
-MEMBERS = ["m0", "m1", "m2", "ghost"]
+MEMBERS = ["m0", "m1", "m2", "m3", "ghost"]
 C = 1000
 MIN, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 T0 = to_ms(dt.datetime(2026, 1, 20, 9, tzinfo=dt.UTC))
@@ -64,7 +64,7 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
     for o in range(n_orgs):
         anchor = draw(st.sampled_from([1, 20, 21, 31]))
         items: list[Item] = [command(o, "org_upsert", clock[o], billing_anchor_day=anchor)]
-        for mid in MEMBERS[:3]:
+        for mid in MEMBERS[:4]:
             if draw(st.booleans()) or mid == "m0":
                 items.append(
                     command(
@@ -99,14 +99,16 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
         history[o].extend(items)
         batches.append((o, items))
 
-    for _ in range(draw(st.integers(1, 10))):
+    for _ in range(draw(st.integers(1, 14))):
         o = draw(st.integers(0, n_orgs - 1))
         items = []
-        for _ in range(draw(st.integers(1, 6))):
-            step = draw(st.sampled_from([0, 0, MIN, HOUR, DAY, 4 * DAY, 12 * DAY, 33 * DAY]))
+        for _ in range(draw(st.integers(1, 10))):
+            step = draw(
+                st.sampled_from([0, 0, MIN, HOUR, DAY, 4 * DAY, 12 * DAY, 33 * DAY, 400 * DAY])
+            )
             clock[o] += step
             at = clock[o] - draw(st.sampled_from([0, 0, 0, 2 * DAY]))  # some arrive late
-            member = draw(st.sampled_from(MEMBERS[:3] * 3 + MEMBERS[3:]))
+            member = draw(st.sampled_from(MEMBERS[:4] * 3 + MEMBERS[4:]))
             kind = draw(
                 st.sampled_from(
                     ["use"] * 8
@@ -221,7 +223,12 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
                     member_id=member,
                     grant_id=draw(st.sampled_from(["g1", "g2", "g3"])),
                     credits_mc=draw(st.sampled_from([1, 50, 600])) * C,
-                    expires_at_ms=clock[o] + draw(st.sampled_from([HOUR, 2 * DAY, 40 * DAY])),
+                    expires_at_ms=draw(
+                        st.sampled_from(
+                            # Shared instants make several grants expire at once.
+                            [clock[o] + HOUR, clock[o] + 2 * DAY, T0 + 45 * DAY, T0 + 72 * DAY]
+                        )
+                    ),
                 )
             elif kind == "request":
                 item = command(
@@ -277,7 +284,8 @@ async def check_org(engine: RedisEngine, model: Model, org_id: str, log: list[An
 
 
 @settings(
-    max_examples=400,
+    # 6x the profile's count: 600 under "ci" (~40 s), 120 under "dev".
+    max_examples=6 * settings().max_examples,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(batches=scenarios())
