@@ -857,7 +857,7 @@ class Model:
             tier = cmd.get("tier")
             if tier not in self.tiers_mc:
                 return E_UNKNOWN_TIER, None
-            new_mc, cur_mc = self.tiers_mc[tier], self.tiers_mc[m.tier]
+            new_mc, cur_mc = self.tiers_mc[tier], self.tiers_mc.get(m.tier, 0)
             if new_mc >= cur_mc:
                 diff = prorate_mc(new_mc - cur_mc, org.cstart, org.cend, org.clock)
                 m.tier = m.next_tier = tier
@@ -966,7 +966,8 @@ def _roll(m: Member, cycle_no: int, tiers_mc: Mapping[str, int]) -> None:
         return
     m.cycle_no = cycle_no
     m.tier = m.next_tier
-    m.ag = tiers_mc[m.tier] if m.active else 0
+    # A tier dropped from the catalogue grants nothing (the engine does the same).
+    m.ag = tiers_mc.get(m.tier, 0) if m.active else 0
     m.au = m.bk = m.dr = m.bu = m.pu = m.debt = m.dsince = 0
 
 
