@@ -10,12 +10,14 @@
 --       6 walk budget (members per call)
 -- Returns {meta JSON [consumed, pending, outcomes], effects JSON}.
 --
--- Write order and crashes: a script is atomic, but Redis has no rollback, so every input is
--- validated before the first write of its item, and nothing here can fail half-way except on
--- out-of-memory (maxmemory-policy noeviction makes that an error before any write of the
--- command). All writes of this call (org fields, members, sets, dedupe ids, outbox entry) land
--- together at the end of the script, so a worker crash after the call loses nothing: the
--- effects are in the outbox until acked.
+-- Write order and crashes: the script is atomic, so no client ever sees part of a call; but
+-- Redis has no rollback, so every input is validated before its item's first write and no
+-- error path exists after it (Redis refuses a call at its start when out of memory under
+-- maxmemory-policy noeviction, and lets a started script finish). Member sets are updated as
+-- members are evaluated; the org and member hashes, the dedupe ids and the one outbox entry
+-- are written at the end. A worker crash after the call loses nothing: the effects wait in the
+-- outbox until acked. Unfinished org-wide work is recorded in the org hash ('jb') and finished
+-- by the next call, whoever makes it, before any further item is applied.
 
 local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E, K_D1 =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
