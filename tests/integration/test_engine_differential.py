@@ -246,8 +246,8 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
                     o, "org_upsert", at, billing_anchor_day=draw(st.sampled_from([1, 15, 31]))
                 )
             items.append(item)
+            history[o].append(item)  # duplicates and replays within one batch too
         if items:
-            history[o].extend(items)
             batches.append((o, items))
     return batches
 
