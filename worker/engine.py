@@ -206,6 +206,9 @@ class RedisEngine:
         """Apply items of one org in order; one outcome per item plus the effects produced.
 
         ``now_ms`` is the wall clock used for the dedupe window (defaults to the local clock).
+        Calls for different orgs may run concurrently; calls for the same org should not
+        overlap when the relative order of their items matters (each call is atomic, but two
+        overlapping calls interleave at call boundaries).
         Several script calls happen when org-wide work is chunked; each call is atomic and
         leaves the org consistent, and a crash between calls leaves the pending work recorded
         in the org hash, where the next call (of any worker) finishes it before anything else.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -93,6 +93,10 @@ class ApplyResult:
 
     outcomes: list[Outcome]
     effects: list[dict[str, Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``outcomes, effects = engine.apply(...)``."""
+        return iter((self.outcomes, self.effects))
 
 
 # --- Calendar (UTC) --------------------------------------------------------------------------
