@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -242,3 +243,37 @@ async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) ->
     await engine.reset_org("o")
     assert await engine.last_seq("o") == 0 and await engine.dashboard("o") is None
     assert await client.keys("*{o}*") == []
+
+
+async def test_pending_work_is_finished_by_the_next_caller(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    first = RedisEngine(client, settings, walk_budget=10)
+    members = [f"m{i:03d}" for i in range(60)]
+    await first.apply(
+        "o",
+        [cmd("org_upsert", T0, billing_anchor_day=1),
+         *(cmd("member_add", T0, member_id=m, tier="pro") for m in members),
+         *(use(m, 501 * C, T0 + 1) for m in members)],  # everyone in debt and paused
+    )  # fmt: skip
+    # One raw script call (a worker that dies right after it): the cycle end starts, most of
+    # the resumes are still queued in Redis.
+    tick = cmd("tick", to_ms(dt.datetime(2026, 2, 1, tzinfo=dt.UTC)))
+    meta, _ = await first._apply(
+        keys=first.keys("o"),
+        args=["o", orjson.dumps([[2, orjson.dumps(tick.command).decode(), "", -1]]).decode(),
+              0, first.window_ms, first._config, first.walk_budget],
+    )  # fmt: skip
+    consumed, pending, _outs = orjson.loads(meta)
+    # The tick is not consumed yet (its due moments are unfinished; it would be redelivered),
+    # but the cycle has closed and the work is recorded.
+    assert (consumed, pending) == (0, 1)
+    assert int(await client.hget(first.keys("o")[0], "cs")) == tick.command["at_ms"]
+    # Another worker applies a new event: the queued resumes come first, then the event.
+    second = RedisEngine(client, settings)
+    res = await second.apply(
+        "o", [use("m000", 1 * C, to_ms(dt.datetime(2026, 2, 2, tzinfo=dt.UTC)))]
+    )
+    kinds = [e["kind"] for e in res.effects]
+    assert kinds.count("signal") == 60 - 10 and kinds[-2:] == ["ledger", "usage"]
+    assert await client.zcard(second.keys("o")[4]) == 0
