@@ -235,8 +235,10 @@ class RedisEngine:
             start += consumed
             if start >= len(encoded) and not pending:
                 return ApplyResult(outcomes, effects)
+            # Every call with a budget of at least one member makes progress, so a call that
+            # consumed nothing and reports nothing pending means the script is broken.
             stalls = stalls + 1 if consumed == 0 and not pending else 0
-            if stalls > 3:
+            if stalls > 1:
                 raise RuntimeError(f"engine made no progress on org {org_id!r}")
 
     async def drain(self, org_id: str) -> ApplyResult:

@@ -277,3 +277,23 @@ async def test_pending_work_is_finished_by_the_next_caller(
     kinds = [e["kind"] for e in res.effects]
     assert kinds.count("signal") == 60 - 10 and kinds[-2:] == ["ledger", "usage"]
     assert await client.zcard(second.keys("o")[4]) == 0
+
+
+async def test_many_grants_expiring_at_one_instant(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    engine = RedisEngine(client, settings, walk_budget=3)
+    exp = T0 + 10 * 86_400_000
+    members = [f"m{i:02d}" for i in range(20)]
+    await engine.apply(
+        "o",
+        [cmd("org_upsert", T0, billing_anchor_day=1),
+         *(cmd("member_add", T0, member_id=m, tier="pro") for m in members),
+         *(cmd("promo_grant", T0, member_id=m, grant_id=g, credits_mc=C, expires_at_ms=exp)
+           for m in members for g in ("a", "b"))],
+    )  # fmt: skip
+    calls = engine.calls
+    res = await engine.apply("o", [cmd("tick", exp)])
+    expired = [e for e in res.effects if e["kind"] == "ledger" and e["movement"] == "expire"]
+    assert len(expired) == 40 and res.outcomes[0].status == "applied"
+    assert engine.calls - calls >= 40 // 3

@@ -947,11 +947,12 @@ end
 -- ---------------------------------------------------------------------------------------
 local outcomes = {}
 local consumed = 0
+local STOPPED = false -- the budget ran out in the middle of an item's due moments
 if EXISTS and #JOBS > 0 then run_jobs() end
 for i, it in ipairs(ITEMS) do
   local r
   if it[1] == 1 then r = do_usage(it) else r = do_command(it) end
-  if r == INTERRUPTED then break end
+  if r == INTERRUPTED then STOPPED = true; break end
   outcomes[i] = r
   consumed = i
 end
@@ -1002,4 +1003,4 @@ if #E > 0 then
   blob = cjson.encode(E)
   redis.call('XADD', K_X, fmt(O.sq) .. '-0', 'e', blob)
 end
-return {cjson.encode({consumed, (#JOBS > 0) and 1 or 0, outcomes}), blob}
+return {cjson.encode({consumed, (#JOBS > 0 or STOPPED) and 1 or 0, outcomes}), blob}
