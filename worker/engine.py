@@ -38,8 +38,8 @@ from worker.model import (
     Org,
     Outcome,
     UsageItem,
-    _roll,
     dashboard_view,
+    roll_member,
     state_view,
 )
 
@@ -323,7 +323,7 @@ class RedisEngine:
                 promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
                         for i in range(0, len(promos), 3)],
             )  # fmt: skip
-            _roll(m, org.cycle_no, self.tiers_mc)
+            roll_member(m, org.cycle_no, self.tiers_mc)
             org.members[mid] = m
         return org
 

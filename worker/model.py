@@ -599,7 +599,7 @@ class Model:
         org.pdrawn = org.refilled = org.invoice_extra = 0
         org.rf_limit_notified = False
         for m in org.members.values():
-            _roll(m, org.cycle_no, self.tiers_mc)
+            roll_member(m, org.cycle_no, self.tiers_mc)
         granted = sum(m.ag for m in active)
         if granted:
             self._ledger(org, ctx, None, "grant", "allocation", granted)
@@ -964,7 +964,7 @@ def _amount(value: object, low: int) -> TypeGuard[int]:
     )
 
 
-def _roll(m: Member, cycle_no: int, tiers_mc: Mapping[str, int]) -> None:
+def roll_member(m: Member, cycle_no: int, tiers_mc: Mapping[str, int]) -> None:
     """Start member ``m`` in cycle ``cycle_no``: fresh allocation, counters reset."""
     if m.cycle_no >= cycle_no:
         return
