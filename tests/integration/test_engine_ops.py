@@ -297,3 +297,24 @@ async def test_many_grants_expiring_at_one_instant(
     expired = [e for e in res.effects if e["kind"] == "ledger" and e["movement"] == "expire"]
     assert len(expired) == 40 and res.outcomes[0].status == "applied"
     assert engine.calls - calls >= 40 // 3
+
+
+async def test_works_with_a_bytes_client(redis_url: str, settings: Settings) -> None:
+    client = aioredis.Redis.from_url(redis_url)  # decode_responses=False, as in production
+    try:
+        await client.flushdb()
+        engine = RedisEngine(client, settings)
+        res = await engine.apply(
+            "o",
+            [cmd("org_upsert", T0, billing_anchor_day=1),
+             cmd("member_add", T0, member_id="a", tier="pro"),
+             use("a", 20 * C, T0 + 1)],
+        )  # fmt: skip
+        assert [o.status for o in res.outcomes] == ["applied"] * 3
+        assert await engine.outbox_pending("o") == res.effects
+        assert await engine.orgs_with_outbox() == ["o"]
+        dash = await engine.dashboard("o")
+        assert dash is not None and dash["members"][0]["used"] == "20"
+        assert await engine.last_seq("o") == res.effects[-1]["seq"]
+    finally:
+        await client.aclose()
