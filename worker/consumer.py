@@ -32,6 +32,7 @@ from aiokafka.structs import OffsetAndMetadata
 from schemas.decode import CommandRecord, Rejection, UsageRecord, decode_admin, decode_usage
 from worker import metrics
 from worker.config import Settings
+from worker.constants import KEY_OUTBOX, ORG_KEY_SUFFIXES
 from worker.ledger import FlushBatch, Ledger, ParkedEvent
 from worker.model import CommandItem, UsageItem
 from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
@@ -43,11 +44,13 @@ T = TypeVar("T")
 ENGINE_CHUNK = 500
 """Items per engine call: bounds the time one Lua call holds Redis (NOTES: ~500 debits/call)."""
 
-ENGINE_CONCURRENCY = 6
+ENGINE_CONCURRENCY = 8
 """Engine calls in flight across orgs (NOTES: 4 calls in flight roughly double throughput)."""
 
 PARKED_RETRY_LIMIT = 5_000
 """Parked events retried per turn (the rest wait for the next turn)."""
+
+_OUTBOX_INDEX = ORG_KEY_SUFFIXES.index(KEY_OUTBOX)
 
 UNPARSEABLE = frozenset({"message_too_large", "invalid_utf8", "invalid_json"})
 
@@ -113,6 +116,7 @@ class Batch:
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_publish: Callable[[], Awaitable[Any]] | None = None
     orgs_with_commands: set[str] = field(default_factory=set)
+    charged_mc: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by bucket
     is_retry: bool = False
 
 
@@ -231,6 +235,7 @@ class Pipeline:
         self._pending_ids: dict[str, int] = {}  # pipeline-decided ids of unflushed batches
         self._parked_hint = True  # parked rows may exist for our partitions
         self._retry_soon = False
+        self._retry_decided = 0  # events the last parked-retry turn charged or dead-lettered
         self._last_retry = 0.0
         self._stopping_since: float | None = None
         self._crash = _crash_plan()
@@ -288,7 +293,8 @@ class Pipeline:
         consumer = self.consumer
         idle_since = time.monotonic()
         fetched = 0
-        final_retry = False
+        final_retry = True  # bounded run: parked events get turns until none are left to try
+        offered = 0
         while not self.stop.is_set():
             if self.max_events is not None and fetched >= self.max_events:
                 # Every wanted record is fetched; wait for stage B to flush them, give parked
@@ -296,9 +302,12 @@ class Pipeline:
                 if not self._done() or self._inflight:
                     await asyncio.sleep(0.01)
                     continue
-                if self._parked_hint and not final_retry:
-                    final_retry = True
-                    await self._retry_parked()
+                if self._parked_hint and final_retry:
+                    offered = await self._retry_parked()
+                    final_retry = False
+                    continue
+                if offered >= PARKED_RETRY_LIMIT and self._retry_decided > 0:
+                    final_retry = True  # a full turn that made progress: there may be more
                     continue
                 break
             try:
@@ -544,7 +553,7 @@ class Pipeline:
                 batch.messages.extend(self.publisher.encoder.messages(org_id, effects, lookup))
                 top = max(int(e["seq"]) for e in effects)
                 batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
-                metrics.count_effects(tuple(effects))
+                _tally(effects, batch.charged_mc)
 
     async def _fill_gap(
         self, org_id: str, effects: list[dict[str, Any]], *, force: bool
@@ -702,18 +711,19 @@ class Pipeline:
                     )
 
     # --- parked events ---------------------------------------------------------------------------
-    async def _retry_parked(self) -> None:
+    async def _retry_parked(self) -> int:
         """Offer parked events of our partitions to the engine again (after the org or member
-        may have been created), and dead-letter those past the grace period."""
+        may have been created), and dead-letter those past the grace period; returns how many
+        were offered."""
         self._last_retry = time.monotonic()
         self._retry_soon = False
         if not self._parked_hint or self.consumer is None:
-            return
+            return 0
         partitions = sorted(
             tp.partition for tp in self.consumer.assignment() if tp.topic == self.s.topic_usage
         )
         if not partitions:
-            return
+            return 0
         try:
             rows = await self.ledger.parked_for_partitions(
                 self.s.topic_usage, partitions, PARKED_RETRY_LIMIT
@@ -721,12 +731,13 @@ class Pipeline:
         except Exception as exc:
             metrics.ERRORS.labels(stage="postgres").inc()
             log.warning("reading parked events failed: %s", exc)
-            return
+            return 0
+        offered = len(rows)
         rows = [r for r in rows if r.event_id not in self._pending_ids]
-        metrics.PARKED_EVENTS.set(len(rows))
+        metrics.PARKED_EVENTS.set(offered)
         if not rows:
-            self._parked_hint = False
-            return
+            self._parked_hint = offered > 0
+            return 0
         self._batch_no += 1
         batch = Batch(number=self._batch_no, is_retry=True)
         for r in rows:
@@ -742,6 +753,7 @@ class Pipeline:
             raw = RawSource(r.key, r.value, r.source_topic, r.source_partition, r.source_offset)
             batch.by_org[r.org_id].append(Pending(r.event_id, True, item, raw, parked=r))
         await self._process(batch)
+        return offered
 
     # --- stage B ---------------------------------------------------------------------------------
     async def _stage_b(self) -> None:
@@ -792,11 +804,7 @@ class Pipeline:
         # 3. Outbox ack: only now may Redis forget the effects.
         if batch.acks:
             await self._backoff.retry(
-                "redis",
-                lambda: asyncio.gather(
-                    *(self.engine.outbox_ack(o, seq) for o, seq in batch.acks.items())
-                ),
-                give_up=giving_up,
+                "redis", lambda: self._ack_outboxes(batch.acks), give_up=giving_up
             )
         # Crash here: everything is durable; only Kafka's committed offsets lag behind. They
         # are informational (lag, tools): a restart seeks to the PostgreSQL offsets.
@@ -824,6 +832,31 @@ class Pipeline:
         if batch.orgs_with_commands and self._parked_hint:
             self._retry_soon = True
 
+    async def _ack_outboxes(self, acks: Mapping[str, int]) -> None:
+        many = getattr(self.engine, "outbox_ack_many", None)
+        if many is not None:
+            await many(acks)
+            return
+        client = getattr(self.engine, "client", None)
+        keys = getattr(self.engine, "keys", None)
+        if client is not None and keys is not None:
+            # RedisEngine: one pipelined round trip of XTRIM MINID for the whole batch (the
+            # same command outbox_ack sends), instead of one round trip per org.
+            pipe = client.pipeline(transaction=False)
+            for org_id, seq in acks.items():
+                pipe.xtrim(keys(org_id)[_OUTBOX_INDEX], minid=f"{seq + 1}-0", approximate=False)
+            await pipe.execute()
+            return
+        # A batch may touch thousands of orgs: bound the calls in flight (and so the client's
+        # connections) rather than firing one per org at once.
+        sem = asyncio.Semaphore(ENGINE_CONCURRENCY * 2)
+
+        async def one(org_id: str, seq: int) -> None:
+            async with sem:
+                await self.engine.outbox_ack(org_id, seq)
+
+        await asyncio.gather(*(one(o, seq) for o, seq in acks.items()))
+
     def _finish(self, batch: Batch) -> None:
         for ident in batch.ids:
             if self._pending_ids.get(ident) == batch.number:
@@ -835,7 +868,9 @@ class Pipeline:
     def _account(self, batch: Batch) -> None:
         c = batch.counts
         st = self.stats
-        if not batch.is_retry:
+        if batch.is_retry:
+            self._retry_decided = c["unparked"] + c["rejected"]
+        else:
             st.batches += 1
             st.records += batch.records
             metrics.BATCH_SIZE.observe(batch.records)
@@ -859,6 +894,8 @@ class Pipeline:
                 "parked": c["parked"],
             }
         )
+        for bucket, mc in batch.charged_mc.items():
+            metrics.charge(bucket, mc)
         # "rejected" of usage events is counted per reason where it is decided.
         metrics.EVENTS.labels(outcome="rejected").inc(c["rejected"])
 
@@ -929,6 +966,19 @@ def _lookup(chunk: Sequence[Pending]) -> Callable[[str], RawSource | None]:
         return index.get(ident)
 
     return find
+
+
+def _tally(effects: list[dict[str, Any]], charged_mc: dict[str, int]) -> None:
+    """Count effects for the metrics: usage charges summed per bucket (one counter update
+    per batch instead of one per event), the rare kinds one by one."""
+    for e in effects:
+        kind = e["kind"]
+        if kind == "ledger":
+            amount = e.get("amount_mc") or 0
+            if amount < 0 and e.get("source_kind") == "usage":
+                charged_mc[e.get("bucket") or "unknown"] -= amount
+        elif kind != "usage":
+            metrics.count_effect(e)
 
 
 def _add_sources(effects: list[dict[str, Any]], lookup: Callable[[str], RawSource | None]) -> None:

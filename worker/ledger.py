@@ -197,45 +197,55 @@ class FlushBatch:
         )
 
     def add_effects(self, org_id: str, effects: Iterable[Mapping[str, Any]]) -> None:
-        """Turn engine effects (docs/architecture.md) into rows."""
+        """Turn engine effects (docs/architecture.md) into rows.
+
+        Ledger and usage effects are one or two per event: their rows are built with plain
+        lookups (the engine's values already have the column types; COPY checks them).
+        """
         top = self.org_seq.get(org_id, 0)
+        ledger = self.ledger
+        usage = self.usage
         for e in effects:
-            seq = int(e["seq"])
-            top = max(top, seq)
-            kind = e.get("kind")
+            seq = e["seq"]
+            if seq > top:
+                top = seq
+            kind = e["kind"]
             if kind == "ledger":
-                self.ledger.append(
+                g = e.get
+                ledger.append(
                     (
                         org_id,
                         seq,
-                        _opt_str(e.get("member_id")),
-                        str(e.get("source_kind") or "system"),
-                        _opt_str(e.get("source_id")),
-                        _opt_str(e.get("task_id")),
-                        str(e.get("movement") or ""),
-                        _opt_str(e.get("bucket")),
-                        _opt_str(e.get("grant_id")),
-                        int(e.get("amount_mc") or 0),
-                        _opt_int(e.get("cycle_start_ms")),
-                        bool(e.get("late")),
-                        _opt_int(e.get("at_ms")),
+                        g("member_id"),
+                        g("source_kind") or "system",
+                        g("source_id"),
+                        g("task_id"),
+                        g("movement") or "",
+                        g("bucket"),
+                        g("grant_id"),
+                        g("amount_mc") or 0,
+                        g("cycle_start_ms"),
+                        bool(g("late")),
+                        g("at_ms"),
                     )
                 )
             elif kind == "usage":
-                self.usage.append(
+                g = e.get
+                offset = g("offset")
+                usage.append(
                     (
-                        str(e["event_id"]),
+                        e["event_id"],
                         org_id,
                         seq,
-                        _opt_str(e.get("member_id")),
-                        _opt_str(e.get("task_id")),
-                        _opt_int(e.get("credits_mc")),
-                        _opt_int(e.get("occurred_at_ms")),
-                        str(e.get("status") or "charged"),
-                        _opt_str(e.get("code")),
-                        bool(e.get("late")),
-                        _opt_str(e.get("source")),
-                        _source_offset(e),
+                        g("member_id"),
+                        g("task_id"),
+                        g("credits_mc"),
+                        g("occurred_at_ms"),
+                        g("status") or "charged",
+                        g("code"),
+                        bool(g("late")),
+                        g("source"),
+                        offset if offset is not None and offset >= 0 else None,
                     )
                 )
             elif kind == "command":
