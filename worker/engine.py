@@ -151,12 +151,17 @@ def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _outcome(status: Any, code: Any) -> Outcome:
-    key = (_s(status), None if code is None else _s(code))
-    found = _OUTCOMES.get(key)
-    if found is None:
-        found = _OUTCOMES[key] = Outcome(*key)
-    return found
+def _outcomes(rows: list[list[Any]]) -> list[Outcome]:
+    # The rows come from JSON (str or None), and outcomes are immutable: share them.
+    cache = _OUTCOMES
+    out: list[Outcome] = []
+    for status, code in rows:
+        key = (status, code)
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = Outcome(status, code)
+        out.append(found)
+    return out
 
 
 def _s(value: Any) -> str:
@@ -230,7 +235,7 @@ class RedisEngine:
             consumed, pending, outs = orjson.loads(meta_raw)
             if isinstance(outs, dict):  # cjson writes an empty table as {}
                 outs = []
-            outcomes.extend(_outcome(status, code) for status, code in outs[:consumed])
+            outcomes.extend(_outcomes(outs[:consumed]))
             effects.extend(decode_effects(org_id, blob))
             start += consumed
             if start >= len(encoded) and not pending:
