@@ -32,6 +32,9 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=int, default=200_000)
     p.add_argument("--batch", type=int, default=500, help="debits per script call")
     p.add_argument("--inflight", type=int, default=4, help="script calls in flight")
+    p.add_argument(
+        "--credits", type=float, default=120.0, help="credits per debit (pro seats: 500/cycle)"
+    )
     a = p.parse_args(argv)
 
     base = Settings()
@@ -58,7 +61,7 @@ async def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         items += [
             CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
-                         "member_id": f"m{j}", "tier": "max"})
+                         "member_id": f"m{j}", "tier": "pro"})
             for j in range(a.members)
         ]  # fmt: skip
         async with sem:
@@ -68,15 +71,17 @@ async def main(argv: list[str] | None = None) -> int:
     await asyncio.gather(*(setup(o) for o in orgs))
     print(f"setup {time.perf_counter() - t:.1f}s", flush=True)
 
-    # Work units: (org, batch of debits). Debits of 1.5 credits spread over the members, so
-    # allocations run out and blocks are drawn from the pool along the way.
+    # Work units: (org, batch of debits), spread over the members. At the default 120 credits
+    # a member's 500-credit allocation runs out on its 5th debit and pool blocks of 500 are
+    # drawn after that, so the run mixes one-bucket charges, split charges and draws.
     per_org = a.events // a.orgs
+    debit_mc = round(a.credits * 1000)
     units: list[tuple[str, list[UsageItem]]] = []
     for start in range(0, per_org, a.batch):
         for o in orgs:
             n = min(a.batch, per_org - start)
             units.append((o, [
-                UsageItem(f"{o}-e{start + k}", f"m{(start + k) % a.members}", "task", 1500,
+                UsageItem(f"{o}-e{start + k}", f"m{(start + k) % a.members}", "task", debit_mc,
                           T0 + 1000 + start + k, "credits.usage.v1:0", start + k)
                 for k in range(n)
             ]))  # fmt: skip
