@@ -203,13 +203,18 @@ async def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
         await admin.close()
 
 
-async def progress(settings: Settings, targets: dict[TopicPartition, int]) -> int:
-    """How many of the ``targets`` records the group has committed (0 if it cannot tell)."""
+async def committed_total(settings: Settings, topics: Iterable[str]) -> int:
+    """Sum of the group's committed offsets over every partition of ``topics`` (0 if unknown)."""
+    wanted = set(topics)
     try:
         got = await committed_offsets(settings)
     except Exception:
         return 0
-    return sum(min(got.get(tp, 0), end) for tp, end in targets.items())
+    return sum(off for tp, off in got.items() if tp.topic in wanted)
+
+
+def _logs(procs: Sequence[WorkerProcess]) -> str:
+    return "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
 
 
 async def wait_drained(
@@ -221,26 +226,23 @@ async def wait_drained(
 ) -> None:
     """Wait until the group's committed offsets reach the end of every partition of ``topics``.
 
-    Fails early, with the workers' log tails, if every worker has exited.
+    The end offsets are read again while waiting (producers may still be writing). Fails
+    early, with the workers' log tails, if every worker has exited.
     """
-    targets = await end_offsets(settings, topics)
-    total = sum(targets.values())
     deadline = time.monotonic() + timeout
-    done = 0
     while True:
-        done = await progress(settings, targets)
-        if done >= total:
+        targets = await end_offsets(settings, topics)
+        try:
+            got = await committed_offsets(settings)
+        except Exception:
+            got = {}
+        behind = {tp: end - got.get(tp, 0) for tp, end in targets.items() if got.get(tp, 0) < end}
+        if not behind:
             return
         if procs and not any(p.alive for p in procs):
-            raise AssertionError(
-                f"all workers exited with {done}/{total} committed:\n"
-                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
-            )
+            raise AssertionError(f"all workers exited with {behind} left:\n{_logs(procs)}")
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"committed offsets at {done}/{total} after {timeout:.0f} s:\n"
-                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
-            )
+            raise AssertionError(f"after {timeout:.0f} s still behind {behind}:\n{_logs(procs)}")
         await asyncio.sleep(0.25)
 
 
@@ -253,17 +255,13 @@ async def wait_progress(
     timeout: float = 60.0,
 ) -> int:
     """Wait until at least ``at_least`` records of ``topics`` are committed; returns the count."""
-    targets = await end_offsets(settings, topics)
     deadline = time.monotonic() + timeout
     while True:
-        done = await progress(settings, targets)
+        done = await committed_total(settings, topics)
         if done >= at_least:
             return done
         if procs and not any(p.alive for p in procs):
-            raise AssertionError(
-                f"workers exited at {done} committed:\n"
-                + "\n".join(f"[{p.name} rc={p.returncode}]\n{p.log_tail()}" for p in procs)
-            )
+            raise AssertionError(f"workers exited at {done} committed:\n{_logs(procs)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"only {done} records committed after {timeout:.0f} s")
         await asyncio.sleep(0.1)
@@ -344,7 +342,26 @@ class PrivateKafka:
         self.settings = base.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{self.port}"})
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.kafka.start, self.settings)
+        # Started from a helper process, like `python -m worker.stack up` does: the broker
+        # outlives the Popen object that launched it, which must not be collected in this one.
+        code = (
+            "import sys; from pathlib import Path; from worker.stack import Kafka;"
+            "from worker.config import Settings;"
+            "Kafka(Path(sys.argv[1]), port=int(sys.argv[2]), controller_port=int(sys.argv[3]))"
+            ".start(Settings(kafka_bootstrap=sys.argv[4]))"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            str(self.kafka.root),
+            str(self.port),
+            str(self.controller_port),
+            self.settings.kafka_bootstrap,
+            cwd=ROOT,
+        )
+        rc = await proc.wait()
+        assert rc == 0, f"private Kafka broker did not start (see {self.kafka.log})"
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.kafka.stop)
@@ -478,16 +495,205 @@ async def books(settings: Settings) -> dict[str, int]:
         await conn.close()
 
 
-async def verify(sc: Scenario) -> dict[str, int]:
-    """Check the end state of a scenario; returns the ledger summary.
+def _ledger_key(e: Any) -> tuple[Any, ...]:
+    return (
+        e["member_id"],
+        e["source_kind"],
+        e["source_id"],
+        e["task_id"],
+        e["movement"],
+        e["bucket"],
+        e["grant_id"],
+        int(e["amount_mc"]),
+        bool(e["late"]),
+    )
 
-    Every distinct usage event is decided exactly once and charged (the workload has no bad
-    messages); then the pipeline checker compares everything with the model.
+
+class Expected:
+    """The Python model applied to exactly the accepted input of a scenario.
+
+    Setup commands are applied before any usage (``Scenario.apply_setup`` waits for that), and
+    one org's usage events all travel in one partition in production order, so the model sees
+    each org's items in the order the worker did. Duplicated ``event_id`` values are left in:
+    the model, like the worker, must decide each id once.
     """
+
+    def __init__(self, sc: Scenario) -> None:
+        import time as _time
+
+        from schemas.decode import CommandRecord, decode_admin, decode_usage
+        from worker.model import CommandItem, Model, UsageItem
+
+        s = sc.settings
+        now = int(_time.time() * 1000)
+        self.model = Model(s.tiers, s.pool_block_credits)
+        by_org: dict[str, list[Any]] = {}
+        for msg in sc.setup:
+            rec = decode_admin(msg.value, now_ms=now, tiers=list(s.tiers))
+            assert isinstance(rec, CommandRecord), rec
+            by_org.setdefault(rec.org_id, []).append(CommandItem(rec.command))
+        for msg in sc.usage:
+            u = decode_usage(msg.value, now_ms=now)
+            assert not hasattr(u, "code"), u
+            by_org.setdefault(u.org_id, []).append(
+                UsageItem(u.event_id, u.member_id, u.task_id, u.credits_mc, u.occurred_at_ms)
+            )
+        self.orgs = sorted(by_org)
+        self.effects: dict[str, list[dict[str, Any]]] = {}
+        for org, items in by_org.items():
+            result = self.model.apply(org, items)
+            statuses = {o.status for o in result.outcomes}
+            assert statuses <= {"applied", "duplicate"}, (org, statuses)
+            self.effects[org] = result.effects
+        self.event_ids = {orjson_loads(m.value)["event_id"] for m in sc.usage}
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [e for org in self.orgs for e in self.effects[org] if e["kind"] == kind]
+
+    def signals(self) -> dict[tuple[str, str], list[tuple[int, str, str]]]:
+        out: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+        for e in self.of_kind("signal"):
+            out.setdefault((e["org_id"], e["member_id"]), []).append(
+                (int(e["member_seq"]), e["signal"], e["reason"])
+            )
+        return out
+
+
+def _diff(label: str, got: Any, want: Any, path: str = "") -> str:
+    """The first few paths where two nested structures differ (readable assertion text)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, p: str) -> None:
+        if len(out) >= 8:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{p}.{k}")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{p}[{i}]")
+        elif a != b:
+            out.append(f"{p}: got {a!r}, model {b!r}")
+
+    walk(got, want, path)
+    return f"{label}: " + "; ".join(out)
+
+
+def orjson_loads(raw: bytes) -> Any:
     import orjson
 
-    summary = await books(sc.settings)
-    distinct = {orjson.loads(m.value)["event_id"] for m in sc.usage}
-    assert summary["usage_events"] == len(distinct), summary
-    assert summary["usage_charged"] == len(distinct), summary
+    return orjson.loads(raw)
+
+
+async def read_topic(settings: Settings, topic: str) -> list[Any]:
+    """Every record of ``topic`` from offset 0, in offset order per partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        cluster = await consumer._client.fetch_all_metadata()
+        parts = [
+            TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or ())
+        ]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        end = await consumer.end_offsets(parts)
+        out: list[Any] = []
+        deadline = time.monotonic() + 30
+        while [tp for tp in parts if await consumer.position(tp) < end[tp]]:
+            assert time.monotonic() < deadline, f"could not read {topic} to its end"
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp in sorted(batch, key=lambda t: t.partition):
+                out.extend(batch[tp])
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def verify(sc: Scenario) -> dict[str, int]:
+    """Check the end state of a scenario against the model; returns the ledger summary.
+
+    What a user would notice: every event charged exactly once and into the right buckets
+    (PostgreSQL ledger == model), live balances right (Redis dashboard and state == model),
+    the orchestrator's view right (control topic, read with its drop-seen-seq rule, == the
+    model's signals per member), nothing dead-lettered, and every input offset consumed.
+    """
+    from collections import Counter
+
+    import asyncpg
+
+    from worker.engine import RedisEngine
+    from worker.runner import _close_engine
+
+    s = sc.settings
+    exp = Expected(sc)
+    summary = await books(s)
+    assert summary["usage_events"] == len(exp.event_ids), summary
+    assert summary["usage_charged"] == len(exp.event_ids), summary
+
+    conn = await asyncpg.connect(
+        s.postgres_dsn.get_secret_value(), server_settings={"search_path": s.postgres_schema}
+    )
+    try:
+        rows = await conn.fetch("SELECT * FROM ledger_entries")
+        got_ledger = Counter(_ledger_key(r) for r in rows)
+        want_ledger = Counter(_ledger_key(e) for e in exp.of_kind("ledger"))
+        assert got_ledger == want_ledger, (
+            f"ledger differs from the model: missing {list((want_ledger - got_ledger).items())[:5]}"
+            f", extra {list((got_ledger - want_ledger).items())[:5]}"
+        )
+        ids = {r["event_id"] for r in await conn.fetch("SELECT event_id FROM usage_events")}
+        assert ids == exp.event_ids
+        notes = Counter(
+            (r["org_id"], r["type"], r["member_id"])
+            for r in await conn.fetch("SELECT org_id, type, member_id FROM notifications")
+        )
+        assert notes == Counter(
+            (e["org_id"], e["type"], e["member_id"]) for e in exp.of_kind("notification")
+        )
+        parked = await conn.fetchval("SELECT count(*) FROM parked_events")
+        assert parked == 0, f"{parked} events still parked"
+        offsets = {
+            (r["topic"], r["partition"]): r["next_offset"]
+            for r in await conn.fetch(
+                "SELECT topic, partition, next_offset FROM consumer_offsets WHERE group_id = $1",
+                s.consumer_group,
+            )
+        }
+    finally:
+        await conn.close()
+    ends = await end_offsets(s, sc.input_topics)
+    for tp, end in ends.items():
+        if end:
+            assert offsets.get((tp.topic, tp.partition)) == end, (tp, offsets, end)
+
+    engine = RedisEngine.from_settings(s)
+    try:
+        for org in exp.orgs:
+            assert await engine.dashboard(org) == exp.model.dashboard(org), org
+            got_state, want_state = await engine.state_view(org), exp.model.state_view(org)
+            # The per-partition applied-offset watermarks exist only in Redis (the model is fed
+            # items without Kafka offsets).
+            for view in (got_state, want_state):
+                if view is not None:
+                    view.pop("watermarks", None)
+            assert got_state == want_state, _diff(org, got_state, want_state)
+    finally:
+        await _close_engine(engine)
+
+    # The orchestrator's rule (docs/orchestrator.md): per member, drop a seq already seen.
+    seen: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
+    for rec in await read_topic(s, s.topic_control):
+        v = orjson_loads(rec.value)
+        key = (v["org_id"], v["member_id"])
+        assert rec.key == f"{key[0]}/{key[1]}".encode()
+        lst = seen.setdefault(key, [])
+        if not lst or v["seq"] > lst[-1][0]:
+            lst.append((v["seq"], v["signal"], v["reason"]))
+    assert seen == exp.signals()
+
+    for topic in (s.topic_usage_dlq, s.topic_admin_dlq):
+        dead = await read_topic(s, topic)
+        assert not dead, f"{len(dead)} unexpected dead letters on {topic}: {dead[:3]}"
     return summary
