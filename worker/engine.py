@@ -120,10 +120,16 @@ _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
 
 def load_apply_script() -> str:
-    """The apply script: ``lua/lib/*.lua`` (shared helpers) followed by ``lua/apply.lua``."""
+    """The apply script: ``lua/lib_*.lua`` (shared helpers) followed by ``lua/apply.lua``.
+
+    Redis Lua has no ``require``; the helpers are concatenated in front (flat in ``lua/`` so
+    the package data glob ``lua/*.lua`` ships them).
+    """
     root = resources.files("worker") / "lua"
-    lib = sorted((p for p in (root / "lib").iterdir() if p.name.endswith(".lua")),
-                 key=lambda p: p.name)  # fmt: skip
+    lib = sorted(
+        (p for p in root.iterdir() if p.name.startswith("lib_") and p.name.endswith(".lua")),
+        key=lambda p: p.name,
+    )
     parts = [p.read_text(encoding="utf-8") for p in lib]
     parts.append((root / "apply.lua").read_text(encoding="utf-8"))
     return "\n".join(parts)

@@ -1,4 +1,4 @@
-"""The Lua calendar (``worker/lua/lib/calendar.lua``) against Python's for random instants."""
+"""The Lua calendar (``worker/lua/lib_calendar.lua``) against Python's for random instants."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ return cjson.encode(out)
 
 
 def lua_calendar() -> str:
-    root = resources.files("worker") / "lua" / "lib"
-    return (root / "calendar.lua").read_text(encoding="utf-8") + WRAPPER
+    root = resources.files("worker") / "lua"
+    return (root / "lib_calendar.lua").read_text(encoding="utf-8") + WRAPPER
 
 
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])

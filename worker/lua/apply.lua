@@ -1,6 +1,6 @@
 -- Apply a batch of usage events and admin commands of ONE org, atomically and in order, and
 -- continue any pending org-wide work (the same script with no items is the "drain" call).
--- Loaded after lib/*.lua (concatenated by worker/engine.py).
+-- Loaded after lib_*.lua (concatenated by worker/engine.py).
 --
 -- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 dedupe set (current window),
 --       5 paused zset, 6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset,
