@@ -130,7 +130,10 @@ def load_apply_script() -> str:
         (p for p in root.iterdir() if p.name.startswith("lib_") and p.name.endswith(".lua")),
         key=lambda p: p.name,
     )
-    parts = [p.read_text(encoding="utf-8") for p in lib]
+    # The shebang makes it a flagged script (Redis 7): refused at its start when Redis is out
+    # of memory, never half-way through its writes.
+    parts = ["#!lua"]
+    parts += [p.read_text(encoding="utf-8") for p in lib]
     parts.append((root / "apply.lua").read_text(encoding="utf-8"))
     return "\n".join(parts)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from collections.abc import AsyncIterator
@@ -318,3 +319,51 @@ async def test_works_with_a_bytes_client(redis_url: str, settings: Settings) -> 
         assert await engine.last_seq("o") == res.effects[-1]["seq"]
     finally:
         await client.aclose()
+
+
+async def test_out_of_memory_refuses_the_whole_call(settings: Settings, tmp_path: Any) -> None:
+    # A private, throwaway redis-server: lowering maxmemory on the shared one would fail other
+    # tests running at the same time.
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server must be installed (the local stack uses it)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = aioredis.Redis(port=port)
+    try:
+        for _ in range(100):
+            try:
+                await client.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        engine = RedisEngine(client, settings)
+        await engine.apply(
+            "o",
+            [cmd("org_upsert", T0, billing_anchor_day=1),
+             cmd("member_add", T0, member_id="a", tier="pro")],
+        )  # fmt: skip
+        before = await engine.state_view("o")
+        outbox = await engine.outbox_pending("o")
+        used = (await client.info("memory"))["used_memory"]
+        await client.config_set("maxmemory", used - 100_000)
+        with pytest.raises(Exception, match="maxmemory"):
+            await engine.apply("o", [use("a", C, T0 + 1), cmd("pool_purchase", T0, credits_mc=C)])
+        await client.config_set("maxmemory", 0)
+        assert await engine.state_view("o") == before
+        assert await engine.outbox_pending("o") == outbox
+        res = await engine.apply("o", [use("a", C, T0 + 1)])
+        assert res.outcomes[0].status == "applied"
+    finally:
+        await client.aclose()
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -12,8 +12,8 @@
 --
 -- Write order and crashes: the script is atomic, so no client ever sees part of a call; but
 -- Redis has no rollback, so every input is validated before its item's first write and no
--- error path exists after it (Redis refuses a call at its start when out of memory under
--- maxmemory-policy noeviction, and lets a started script finish). Member sets are updated as
+-- error path exists after it (the loader adds a '#!lua' shebang, so Redis refuses the whole
+-- call at its start when out of memory under maxmemory-policy noeviction). Member sets are updated as
 -- members are evaluated; the org and member hashes, the dedupe ids and the one outbox entry
 -- are written at the end. A worker crash after the call loses nothing: the effects wait in the
 -- outbox until acked. Unfinished org-wide work is recorded in the org hash ('jb') and finished
