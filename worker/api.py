@@ -13,7 +13,7 @@ Reads need ``Authorization: Bearer <token>`` (the page also accepts ``?token=``)
 from ``Settings.api_tokens`` as ``{"token": "org_id" | "*"}``. A token scoped to one org gets
 403 on every other org, so no response ever carries another org's data.
 
-The app runs inside the worker process (``create_app`` with the worker's engine and pool) or
+The app runs inside the worker process (``serve_worker_http``, called by the runner) or
 standalone via ``metering api`` (``run_api``).
 """
 
@@ -110,13 +110,18 @@ class PgLedgerReader:
 
     def __init__(self, pool: Any, schema: str) -> None:
         self._pool = pool
-        self._sql = API_QUERIES["ledger_page"].replace("{schema}", quote_ident(schema))
+        quoted = quote_ident(schema)
+        self._org_sql = API_QUERIES["ledger_page"].replace("{schema}", quoted)
+        self._member_sql = API_QUERIES["ledger_page_member"].replace("{schema}", quoted)
 
     async def page(
         self, org_id: str, member_id: str | None, before_seq: int | None, limit: int
     ) -> list[dict[str, Any]]:
         """Up to ``limit`` entries of the org with ``seq < before_seq``, newest first."""
-        rows = await self._pool.fetch(self._sql, org_id, member_id, before_seq, limit)
+        if member_id is None:
+            rows = await self._pool.fetch(self._org_sql, org_id, before_seq, limit)
+        else:
+            rows = await self._pool.fetch(self._member_sql, org_id, member_id, before_seq, limit)
         return [dict(r) for r in rows]
 
 
@@ -283,7 +288,11 @@ async def credits_handler(request: web.Request) -> web.Response:
 
 
 async def ledger_handler(request: web.Request) -> web.Response:
-    """``GET /v1/orgs/{org_id}/ledger``: newest first; ``next_cursor`` is null on the last page."""
+    """``GET /v1/orgs/{org_id}/ledger``: newest first; ``next_cursor`` is null on the last page.
+
+    Entries written after the first page have a higher ``seq``, so they never shift later
+    pages (keyset pagination, unlike OFFSET).
+    """
     org_id = request.match_info["org_id"]
     denied = _authorize(request, org_id, allow_query=False)
     if denied is not None:
