@@ -717,8 +717,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
     """Entry point of ``metering`` and ``python -m worker``; returns the exit status."""
     out = out or sys.stdout
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["stack"]:
+        # Everything after "stack" belongs to worker.stack, including its own --help.
+        try:
+            return int(_load("worker.stack", "main", "stack")(argv[1:]) or 0)
+        except CliError as exc:
+            sys.stderr.write(f"metering: error: {exc}\n")
+            return exc.status
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as exc:

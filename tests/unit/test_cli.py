@@ -295,3 +295,11 @@ def test_console_entry_point_dispatches_to_the_cli() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert orjson.loads(proc.stdout)["type"] == "tick"
+
+
+def test_stack_arguments_pass_through_to_the_stack_script(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    status, _ = run(["stack", "--help"])
+    assert status == 0
+    assert "{up,down,status,topics}" in capsys.readouterr().out
