@@ -225,3 +225,19 @@ def test_every_runbook_link_points_at_a_section_of_the_operations_guide() -> Non
         path, _, anchor = link.partition("#")
         assert path == "docs/operations.md"
         assert anchor in anchors, link
+
+
+def test_pods_run_as_the_image_user_and_a_real_command() -> None:
+    from worker.cli import build_parser
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    match = re.search(r"^USER\s+(\d+)", dockerfile, re.M)
+    assert match, "deploy/Dockerfile sets no numeric USER"
+    uid = int(match.group(1))
+    manifests = _all_k8s()
+    for key in ("Deployment/credit-metering", "Job/credit-metering-migrate"):
+        pod = manifests[key]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsUser"] == uid, key
+        for container in pod["containers"]:
+            # The image's entrypoint is `metering`: args must be a command it knows.
+            build_parser().parse_args(container["args"])
