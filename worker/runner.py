@@ -208,7 +208,8 @@ async def _lag_loop(pipeline: Pipeline, consumer: Any, stop: asyncio.Event) -> N
     """Refresh the consumer-lag gauges every few seconds, also when idle."""
     from worker.lag import LagMonitor, consumer_lag_source
 
-    monitor = LagMonitor(consumer_lag_source(consumer, pipeline.processed_offsets), interval=5.0)
+    # 2 s between refreshes keeps every gauge younger than 5 s even when a refresh is slow.
+    monitor = LagMonitor(consumer_lag_source(consumer, pipeline.processed_offsets), interval=2.0)
     await monitor.run(stop)
 
 
