@@ -106,6 +106,7 @@ class Batch:
     """One fetched batch (or one turn of parked retries) through both stages."""
 
     number: int
+    kafka_no: int = 0  # 1, 2, ... for fetched batches; 0 for parked-retry turns
     records: int = 0  # Kafka records (usage + admin) covered by this batch
     by_org: dict[str, list[Pending]] = field(default_factory=lambda: defaultdict(list))
     flush: FlushBatch = field(default_factory=FlushBatch)
@@ -236,6 +237,7 @@ class Pipeline:
         self._parked_hint = True  # parked rows may exist for our partitions
         self._retry_soon = False
         self._retry_decided = 0  # events the last parked-retry turn charged or dead-lettered
+        self._sync_commits: dict[TopicPartition, int] = {}
         self._last_retry = 0.0
         self._stopping_since: float | None = None
         self._crash = _crash_plan()
@@ -319,12 +321,16 @@ class Pipeline:
                 log.warning("fetch failed (%s); retrying", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if self._sync_commits:
+                await self._commit_to_kafka(self._sync_commits)
+                self._sync_commits = {}
             now = time.monotonic()
             if records:
                 idle_since = now
                 batch = self._decode(records)
                 fetched += batch.records
                 self._kafka_batches += 1
+                batch.kafka_no = self._kafka_batches
                 await self._process(batch)
             elif (
                 self.idle_exit_seconds is not None
@@ -810,17 +816,8 @@ class Pipeline:
         # are informational (lag, tools): a restart seeks to the PostgreSQL offsets.
         self._maybe_crash("before_offset_commit", batch)
         # 4. Kafka offset commit, best effort (PostgreSQL's offsets are the ones that count).
-        if batch.commit and self.consumer is not None:
-            assigned = self.consumer.assignment()
-            offsets = {
-                tp: OffsetAndMetadata(off, "") for tp, off in batch.commit.items() if tp in assigned
-            }
-            if offsets:
-                try:
-                    await asyncio.wait_for(self.consumer.commit(offsets), timeout=10)
-                except Exception as exc:
-                    metrics.ERRORS.labels(stage="kafka").inc()
-                    log.info("kafka offset commit skipped (%s); postgres has the offsets", exc)
+        if batch.commit:
+            await self._commit_to_kafka(batch.commit)
         for (topic, partition), off in batch.flush.offsets.items():
             self._processed[(topic, partition)] = off
         self._account(batch)
@@ -831,6 +828,20 @@ class Pipeline:
             self._parked_hint = True
         if batch.orgs_with_commands and self._parked_hint:
             self._retry_soon = True
+
+    async def _commit_to_kafka(self, commit: Mapping[TopicPartition, int]) -> None:
+        """Commit offsets of partitions we still own; a failure is logged, not raised."""
+        if self.consumer is None:
+            return
+        assigned = self.consumer.assignment()
+        offsets = {tp: OffsetAndMetadata(off, "") for tp, off in commit.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(self.consumer.commit(offsets), timeout=10)
+        except Exception as exc:
+            metrics.ERRORS.labels(stage="kafka").inc()
+            log.info("kafka offset commit skipped (%s); postgres has the offsets", exc)
 
     async def _ack_outboxes(self, acks: Mapping[str, int]) -> None:
         many = getattr(self.engine, "outbox_ack_many", None)
@@ -903,8 +914,8 @@ class Pipeline:
         if self._crash is None or batch.is_retry:
             return
         want_step, nth = self._crash
-        if step == want_step and self._kafka_batches >= nth:
-            log.error("fault injection: exiting at %s of batch %d", step, self._kafka_batches)
+        if step == want_step and batch.kafka_no >= nth:
+            log.error("fault injection: exiting at %s of batch %d", step, batch.kafka_no)
             logging.shutdown()
             os._exit(137)
 
@@ -933,6 +944,8 @@ class Pipeline:
             offset = stored.get((tp.topic, tp.partition))
             if offset is not None:
                 self.consumer.seek(tp, offset)
+                # Kafka's commit may lag PostgreSQL's after a crash; lag tools read Kafka's.
+                self._sync_commits[tp] = offset
         self._parked_hint = True
         self._retry_soon = True
         log.info(

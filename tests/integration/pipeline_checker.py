@@ -340,8 +340,13 @@ async def check_pipeline(
             "SELECT event_id, org_id, seq, status, code, credits_mc FROM usage_events"
         )
         decided = {r["event_id"]: r for r in usage_rows}
+        parked_ids = {r[0] for r in await conn.fetch("SELECT event_id FROM parked_events")}
         for eid in workload.events:
-            assert eid in decided, f"accepted event {eid} was never decided"
+            assert eid in decided, (
+                f"accepted event {eid} was never decided"
+                f" ({'still parked' if eid in parked_ids else 'not parked'},"
+                f" {len(parked_ids)} parked)"
+            )
         report.charged = {e for e, r in decided.items() if r["status"] == "charged"}
         report.rejected = {e: r["code"] for e, r in decided.items() if r["status"] != "charged"}
         sums = {
