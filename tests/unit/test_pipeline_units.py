@@ -1,0 +1,179 @@
+"""Pipeline pieces that need no services: queries and migrations, effect rows, effect messages,
+dead letters, the fault-injection hook parser."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from worker.config import Settings
+from worker.consumer import _crash_plan, _peek_ids, _status
+from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
+from worker.model import Outcome
+from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
+
+SETTINGS = Settings()
+
+
+def test_every_named_query_the_store_uses_exists_and_uses_bind_parameters() -> None:
+    for name in (
+        "decided_event_ids",
+        "decided_command_ids",
+        "insert_ledger_entries",
+        "insert_usage_events",
+        "insert_admin_commands",
+        "upsert_signals",
+        "insert_parked",
+        "delete_parked",
+        "parked_for_partitions",
+        "upsert_org_seq",
+        "upsert_offsets",
+        "select_offsets",
+        "rebuild_inputs",
+    ):
+        assert name in QUERIES, name
+        assert "{" not in QUERIES[name]  # never formatted SQL
+    assert "$1" in QUERIES["decided_event_ids"]
+
+
+def test_migrations_are_numbered_from_one_without_gaps() -> None:
+    versions = [v for v, _, _ in _migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+@pytest.mark.parametrize("bad", ["", "1abc", "a-b", 'x"; DROP TABLE y; --', "a" * 64])
+def test_schema_names_that_are_not_plain_identifiers_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        quote_schema(bad)
+
+
+def test_schema_name_is_quoted() -> None:
+    assert quote_schema("metering_1") == '"metering_1"'
+
+
+def _effects() -> list[dict[str, object]]:
+    return [
+        {"kind": "command", "seq": 1, "command_id": "c1", "type": "member_add",
+         "status": "applied", "code": None, "command": {"type": "member_add", "at_ms": 5}},
+        {"kind": "ledger", "seq": 2, "member_id": "m", "source_kind": "usage", "source_id": "e1",
+         "task_id": "t", "movement": "charge", "bucket": "allocation", "grant_id": None,
+         "amount_mc": -1500, "cycle_start_ms": 0, "late": False, "at_ms": 9},
+        {"kind": "usage", "seq": 3, "event_id": "e1", "member_id": "m", "task_id": "t",
+         "credits_mc": 1500, "occurred_at_ms": 9, "status": "charged", "code": None,
+         "late": False, "source": "u:0", "offset": 41},
+        {"kind": "signal", "seq": 4, "member_id": "m", "signal": "pause",
+         "reason": "pool_exhausted", "member_seq": 1, "issued_at_ms": 9},
+        {"kind": "signal", "seq": 5, "member_id": "m", "signal": "resume", "reason": "funded",
+         "member_seq": 2, "issued_at_ms": 10},
+        {"kind": "invoice", "seq": 6, "cycle_start_ms": 0, "cycle_end_ms": 86_400_000,
+         "negative_balance_mc": 1500, "amount_usd_cents": 2},
+        {"kind": "notification", "seq": 7, "type": "pool_below_threshold", "member_id": None,
+         "detail": {"balance_mc": 2500}, "at_ms": 10},
+        {"kind": "refill_request", "seq": 8, "request_id": "r1", "credits_mc": 100_000,
+         "amount_usd_cents": 100, "at_ms": 10},
+    ]  # fmt: skip
+
+
+def test_effects_become_one_row_per_table_and_the_org_high_water_mark() -> None:
+    b = FlushBatch()
+    b.add_effects("o", _effects())
+    assert b.ledger == [
+        ("o", 2, "m", "usage", "e1", "t", "charge", "allocation", None, -1500, 0, False, 9)
+    ]
+    assert b.usage == [("e1", "o", 3, "m", "t", 1500, 9, "charged", None, False, "u:0", 41)]
+    assert [r[0] for r in b.commands] == ["c1"]
+    assert orjson.loads(b.commands[0][6]) == {"type": "member_add", "at_ms": 5}
+    # The last signal of a member is the one with the highest member seq.
+    assert b.signals == {("o", "m"): ("o", "m", 5, "resume", "funded", 2, 10)}
+    assert b.invoices == [("o", 6, 0, 86_400_000, 1500, 2)]
+    assert b.refills == [("o", 8, "r1", 100_000, 100, 10)]
+    assert b.org_seq == {"o": 8}
+
+
+def test_offsets_only_move_forward_within_a_batch() -> None:
+    b = FlushBatch()
+    b.set_offset("t", 0, 10)
+    b.set_offset("t", 0, 7)
+    assert b.offsets == {("t", 0): 10}
+
+
+def test_effect_messages_follow_the_wire_contract() -> None:
+    enc = EffectEncoder(SETTINGS)
+    msgs = enc.messages("o", _effects())
+    by_topic: dict[str, list[object]] = {}
+    for m in msgs:
+        by_topic.setdefault(m.topic, []).append(m)
+    control = by_topic[SETTINGS.topic_control]
+    assert [m.key for m in control] == [b"o/m", b"o/m"]  # type: ignore[attr-defined]
+    last = orjson.loads(control[-1].value)  # type: ignore[attr-defined]
+    assert last == {
+        "signal": "resume",
+        "org_id": "o",
+        "member_id": "m",
+        "reason": "funded",
+        "seq": 2,
+        "issued_at": "1970-01-01T00:00:00.010Z",
+    }
+    assert dict(control[-1].headers)[HEADER_SEQ] == b"5"  # type: ignore[attr-defined]
+    billing = [orjson.loads(m.value) for m in by_topic[SETTINGS.topic_billing]]  # type: ignore[attr-defined]
+    assert billing[0]["type"] == "invoice"
+    assert billing[0]["negative_balance_credits"] == "1.5"
+    assert billing[1] == {
+        "type": "refill_request",
+        "request_id": "r1",
+        "org_id": "o",
+        "credits": "100",
+        "amount_usd_cents": 100,
+    }
+    note = orjson.loads(by_topic[SETTINGS.topic_notifications][0].value)  # type: ignore[attr-defined]
+    assert note["detail"] == {"balance": "2.5"}
+    # Ledger, usage and command records are PostgreSQL's business, not Kafka's.
+    assert len(msgs) == 5
+
+
+def test_engine_rejection_becomes_a_dead_letter_with_the_original_bytes() -> None:
+    enc = EffectEncoder(SETTINGS)
+    effect = {"kind": "usage", "seq": 9, "event_id": "e9", "member_id": "m", "task_id": "t",
+              "credits_mc": 1000, "occurred_at_ms": 0, "status": "rejected",
+              "code": "member_removed", "late": False}  # fmt: skip
+    original = RawSource(b"key", b'{"original": true}', "credits.usage.v1", 3, 77)
+    [dl] = enc.messages("o", [effect], lambda ident: original if ident == "e9" else None)
+    assert dl.topic == SETTINGS.topic_usage_dlq
+    assert (dl.key, dl.value) == (b"key", b'{"original": true}')
+    headers = dict(dl.headers)
+    assert headers["error.code"] == b"member_removed"
+    assert headers["source.topic"] == b"credits.usage.v1"
+    assert headers["source.partition"] == b"3"
+    assert headers["source.offset"] == b"77"
+    # Without the original at hand (outbox drained after a crash) the input is re-encoded.
+    [again] = enc.messages("o", [effect], None)
+    assert orjson.loads(again.value)["event_id"] == "e9"
+    assert dict(again.headers)["error.code"] == b"member_removed"
+
+
+def test_ids_of_a_rejected_message_are_read_when_it_is_json() -> None:
+    assert _peek_ids(b'{"event_id": "e1", "org_id": "o", "credits": -1}') == {
+        "event_id": "e1",
+        "org_id": "o",
+    }
+    assert _peek_ids(b"{nope") == {}
+    assert _peek_ids(b"[1]") == {}
+    assert _peek_ids(b'{"event_id": ""}') == {}
+
+
+def test_outcomes_read_from_objects_dicts_and_strings() -> None:
+    assert _status(Outcome("unknown", "unknown_member")) == ("unknown", "unknown_member")
+    assert _status({"status": "applied", "code": None}) == ("applied", None)
+    assert _status("duplicate") == ("duplicate", None)
+
+
+def test_fault_injection_hook_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METERING_CRASH_AT", raising=False)
+    assert _crash_plan() is None
+    monkeypatch.setenv("METERING_CRASH_AT", "after_publish:3")
+    assert _crash_plan() == ("after_publish", 3)
+    monkeypatch.setenv("METERING_CRASH_AT", "after_script")
+    assert _crash_plan() == ("after_script", 1)
+    monkeypatch.setenv("METERING_CRASH_AT", "somewhere")
+    with pytest.raises(ValueError):
+        _crash_plan()
