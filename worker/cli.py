@@ -264,7 +264,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
 
     def numeric(col: int) -> bool:
-        values = [row[col] for row in cells if row[col] != "-"]
+        values = [row[col] for row in cells if row[col] not in ("-", "none")]
         return bool(values) and all(_is_number(v) for v in values)
 
     right = [numeric(i) for i in range(len(headers))]
