@@ -177,3 +177,28 @@ def test_fault_injection_hook_is_off_unless_asked(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("METERING_CRASH_AT", "somewhere")
     with pytest.raises(ValueError):
         _crash_plan()
+
+
+def test_reference_orchestrator_consumer_drops_repeats_and_stale_signals() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "orchestrator_consumer.py"
+    spec = importlib.util.spec_from_file_location("orchestrator_consumer", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def rec(signal: str, seq: int) -> bytes:
+        return orjson.dumps(
+            {"signal": signal, "org_id": "o", "member_id": "m", "reason": "r", "seq": seq,
+             "issued_at": "2026-01-01T00:00:00Z"}
+        )  # fmt: skip
+
+    view = mod.ControlView()
+    assert view.apply(rec("pause", 1)) is not None
+    assert view.apply(rec("pause", 1)) is None  # re-published after a crash
+    assert view.apply(rec("resume", 2)) is not None
+    assert view.apply(rec("pause", 1)) is None  # older record arriving late
+    assert not view.paused("o", "m")
+    assert view.dropped == 2
