@@ -181,13 +181,18 @@ def test_fault_injection_hook_is_off_unless_asked(monkeypatch: pytest.MonkeyPatc
 
 def test_reference_orchestrator_consumer_drops_repeats_and_stale_signals() -> None:
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "orchestrator_consumer.py"
     spec = importlib.util.spec_from_file_location("orchestrator_consumer", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[spec.name]
 
     def rec(signal: str, seq: int) -> bytes:
         return orjson.dumps(
