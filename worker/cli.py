@@ -452,7 +452,12 @@ def _run_async(coro: Any) -> Any:
 def cmd_worker(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
     """Run the metering worker until SIGTERM."""
     run_worker = _load("worker.runner", "run_worker", "worker")
-    result = run_worker(settings)
+    bounds: dict[str, Any] = {}
+    if getattr(args, "max_events", None) is not None:
+        bounds["max_events"] = args.max_events
+    if getattr(args, "idle_exit", None) is not None:
+        bounds["idle_exit_seconds"] = args.idle_exit
+    result = run_worker(settings, **bounds)
     if inspect.isawaitable(result):
         _run_async(result)
     return EXIT_OK
@@ -694,6 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     # processes
     p = sub.add_parser("worker", help="run the metering worker")
+    p.add_argument(
+        "--max-events",
+        type=int,
+        help="bounded run: stop after this many input records (default: METERING_MAX_EVENTS)",
+    )
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        metavar="SECONDS",
+        help="bounded run: stop when idle this long (default: METERING_IDLE_EXIT_SECONDS)",
+    )
     p.set_defaults(func=cmd_worker)
     p = sub.add_parser("api", help="serve the read API and dashboard standalone")
     p.add_argument("--host", help="listen address (default: METERING_HTTP_HOST)")
