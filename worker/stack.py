@@ -907,6 +907,8 @@ class Kafka:
                     "logger.log.level = WARN",
                     "logger.storage.name = org.apache.kafka.storage",
                     "logger.storage.level = WARN",
+                    "logger.state.name = state.change.logger",
+                    "logger.state.level = WARN",
                     "",
                 ]
             )
