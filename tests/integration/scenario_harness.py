@@ -153,26 +153,17 @@ class WorkerProcess:
             self.proc.send_signal(signal.SIGTERM)
         return await self.wait(timeout or self.settings.shutdown_grace_seconds + 15)
 
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
         except OSError:
             return "(no log)"
         return "\n".join(text[-lines:])
-
-
-@contextlib.asynccontextmanager
-async def workers_cleanup(*procs: WorkerProcess) -> Any:
-    """Kill whatever worker is still running when a scenario ends (pass or fail)."""
-    registry: list[WorkerProcess] = list(procs)
-    try:
-        yield registry
-    finally:
-        for p in registry:
-            if p.alive:
-                p.kill()
-                with contextlib.suppress(Exception):
-                    await p.wait(10)
 
 
 # --- offsets -----------------------------------------------------------------------------------
@@ -459,9 +450,14 @@ class Scenario:
         for w, rc in zip(running, codes, strict=True):
             assert rc == 0, f"{w.name} exited with {rc} on SIGTERM:\n{w.log_tail()}"
 
-    def kill_all(self) -> None:
+    async def kill_all(self) -> None:
+        """SIGKILL whatever still runs and reap it (the end of every scenario, pass or fail)."""
         for w in self.workers:
             w.kill()
+            if w.proc is not None:
+                with contextlib.suppress(Exception):
+                    await w.wait(10)
+            w.close_log()
 
 
 # --- verification ------------------------------------------------------------------------------
@@ -611,6 +607,40 @@ async def read_topic(settings: Settings, topic: str) -> list[Any]:
         await consumer.stop()
 
 
+def checker_workload(sc: Scenario) -> Any:
+    """The scenario's input as the pipeline checker's ``Workload`` (all of it is accepted)."""
+    import time as _time
+
+    from pipeline_checker import Produced, Workload
+
+    from schemas.decode import CommandRecord, UsageRecord, decode_admin, decode_usage
+
+    s = sc.settings
+    now = int(_time.time() * 1000)
+    wl = Workload(settings=s, now_ms=now)
+    for msg in sc.setup:
+        rec = decode_admin(msg.value, now_ms=now, tiers=list(s.tiers))
+        assert isinstance(rec, CommandRecord), rec
+        wl.commands[rec.command_id] = dict(rec.command)
+        wl.messages.append(Produced(s.topic_admin, msg.key, msg.value, ident=rec.command_id))
+    for msg in sc.usage:
+        u = decode_usage(msg.value, now_ms=now)
+        assert isinstance(u, UsageRecord), u
+        wl.events.setdefault(
+            u.event_id,
+            {
+                "event_id": u.event_id,
+                "org_id": u.org_id,
+                "member_id": u.member_id,
+                "task_id": u.task_id,
+                "credits_mc": u.credits_mc,
+                "occurred_at_ms": u.occurred_at_ms,
+            },
+        )
+        wl.messages.append(Produced(s.topic_usage, msg.key, msg.value, ident=u.event_id))
+    return wl
+
+
 async def verify(sc: Scenario) -> dict[str, int]:
     """Check the end state of a scenario against the model; returns the ledger summary.
 
@@ -622,11 +652,22 @@ async def verify(sc: Scenario) -> dict[str, int]:
     from collections import Counter
 
     import asyncpg
+    from pipeline_checker import check_pipeline
 
     from worker.engine import RedisEngine
     from worker.runner import _close_engine
 
     s = sc.settings
+    engine = RedisEngine.from_settings(s)
+    try:
+        # The shared checker: offsets, decided once, dead letters, and the model replayed in
+        # the order PostgreSQL recorded.
+        await check_pipeline(s, checker_workload(sc), engine=engine)
+    finally:
+        await _close_engine(engine)
+
+    # Stricter, because a scenario knows the order it produced: the model fed in production
+    # order (setup first, then each org's events in partition order) must agree as well.
     exp = Expected(sc)
     summary = await books(s)
     assert summary["usage_events"] == len(exp.event_ids), summary

@@ -76,7 +76,7 @@ async def test_kill9_at_each_step_then_restart(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_external_sigkill_twice_under_load(
@@ -99,7 +99,7 @@ async def test_external_sigkill_twice_under_load(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_sigterm_mid_batch_exits_cleanly_and_resumes(
@@ -123,7 +123,7 @@ async def test_sigterm_mid_batch_exits_cleanly_and_resumes(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_workers_join_and_leave_under_load(
@@ -147,7 +147,7 @@ async def test_workers_join_and_leave_under_load(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_duplicates_and_full_replay_of_the_topic(
@@ -170,4 +170,4 @@ async def test_duplicates_and_full_replay_of_the_topic(
         after = await verify(sc)
         assert after == before, "replaying the topic changed the books"
     finally:
-        sc.kill_all()
+        await sc.kill_all()

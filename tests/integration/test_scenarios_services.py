@@ -88,7 +88,7 @@ async def test_redis_crash_and_restart_from_aof(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_redis_emptied_is_rebuilt_from_postgres_on_restart(
@@ -117,7 +117,7 @@ async def test_redis_emptied_is_rebuilt_from_postgres_on_restart(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 @pytest.mark.xfail(
@@ -146,7 +146,7 @@ async def test_redis_restarted_empty_under_load(
         await sc.stop_all()
         await verify(sc)
     finally:
-        sc.kill_all()
+        await sc.kill_all()
 
 
 async def test_postgres_stopped_for_20_seconds_under_load(
@@ -178,7 +178,7 @@ async def test_postgres_stopped_for_20_seconds_under_load(
             await sc.stop_all()
             await verify(sc)
         finally:
-            sc.kill_all()
+            await sc.kill_all()
     finally:
         await pg.stop()
 
@@ -209,6 +209,6 @@ async def test_kafka_broker_restarted_under_load(
             await sc.stop_all()
             await verify(sc)
         finally:
-            sc.kill_all()
+            await sc.kill_all()
     finally:
         kafka.cleanup()
