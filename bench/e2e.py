@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from pydantic import SecretStr
 
 from bench.naive import run_naive
 from bench.workload import WorkloadSpec, produce, setup_commands, topic_partitions, usage_events
@@ -70,7 +71,7 @@ def bench_settings(base: Settings, run_id: str) -> Settings:
             "topic_admin_dlq": prefix + base.topic_admin_dlq,
             "consumer_group": f"bench{run_id}-worker",
             "postgres_schema": f"bench_{run_id}",
-            "redis_url": redis_url,
+            "redis_url": SecretStr(redis_url),
         }
     )
 
@@ -135,16 +136,6 @@ async def end_offsets(bootstrap: str, topic: str) -> dict[TopicPartition, int]:
         return dict(await consumer.end_offsets(parts))
     finally:
         await consumer.stop()
-
-
-async def committed(bootstrap: str, group: str) -> dict[TopicPartition, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        got = await admin.list_consumer_group_offsets(group)
-        return {tp: meta.offset for tp, meta in got.items()}
-    finally:
-        await admin.close()
 
 
 # --- 1. ceiling --------------------------------------------------------------------------------
@@ -238,6 +229,8 @@ class WorkerRun:
     steady_seconds: float
     peak_rss_kib: int
     exit_code: int | None
+    worker_cpu_s: float = 0.0
+    machine_busy_s: float = 0.0
     pg_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -247,6 +240,24 @@ class WorkerRun:
     @property
     def steady_rate(self) -> float:
         return self.events / self.steady_seconds if self.steady_seconds > 0 else 0.0
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all CPUs spent not idle since boot (from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return (sum(parts[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_worker_process(
@@ -259,51 +270,61 @@ async def run_worker_process(
 ) -> WorkerRun:
     """Launch the worker, wait until its committed offsets reach the end of ``topics``.
 
-    Then SIGTERM it (graceful shutdown) and collect its exit code and peak RSS.
+    Then SIGTERM it (graceful shutdown) and collect its exit code, peak RSS and CPU time.
     """
     targets: dict[TopicPartition, int] = {}
     for topic in topics:
         targets.update(await end_offsets(s.kafka_bootstrap, topic))
+    total = sum(targets.values())
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
     cmd = [sys.executable, "-m", "worker", "worker"]
+    busy0 = _machine_busy_s()
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s), cwd=ROOT)
     peak = 0
+    worker_cpu = 0.0
     first_progress: float | None = None
     last_report = started
     done_at: float | None = None
+    busy1 = busy0
     try:
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.2)
             _, hwm = _rss_kib(proc.pid)
             peak = max(peak, hwm)
+            worker_cpu = max(worker_cpu, _proc_cpu_s(proc.pid))
             if proc.returncode is not None:
                 raise RuntimeError(f"worker exited early with code {proc.returncode}")
             try:
-                got = await committed(s.kafka_bootstrap, s.consumer_group)
+                got = await admin.list_consumer_group_offsets(s.consumer_group)
             except Exception as exc:  # the group may not exist yet
                 got = {}
                 if time.perf_counter() - started > 30:
                     log(f"  committed-offset query failed: {exc!r}")
-            done = sum(min(got.get(tp, 0), end) for tp, end in targets.items())
-            if first_progress is None and done > 0:
-                first_progress = time.perf_counter()
+            done = sum(min(got[tp].offset, end) for tp, end in targets.items() if tp in got)
             now = time.perf_counter()
+            if first_progress is None and done > 0:
+                first_progress = now
             if now - last_report >= 3.0:
                 last_report = now
                 rss, _ = _rss_kib(proc.pid)
                 log(
-                    f"  {label}: {done:,}/{sum(targets.values()):,} offsets committed,"
+                    f"  {label}: {done:,}/{total:,} offsets committed,"
                     f" {now - started:5.1f} s, RSS {rss / 1024:.0f} MiB"
                 )
-            if done >= sum(targets.values()):
+            if done >= total:
                 done_at = now
+                busy1 = _machine_busy_s()
                 break
             if now - started > timeout_s:
                 raise TimeoutError(f"{label}: not done after {timeout_s:.0f} s ({done:,} done)")
     finally:
+        await admin.close()
         if proc.returncode is None:
             _, hwm = _rss_kib(proc.pid)
             peak = max(peak, hwm)
+            worker_cpu = max(worker_cpu, _proc_cpu_s(proc.pid))
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout=s.shutdown_grace_seconds + 10)
@@ -317,6 +338,8 @@ async def run_worker_process(
         steady_seconds=done_at - (first_progress or started),
         peak_rss_kib=peak,
         exit_code=proc.returncode,
+        worker_cpu_s=worker_cpu,
+        machine_busy_s=busy1 - busy0,
     )
 
 
@@ -453,6 +476,16 @@ def render_table(r: Results) -> str:
     return "\n".join(lines)
 
 
+def _cpu_line(w: WorkerRun) -> str:
+    cpus = os.cpu_count() or 1
+    return (
+        f"During the timed run the worker process used {w.worker_cpu_s:.1f} CPU-seconds "
+        f"({100 * w.worker_cpu_s / w.seconds:.0f}% of one core) and the whole machine "
+        f"{w.machine_busy_s:.1f} CPU-seconds ({100 * w.machine_busy_s / (w.seconds * cpus):.0f}% "
+        f"of its {cpus} cores: broker, Redis, PostgreSQL and the worker share them)."
+    )
+
+
 def render_section(r: Results, argv: list[str]) -> str:
     spec = r.spec
     cmd = "make bench" if not argv else "python -m bench.e2e " + " ".join(argv)
@@ -481,7 +514,7 @@ def render_section(r: Results, argv: list[str]) -> str:
         w = r.worker
         lines.append(
             f"Worker peak RSS: {w.peak_rss_kib / 1024:.0f} MiB (VmHWM of the worker process). "
-            f"Exit code after SIGTERM: {w.exit_code}."
+            f"Exit code after SIGTERM: {w.exit_code}. {_cpu_line(w)}"
         )
         if w.pg_counts:
             counts = ", ".join(f"`{k}` {v:,}" for k, v in w.pg_counts.items() if v)
@@ -621,6 +654,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
         print(render_table(res))
         if res.worker:
             print(f"worker peak RSS: {res.worker.peak_rss_kib / 1024:.0f} MiB")
+            print(_cpu_line(res.worker))
             naive_rate = res.naive.rate if res.naive else 0.0
             ok_abs = res.worker.rate >= 40_000
             ok_rel = bool(naive_rate) and res.worker.rate >= 20 * naive_rate
