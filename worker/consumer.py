@@ -17,6 +17,7 @@ step below and in docs/delivery.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -238,6 +239,7 @@ class Pipeline:
         self._retry_soon = False
         self._retry_decided = 0  # events the last parked-retry turn charged or dead-lettered
         self._sync_commits: dict[TopicPartition, int] = {}
+        self._broken: BaseException | None = None  # a flush failed: nothing more is flushed
         self._last_retry = 0.0
         self._stopping_since: float | None = None
         self._crash = _crash_plan()
@@ -272,11 +274,22 @@ class Pipeline:
         metrics.WORKER_UP.set(1)
         stage_b = asyncio.create_task(self._stage_b(), name="pipeline-flush")
         try:
-            await self._stage_a()
-        finally:
-            await self._queue.put(None)
+            try:
+                await self._stage_a()
+            finally:
+                await self._queue.put(None)
             await stage_b
+        except asyncio.CancelledError:
+            # The runner's grace period is over: abandon the flush in progress (safe: outbox +
+            # replay from the PostgreSQL offsets) rather than outlive the shutdown.
+            stage_b.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stage_b
+            raise
+        finally:
             metrics.WORKER_UP.set(0)
+        if self._broken is not None and not self._giving_up():
+            raise RuntimeError("a batch could not be flushed") from self._broken
         return self.stats
 
     def _giving_up(self) -> bool:
@@ -768,9 +781,15 @@ class Pipeline:
             if batch is None:
                 return
             try:
-                await self._flush(batch)
-            except Exception:
-                log.exception("flush of batch %d abandoned", batch.number)
+                if self._broken is None:
+                    await self._flush(batch)
+            except Exception as exc:
+                # Never flush a later batch past one that failed: its offsets would skip the
+                # failed batch's records. Stop instead; the next start drains the outboxes and
+                # re-reads from the PostgreSQL offsets (docs/delivery.md).
+                log.exception("flush of batch %d failed; stopping the worker", batch.number)
+                self._broken = exc
+                self.stop.set()
             finally:
                 self._finish(batch)
 
