@@ -171,3 +171,29 @@ async def test_duplicates_and_full_replay_of_the_topic(
         assert after == before, "replaying the topic changed the books"
     finally:
         await sc.kill_all()
+
+
+async def test_replay_from_offset_zero_under_a_new_group(
+    isolated_settings: Settings, log_dir: Path
+) -> None:
+    """A worker of a brand-new consumer group (no offsets anywhere) reads both topics from
+    offset 0 against the same Redis and PostgreSQL: every record is recognised as already
+    decided and the books do not move."""
+    sc = Scenario(scenario_settings(isolated_settings), log_dir, small_spec(3_000))
+    try:
+        await sc.apply_setup()
+        await sc.produce_usage()
+        await sc.worker().start()
+        await sc.drain()
+        await sc.stop_all()
+        before = await verify(sc)
+        replay = sc.settings.model_copy(
+            update={"consumer_group": sc.settings.consumer_group + ".replay"}
+        )
+        sc.settings = replay
+        await sc.worker(settings=replay).start()
+        await sc.drain()
+        await sc.stop_all()
+        assert await verify(sc) == before, "a replay from offset 0 changed the books"
+    finally:
+        await sc.kill_all()
