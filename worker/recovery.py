@@ -185,7 +185,16 @@ async def rebuild(
     await migrate(settings)
     ledger = await Ledger.connect(settings)
     engine = make_engine(settings)
+    publisher = Publisher(settings)
     try:
+        # Effects still in an outbox are newer than PostgreSQL: persist them before any reset.
+        await publisher.start()
+        try:
+            drained = await drain_outboxes(engine, ledger, publisher)
+        finally:
+            await publisher.stop()
+        if drained:
+            say(f"drained {drained} effects left in the outboxes")
         say("comparing Redis with the PostgreSQL ledger ...")
         targets = await rebuild_behind(
             settings,

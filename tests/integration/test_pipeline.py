@@ -256,3 +256,34 @@ async def test_correct_whatever_the_producer_key(pipe_settings: Settings, engine
     stats = await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
     assert stats["charged"] == 400
     await check_pipeline(s, w, engine=engine)
+
+
+async def test_tick_scheduler_publishes_ticks_for_known_orgs(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """With a tick interval, the worker owning admin partition 0 sends a wall-clock ``tick``
+    for every org it knows, and applies them like any admin command."""
+    s = pipe_settings.model_copy(update={"tick_interval_seconds": 0.5})
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.1)
+            ticks = 0
+            if await _parked(s) >= 0:  # the worker has created its tables
+                ticks = await _pg_fetchval(
+                    s, "SELECT count(DISTINCT org_id) FROM admin_commands WHERE type = 'tick'"
+                )
+            if ticks == 2:
+                break
+    finally:
+        stop.set()
+        await worker
+    assert ticks == 2
+    applied = await _pg_fetchval(
+        s, "SELECT count(*) FROM admin_commands WHERE type = 'tick' AND status = 'applied'"
+    )
+    assert applied >= 2

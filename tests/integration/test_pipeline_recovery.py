@@ -16,6 +16,7 @@ from tests.integration.pipeline_checker import Workload, check_pipeline
 from tests.integration.scenario_harness import CRASH_EXIT, WorkerProcess
 from worker.config import Settings
 from worker.consumer import CRASH_STEPS
+from worker.recovery import rebuild
 from worker.runner import _close_engine, make_engine, run_worker
 
 
@@ -91,6 +92,24 @@ async def test_redis_behind_after_partial_loss(pipe_settings: Settings, engine: 
     stats = await run_worker(s, max_events=0, engine=engine)
     assert stats["rebuilt_orgs"] == 1
     assert await engine.dashboard("beta") == before
+    await check_pipeline(s, w, engine=engine)
+
+
+async def test_rebuild_command_restores_an_org_on_demand(
+    pipe_settings: Settings, engine: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``metering rebuild --org`` replays one org from PostgreSQL, with progress output."""
+    s = pipe_settings
+    w = Workload(s)
+    _story(w, 30)
+    await w.produce()
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    before = await engine.dashboard("acme")
+    await engine.client.delete(*engine.keys("acme"))
+    result = await rebuild(s, org_ids=["acme"])
+    assert result["org_ids"] == ["acme"]
+    assert "acme" in capsys.readouterr().out
+    assert await engine.dashboard("acme") == before
     await check_pipeline(s, w, engine=engine)
 
 
