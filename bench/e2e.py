@@ -231,6 +231,7 @@ class WorkerRun:
     exit_code: int | None
     worker_cpu_s: float = 0.0
     machine_busy_s: float = 0.0
+    service_cpu_s: dict[str, float] = field(default_factory=dict)
     pg_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -252,6 +253,30 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_SERVICE_NAMES = {"redis-server": "Redis", "postgres": "PostgreSQL", "java": "Kafka broker"}
+
+
+def _service_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by every Redis, PostgreSQL and Java process on the machine."""
+    out = dict.fromkeys(_SERVICE_NAMES.values(), 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        name = raw[raw.find("(") + 1 : raw.rfind(")")]
+        label = _SERVICE_NAMES.get(name)
+        if label is None:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        out[label] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _machine_busy_s() -> float:
     """CPU seconds all CPUs spent not idle since boot (from /proc/stat)."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -267,6 +292,7 @@ async def run_worker_process(
     expected: int,
     timeout_s: float,
     label: str,
+    profile: str | None = None,
 ) -> WorkerRun:
     """Launch the worker, wait until its committed offsets reach the end of ``topics``.
 
@@ -279,7 +305,10 @@ async def run_worker_process(
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     cmd = [sys.executable, "-m", "worker", "worker"]
+    if profile:
+        cmd[1:1] = ["-m", "cProfile", "-o", profile]
     busy0 = _machine_busy_s()
+    services0 = _service_cpu_s()
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s), cwd=ROOT)
     peak = 0
@@ -288,6 +317,7 @@ async def run_worker_process(
     last_report = started
     done_at: float | None = None
     busy1 = busy0
+    services1 = services0
     try:
         while True:
             await asyncio.sleep(0.2)
@@ -316,6 +346,7 @@ async def run_worker_process(
             if done >= total:
                 done_at = now
                 busy1 = _machine_busy_s()
+                services1 = _service_cpu_s()
                 break
             if now - started > timeout_s:
                 raise TimeoutError(f"{label}: not done after {timeout_s:.0f} s ({done:,} done)")
@@ -340,6 +371,7 @@ async def run_worker_process(
         exit_code=proc.returncode,
         worker_cpu_s=worker_cpu,
         machine_busy_s=busy1 - busy0,
+        service_cpu_s={k: services1[k] - services0.get(k, 0.0) for k in services1},
     )
 
 
@@ -482,7 +514,9 @@ def _cpu_line(w: WorkerRun) -> str:
         f"During the timed run the worker process used {w.worker_cpu_s:.1f} CPU-seconds "
         f"({100 * w.worker_cpu_s / w.seconds:.0f}% of one core) and the whole machine "
         f"{w.machine_busy_s:.1f} CPU-seconds ({100 * w.machine_busy_s / (w.seconds * cpus):.0f}% "
-        f"of its {cpus} cores: broker, Redis, PostgreSQL and the worker share them)."
+        f"of its {cpus} cores: broker, Redis, PostgreSQL and the worker share them); "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in w.service_cpu_s.items())
+        + "."
     )
 
 
@@ -640,6 +674,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                 expected=spec.events,
                 timeout_s=args.worker_timeout,
                 label="worker",
+                profile=args.profile,
             )
             res.worker.pg_counts = await pg_table_counts(s)
             log(
@@ -691,6 +726,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", dest="write_md", action="store_false", help="do not rewrite BENCHMARKS.md"
     )
     p.add_argument("--keep", action="store_true", help="keep topics and schemas afterwards")
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="run the timed worker under cProfile and write its stats to FILE (slower)",
+    )
     args = p.parse_args(argv)
     try:
         import uvloop
