@@ -35,7 +35,6 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from pydantic import SecretStr
 
 from bench.naive import run_naive
 from bench.workload import WorkloadSpec, produce, setup_commands, topic_partitions, usage_events
@@ -45,8 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_MD = ROOT / "BENCHMARKS.md"
 SECTION_START = "<!-- bench.e2e:start -->"
 SECTION_END = "<!-- bench.e2e:end -->"
-BENCH_REDIS_DB = 13
-"""Redis database the benchmark's worker uses (flushed at start; tests use other databases)."""
 
 
 def log(msg: str) -> None:
@@ -57,9 +54,8 @@ def log(msg: str) -> None:
 
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
-    """Settings pointing at this run's own topics, Postgres schema, Redis db and group."""
+    """Settings pointing at this run's own topics, group, Postgres schema and Redis keys."""
     prefix = f"bench{run_id}."
-    redis_url = base.redis_url.get_secret_value().rsplit("/", 1)[0] + f"/{BENCH_REDIS_DB}"
     return base.model_copy(
         update={
             "topic_usage": prefix + base.topic_usage,
@@ -71,7 +67,7 @@ def bench_settings(base: Settings, run_id: str) -> Settings:
             "topic_admin_dlq": prefix + base.topic_admin_dlq,
             "consumer_group": f"bench{run_id}-worker",
             "postgres_schema": f"bench_{run_id}",
-            "redis_url": SecretStr(redis_url),
+            "redis_key_prefix": f"bench{run_id}",
         }
     )
 
@@ -198,6 +194,7 @@ def _worker_env(s: Settings) -> dict[str, str]:
             "METERING_CONSUMER_GROUP": s.consumer_group,
             "METERING_POSTGRES_SCHEMA": s.postgres_schema,
             "METERING_REDIS_URL": s.redis_url.get_secret_value(),
+            "METERING_REDIS_KEY_PREFIX": s.redis_key_prefix,
             "METERING_LOG_FORMAT": "console",
             "METERING_LOG_LEVEL": "WARNING",
             "METERING_HTTP_PORT": "0",
@@ -405,14 +402,25 @@ async def drop_schema(s: Settings) -> None:
         await conn.close()
 
 
-async def flush_redis(s: Settings) -> None:
-    from redis.asyncio import Redis
+async def delete_redis_keys(s: Settings) -> int:
+    """Remove every key of this run (its unique key prefix) from Redis."""
+    from worker.connections import redis_client
 
-    r = Redis.from_url(s.redis_url.get_secret_value())
+    client = redis_client(s)
+    deleted = 0
     try:
-        await r.flushdb()
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=f"{s.redis_key_prefix}:*", count=1000):
+            batch.append(key)
+            # On a cluster the keys of different orgs live in different slots: one by one.
+            if s.redis_cluster or len(batch) >= 500:
+                deleted += await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += await client.unlink(*batch)
     finally:
-        await r.aclose()
+        await client.aclose()
+    return deleted
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -608,7 +616,6 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
         await produce(s.kafka_bootstrap, s.topic_admin, setup)
 
         if not args.skip_worker:
-            await flush_redis(s)
             log("warm-up: worker applies the admin commands (not timed) ...")
             await run_worker_process(
                 s,
@@ -707,6 +714,8 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                 await delete_topics(s)
             with contextlib.suppress(Exception):
                 await drop_schema(s)
+            with contextlib.suppress(Exception):
+                await delete_redis_keys(s)
             with contextlib.suppress(Exception):
                 await drop_schema(s.model_copy(update={"postgres_schema": "bench_naive"}))
 

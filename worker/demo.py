@@ -32,9 +32,6 @@ import orjson
 from bench.workload import Commands, Message, produce_messages, topic_partitions, usage_event
 from worker.config import Settings
 
-DEMO_REDIS_DB = 14
-"""Redis logical database of the demo (flushed at start; the tests lease 1..15 first-free)."""
-
 T0 = datetime(2026, 3, 2, tzinfo=UTC)
 """Org creation and the start of the first billing cycle (anchor day 2)."""
 
@@ -99,11 +96,8 @@ def _numeric(text: str) -> bool:
 
 
 def demo_settings(base: Settings, run_id: str) -> Settings:
-    """Settings of one demo run: own topics, group, Postgres schema and Redis database."""
+    """Settings of one demo run: own topics, group, Postgres schema and Redis key prefix."""
     prefix = f"demo{run_id}."
-    url = base.redis_url.get_secret_value()
-    head, _, tail = url.rpartition("/")
-    redis_url = f"{head}/{DEMO_REDIS_DB}" if tail.isdigit() and head.count("/") >= 2 else url
     return base.model_copy(
         update={
             "topic_usage": prefix + base.topic_usage,
@@ -115,7 +109,7 @@ def demo_settings(base: Settings, run_id: str) -> Settings:
             "topic_admin_dlq": prefix + base.topic_admin_dlq,
             "consumer_group": f"demo{run_id}",
             "postgres_schema": f"demo_{run_id}",
-            "redis_url": type(base.redis_url)(redis_url),
+            "redis_key_prefix": f"demo{run_id}",
             "tick_interval_seconds": 0.0,
             "http_port": 0,
         }
@@ -447,16 +441,9 @@ async def story(demo: Demo) -> None:
 
 
 async def _ensure(settings: Settings) -> None:
-    from redis.asyncio import Redis
-
     from worker.stack import ensure_topics
 
     await ensure_topics(settings)
-    r = Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        await r.flushdb()
-    finally:
-        await r.aclose()
 
 
 async def _cleanup(settings: Settings) -> None:
@@ -472,6 +459,21 @@ async def _cleanup(settings: Settings) -> None:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{settings.postgres_schema}" CASCADE')
         finally:
             await conn.close()
+    with contextlib.suppress(Exception):
+        await _delete_redis_keys(settings)
+
+
+async def _delete_redis_keys(settings: Settings) -> None:
+    """Remove the run's Redis keys (all under its own key prefix)."""
+    from worker.connections import redis_client
+
+    client = redis_client(settings)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_key_prefix}:*")]
+        for key in keys:  # one by one: on a cluster, orgs live in different slots
+            await client.unlink(key)
+    finally:
+        await client.aclose()
 
 
 async def run_demo(
@@ -490,7 +492,8 @@ async def run_demo(
     out.line("credit metering demo")
     out.line(
         f"   topics {settings.topic_usage.rsplit('.', 3)[0]}.*, Postgres schema "
-        f"{settings.postgres_schema}, Redis db {DEMO_REDIS_DB}; org clock starts {T0:%Y-%m-%d}"
+        f"{settings.postgres_schema}, Redis keys {settings.redis_key_prefix}:*; org clock starts "
+        f"{T0:%Y-%m-%d}"
     )
     await _ensure(settings)
     # One engine for the whole story: every act's worker run and the dashboards share it.
