@@ -227,6 +227,7 @@ class Pipeline:
         self.stats = Stats()
         self.consumer: AIOKafkaConsumer | None = None
         self._backoff = Backoff(settings, stop)
+        self._apply_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         self._inflight = 0
         self._drained = asyncio.Event()
@@ -272,19 +273,25 @@ class Pipeline:
         self.consumer = consumer
         consumer.subscribe([self.s.topic_usage, self.s.topic_admin], listener=_Listener(self))
         metrics.WORKER_UP.set(1)
-        stage_b = asyncio.create_task(self._stage_b(), name="pipeline-flush")
+        stages = [
+            asyncio.create_task(self._stage_apply(), name="pipeline-apply"),
+            asyncio.create_task(self._stage_b(), name="pipeline-flush"),
+        ]
         try:
             try:
                 await self._stage_a()
             finally:
-                await self._queue.put(None)
-            await stage_b
+                await self._apply_q.put(None)
+            for task in stages:
+                await task
         except asyncio.CancelledError:
-            # The runner's grace period is over: abandon the flush in progress (safe: outbox +
+            # The runner's grace period is over: abandon the work in progress (safe: outbox +
             # replay from the PostgreSQL offsets) rather than outlive the shutdown.
-            stage_b.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stage_b
+            for task in stages:
+                task.cancel()
+            for task in stages:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             raise
         finally:
             metrics.WORKER_UP.set(0)
@@ -512,29 +519,60 @@ class Pipeline:
                 del batch.by_org[org_id]
 
     async def _process(self, batch: Batch) -> None:
-        """Stage A for one batch, then hand it to stage B."""
+        """Stage A's part of a batch (drop decided ids), then hand it to the apply stage."""
         self._inflight += 1
         self._drained.clear()
         try:
             if not batch.is_retry:
                 await self._drop_decided(batch)
-            with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
-                await self._apply_all(batch)
-            # Crash here: the engine applied the batch and its effects wait in the outboxes;
-            # nothing is published or in PostgreSQL. Restart drains the outboxes (publish +
-            # rows) and replays the batch from the PostgreSQL offsets; the engine's offset
-            # watermark turns the replay into no-ops, PostgreSQL's ids catch the rest.
-            self._maybe_crash("after_script", batch)
-            for ident in batch.ids:
-                self._pending_ids[ident] = batch.number
-            # Hand-over only: Kafka's acks are awaited in stage B, overlapping this stage.
-            batch.wait_publish = await self._backoff.retry(
-                "publish", lambda: self.publisher.send(batch.messages), give_up=self._giving_up
-            )
+            self._remember_ids(batch)
         except BaseException:
             self._finish(batch)
             raise
-        await self._queue.put(batch)
+        await self._apply_q.put(batch)
+
+    def _remember_ids(self, batch: Batch) -> None:
+        # Ids decided by the pipeline itself (rejections, parked events) are in PostgreSQL only
+        # once the batch is flushed; until then later batches check them here.
+        for ident in batch.ids:
+            self._pending_ids[ident] = batch.number
+
+    async def _stage_apply(self) -> None:
+        """Apply batches through the engine in fetch order and hand them to the flush stage.
+
+        Runs as its own task so that fetching and decoding batch N+1 overlaps applying batch N.
+        """
+        while True:
+            batch = await self._apply_q.get()
+            if batch is None:
+                await self._queue.put(None)
+                return
+            if self._broken is not None:
+                self._finish(batch)  # never apply or flush past a failed batch
+                continue
+            try:
+                with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
+                    await self._apply_all(batch)
+                # Crash here: the engine applied the batch and its effects wait in the
+                # outboxes; nothing is published or in PostgreSQL. Restart drains the outboxes
+                # (publish + rows) and replays the batch from the PostgreSQL offsets; the
+                # engine's offset watermark turns the replay into no-ops, PostgreSQL's ids
+                # catch the rest.
+                self._maybe_crash("after_script", batch)
+                self._remember_ids(batch)
+                # Hand-over only: Kafka's acks are awaited in stage B, overlapping this stage.
+                batch.wait_publish = await self._backoff.retry(
+                    "publish",
+                    lambda batch=batch: self.publisher.send(batch.messages),  # type: ignore[misc]
+                    give_up=self._giving_up,
+                )
+            except Exception as exc:
+                log.exception("applying batch %d failed; stopping the worker", batch.number)
+                self._broken = exc
+                self.stop.set()
+                self._finish(batch)
+                continue
+            await self._queue.put(batch)
 
     async def _apply_all(self, batch: Batch) -> None:
         async def one_org(org_id: str, pend: list[Pending]) -> None:

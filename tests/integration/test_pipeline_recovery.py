@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
@@ -38,6 +39,10 @@ def _story(w: Workload, events: int) -> None:
     w.org("acme", ["ann", "bob", "cyd"])
     w.org("beta", ["dee", "eve"], tier="max")
     w.command("acme", "pool_purchase", 100, credits_mc=300_000)
+    _story_usage(w, events)
+
+
+def _story_usage(w: Workload, events: int) -> None:
     for i in range(events):
         w.usage("acme", ("ann", "bob", "cyd")[i % 3], 9_000 + 125 * (i % 5))
         w.usage("beta", ("dee", "eve")[i % 2], 60_000)
@@ -146,23 +151,41 @@ async def test_crash_at_each_step_then_restart(
 
 
 async def test_stop_mid_run_then_resume(pipe_settings: Settings, engine: Any) -> None:
-    """A stop request in the middle of a run finishes the in-flight batch; the next run
+    """A stop request in the middle of a run finishes the in-flight batches; the next run
     continues where it stopped, nothing lost, nothing twice."""
     s = pipe_settings.model_copy(update={"batch_max_records": 10})
     w = Workload(s)
-    _story(w, 150)
+    _story(w, 0)
     await w.produce()
+    setup = len(w.messages)
+    await run_worker(s, max_events=setup, idle_exit_seconds=30, engine=engine)
+    _story_usage(w, 300)
+    await w.produce(w.messages[setup:])
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
-    for _ in range(300):
-        await asyncio.sleep(0.05)
-        if (await engine.dashboard("acme") or {}).get("members"):
+    for _ in range(400):
+        await asyncio.sleep(0.02)
+        if await _decided(s) >= 20:
             break
     stop.set()
     first = await asyncio.wait_for(task, s.shutdown_grace_seconds + 5)
-    assert 0 < first["records"] < len(w.messages)
+    todo = len(w.messages) - setup
+    assert 0 < first["records"] < todo
     rest = await run_worker(
-        s, max_events=len(w.messages) - first["records"], idle_exit_seconds=30, engine=engine
+        s, max_events=todo - first["records"], idle_exit_seconds=30, engine=engine
     )
     assert first["charged"] + rest["charged"] == len(w.events)
     await check_pipeline(s, w, engine=engine)
+
+
+async def _decided(settings: Settings) -> int:
+    conn = await asyncpg.connect(
+        settings.postgres_dsn.get_secret_value(),
+        server_settings={"search_path": settings.postgres_schema},
+    )
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM usage_events"))
+    except asyncpg.UndefinedTableError:
+        return 0
+    finally:
+        await conn.close()
