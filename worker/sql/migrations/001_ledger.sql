@@ -19,8 +19,9 @@ CREATE TABLE ledger_entries (
     recorded_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (org_id, seq)
 );
+-- Member history (the ledger API pages by seq). No index on source_id: every index costs on
+-- the hot write path, and an event's movements are found through its org and member.
 CREATE INDEX ledger_entries_member ON ledger_entries (org_id, member_id, seq);
-CREATE INDEX ledger_entries_source ON ledger_entries (source_id);
 
 -- One row per usage event_id ever decided (charged or rejected): the permanent at-most-once
 -- guarantee. seq is NULL when the pipeline rejected the event before the engine saw it.
