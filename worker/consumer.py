@@ -37,6 +37,7 @@ from worker.constants import KEY_OUTBOX, ORG_KEY_SUFFIXES
 from worker.ledger import FlushBatch, Ledger, ParkedEvent
 from worker.model import CommandItem, UsageItem
 from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
+from worker.recovery import engine_last_seq, engine_last_seqs, rebuild_org
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,10 @@ class Pipeline:
         self._retry_decided = 0  # events the last parked-retry turn charged or dead-lettered
         self._sync_commits: dict[TopicPartition, int] = {}
         self._broken: BaseException | None = None  # a flush failed: nothing more is flushed
+        self._pg_seq: dict[str, int] = {}  # highest effect seq flushed to PostgreSQL, per org
+        self._handed_no = 0  # last batch handed to the flush stage
+        self._flushed_no = 0  # last batch the flush stage finished
+        self._flush_progress = asyncio.Event()
         self._last_retry = 0.0
         self._stopping_since: float | None = None
         self._crash = _crash_plan()
@@ -271,6 +276,7 @@ class Pipeline:
     async def run(self, consumer: AIOKafkaConsumer) -> Stats:
         """Consume until ``stop`` is set (or the bounded run ends); returns the counters."""
         self.consumer = consumer
+        self._pg_seq = await self._backoff.retry("postgres", self.ledger.org_seqs)
         consumer.subscribe([self.s.topic_usage, self.s.topic_admin], listener=_Listener(self))
         metrics.WORKER_UP.set(1)
         stages = [
@@ -551,6 +557,7 @@ class Pipeline:
                 self._finish(batch)  # never apply or flush past a failed batch
                 continue
             try:
+                await self._check_redis(batch)
                 with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
                     await self._apply_all(batch)
                 # Crash here: the engine applied the batch and its effects wait in the
@@ -572,7 +579,51 @@ class Pipeline:
                 self.stop.set()
                 self._finish(batch)
                 continue
+            self._handed_no = batch.number
             await self._queue.put(batch)
+
+    async def _check_redis(self, batch: Batch) -> None:
+        """Before applying, make sure Redis has not lost any org of the batch.
+
+        Redis restarted behind its last writes (AOF ``everysec``) or emptied under a running
+        worker would otherwise decide on stale state: an org it forgot looks unknown, and an org
+        behind would reuse effect seqs PostgreSQL already holds. One pipelined read of the
+        orgs' seq per batch compares Redis with the highest seq we know PostgreSQL holds (or
+        will hold once the batches in flight are flushed); an org behind is rebuilt from the
+        ledger first, after those batches are flushed.
+        """
+        expected = {
+            org: max(self._pg_seq.get(org, 0), self._last_seq.get(org, 0)) for org in batch.by_org
+        }
+        expected = {org: seq for org, seq in expected.items() if seq > 0}
+        if not expected:
+            return
+        seqs = await self._backoff.retry(
+            "redis",
+            lambda: engine_last_seqs(self.engine, list(expected)),
+            give_up=self._giving_up,
+        )
+        behind = sorted(org for org, seq in expected.items() if seqs.get(org, 0) < seq)
+        if not behind:
+            return
+        log.warning(
+            "redis lost state of %d orgs (e.g. %s): rebuilding them", len(behind), behind[0]
+        )
+        # Batches already applied carry effects PostgreSQL does not have yet: flush them
+        # first, so the rebuild replays everything that was decided.
+        while self._flushed_no < self._handed_no and self._broken is None:
+            self._flush_progress.clear()
+            await self._flush_progress.wait()
+        if self._broken is not None:
+            raise RuntimeError("cannot rebuild: an earlier batch failed to flush")
+        for org in behind:
+            await self._backoff.retry(
+                "redis",
+                lambda org=org: rebuild_org(self.engine, self.ledger, org),  # type: ignore[misc]
+                give_up=self._giving_up,
+            )
+            self._last_seq[org] = await engine_last_seq(self.engine, org)
+            metrics.rebuilt("redis_behind")
 
     async def _apply_all(self, batch: Batch) -> None:
         async def one_org(org_id: str, pend: list[Pending]) -> None:
@@ -863,6 +914,9 @@ class Pipeline:
         # Crash here: PostgreSQL holds the batch and the offsets past it; the outboxes still
         # hold the effects. Restart re-drains them: rows conflict and are skipped, messages are
         # published again (at-least-once). Consumption resumes after the batch.
+        for org, seq in batch.flush.org_seq.items():
+            if seq > self._pg_seq.get(org, 0):
+                self._pg_seq[org] = seq
         self._maybe_crash("after_pg_commit", batch)
         # 3. Outbox ack: only now may Redis forget the effects.
         if batch.acks:
@@ -926,6 +980,9 @@ class Pipeline:
         await asyncio.gather(*(one(o, seq) for o, seq in acks.items()))
 
     def _finish(self, batch: Batch) -> None:
+        if batch.number > self._flushed_no:
+            self._flushed_no = batch.number
+        self._flush_progress.set()
         for ident in batch.ids:
             if self._pending_ids.get(ident) == batch.number:
                 del self._pending_ids[ident]

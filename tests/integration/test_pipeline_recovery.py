@@ -189,3 +189,37 @@ async def _decided(settings: Settings) -> int:
         return 0
     finally:
         await conn.close()
+
+
+async def test_redis_emptied_under_a_running_worker(
+    pipe_settings: Settings, engine: Any, redis: aioredis.Redis
+) -> None:
+    """Redis loses everything while the worker runs: the next batch finds its orgs behind
+    PostgreSQL, rebuilds them from the ledger and charges on exact balances (nothing parked
+    as unknown, nothing charged twice)."""
+    s = pipe_settings
+    w = Workload(s)
+    _story(w, 40)
+    await w.produce()
+    first = len(w.events)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    try:
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            if await _decided(s) == first:
+                break
+        assert await _decided(s) == first
+        await redis.flushdb()
+        start = len(w.messages)
+        _story_usage(w, 40)
+        await w.produce(w.messages[start:])
+        for _ in range(300):
+            await asyncio.sleep(0.05)
+            if await _decided(s) == len(w.events):
+                break
+    finally:
+        stop.set()
+        stats = await task
+    assert stats["parked"] == 0
+    await check_pipeline(s, w, engine=engine)
