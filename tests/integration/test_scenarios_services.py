@@ -120,11 +120,6 @@ async def test_redis_emptied_is_rebuilt_from_postgres_on_restart(
         await sc.kill_all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a running worker does not notice that Redis came back empty; it parks "
-    "the orgs' events as unknown_org instead of rebuilding them (a restart does rebuild)",
-)
 async def test_redis_restarted_empty_under_load(
     isolated_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
