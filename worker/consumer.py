@@ -1,15 +1,16 @@
 """The Kafka loop: fetch, decode, drop decided ids, group by org, apply, publish, flush, commit.
 
-One batch goes through two stages that overlap across batches:
+A batch goes through three stages, each its own task, overlapping across batches:
 
-- stage A (``_stage_a``): ``getmany`` a batch, decode and validate every record, drop ids that
-  are duplicates in the batch, in PostgreSQL (one ``= ANY($1)`` query per kind) or in a batch
-  still being flushed, apply the rest through the engine (one call per org and chunk, several
-  orgs in flight), and hand the effect messages and dead letters to the producer;
-- stage B (``_stage_b``): wait for Kafka's acks, write the batch's rows and the next offsets in
-  one PostgreSQL transaction, acknowledge the engine outboxes, commit the offsets to Kafka.
+- fetch (``_stage_a``): ``getmany`` a batch, decode and validate every record, drop ids that are
+  duplicates in the batch, in PostgreSQL (one ``= ANY($1)`` query per kind) or in a batch still
+  being flushed;
+- apply (``_stage_apply``): check that Redis has not lost the batch's orgs (rebuild them from
+  the ledger if it has), apply the records through the engine (one call per org and chunk,
+  several orgs in flight), hand the effect messages and dead letters to the producer;
+- flush (``_stage_b``): wait for Kafka's acks, write the batch's rows and the next offsets in one
+  PostgreSQL transaction, acknowledge the engine outboxes, commit the offsets to Kafka.
 
-While stage B of batch N waits on Kafka and PostgreSQL, stage A already applies batch N+1.
 The write order and what a crash between any two steps leaves behind are written next to each
 step below and in docs/delivery.md.
 """
