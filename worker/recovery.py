@@ -158,8 +158,12 @@ async def rebuild_behind(
             progress(f"no ledger records for: {', '.join(missing)}")
     else:
         targets = []
+        orgs = list(pg)
+        redis_seqs: dict[str, int] = {}
+        for start in range(0, len(orgs), 1_000):
+            redis_seqs.update(await engine_last_seqs(engine, orgs[start : start + 1_000]))
         for org_id, pg_seq in pg.items():
-            redis_seq = await engine_last_seq(engine, org_id)
+            redis_seq = redis_seqs.get(org_id, 0)
             if redis_seq < pg_seq:
                 log.warning(
                     "redis is behind postgres for org %s (seq %d < %d): rebuilding",
