@@ -267,7 +267,6 @@ class Pipeline:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            max_poll_interval_ms=600_000,
         )
 
     def processed_offsets(self) -> dict[tuple[str, int], int]:
