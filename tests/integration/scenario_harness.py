@@ -194,6 +194,30 @@ async def committed_offsets(settings: Settings) -> dict[TopicPartition, int]:
         await admin.close()
 
 
+async def group_members(settings: Settings) -> tuple[str, int]:
+    """(state, number of members) of the worker group, as the broker sees it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        resp = await admin.describe_consumer_groups([settings.consumer_group])
+        group = resp[0].to_object()["groups"][0]
+        return str(group["state"]), len(group["members"])
+    finally:
+        await admin.close()
+
+
+async def wait_members(settings: Settings, count: int, *, timeout: float = 30.0) -> None:
+    """Wait until the group is stable with exactly ``count`` members."""
+    deadline = time.monotonic() + timeout
+    state, n = "", 0
+    while time.monotonic() < deadline:
+        state, n = await group_members(settings)
+        if state == "Stable" and n == count:
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"group {settings.consumer_group}: {state} with {n} members, not {count}")
+
+
 async def committed_total(settings: Settings, topics: Iterable[str]) -> int:
     """Sum of the group's committed offsets over every partition of ``topics`` (0 if unknown)."""
     wanted = set(topics)
