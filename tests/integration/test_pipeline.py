@@ -287,3 +287,37 @@ async def test_tick_scheduler_publishes_ticks_for_known_orgs(
         s, "SELECT count(*) FROM admin_commands WHERE type = 'tick' AND status = 'applied'"
     )
     assert applied >= 2
+
+
+async def test_an_event_id_rejected_first_is_never_charged_later(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """SPEC 5: the first message with an event_id decides it. A rejected first copy (here a
+    negative amount) makes a later, valid copy a duplicate: dropped, not charged, not
+    dead-lettered again."""
+    from schemas.encode import encode_usage_event
+    from tests.integration.pipeline_checker import Produced
+
+    s = pipe_settings.model_copy(update={"batch_max_records": 3})
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    start = len(w.messages)
+    bad = orjson.dumps(
+        {"event_id": "once", "org_id": "acme", "member_id": "ann", "task_id": "t",
+         "credits": "-5", "occurred_at": "2026-01-01T00:00:00Z"}
+    )  # fmt: skip
+    w.bad_usage(bad, "amount_not_positive", key=b"acme")
+    late_copy = encode_usage_event(
+        event_id="once", org_id="acme", member_id="ann", task_id="t", credits_mc=5_000,
+        occurred_at_ms=w.now_ms - 60_000,
+    )  # fmt: skip
+    w.messages.append(Produced(s.topic_usage, b"acme", late_copy))  # neither charged nor DLQ'd
+    await w.produce(w.messages[start : start + 1])
+    await run_worker(s, max_events=start + 1, idle_exit_seconds=30, engine=engine)
+    await w.produce(w.messages[start + 1 :])
+    stats = await run_worker(s, max_events=1, idle_exit_seconds=30, engine=engine)
+    assert stats["duplicate"] == 1
+    assert stats["charged"] == 0
+    report = await check_pipeline(s, w, engine=engine)
+    assert report.rejected["once"] == "amount_not_positive"
