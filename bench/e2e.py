@@ -179,7 +179,7 @@ async def consume_only(bootstrap: str, topic: str, *, decode: bool) -> tuple[int
 # --- 3. the worker -----------------------------------------------------------------------------
 
 
-def _worker_env(s: Settings) -> dict[str, str]:
+def _worker_env(s: Settings, http_port: int = 0) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -197,11 +197,50 @@ def _worker_env(s: Settings) -> dict[str, str]:
             "METERING_REDIS_KEY_PREFIX": s.redis_key_prefix,
             "METERING_LOG_FORMAT": "console",
             "METERING_LOG_LEVEL": "WARNING",
-            "METERING_HTTP_PORT": "0",
+            "METERING_HTTP_PORT": str(http_port),
         }
     )
     env.pop("METERING_CRASH_AT", None)
     return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_STAGES = {
+    "metering_batch_seconds": "batch (end to end)",
+    "metering_redis_script_seconds": "engine calls of a batch",
+    "metering_pg_flush_seconds": "PostgreSQL flush",
+}
+
+
+async def scrape_stages(port: int) -> dict[str, tuple[int, float]]:
+    """(count, total seconds) of the worker's stage histograms, from its /metrics endpoint."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r,
+    ):
+        text = await r.text()
+    out: dict[str, tuple[int, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in _STAGES:
+            continue
+        count = total = 0.0
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+        out[_STAGES[family.name]] = (int(count), total)
+    return out
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -229,6 +268,7 @@ class WorkerRun:
     worker_cpu_s: float = 0.0
     machine_busy_s: float = 0.0
     service_cpu_s: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, tuple[int, float]] = field(default_factory=dict)
     pg_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -307,7 +347,9 @@ async def run_worker_process(
     busy0 = _machine_busy_s()
     services0 = _service_cpu_s()
     started = time.perf_counter()
-    proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s), cwd=ROOT)
+    http_port = _free_port()
+    stages: dict[str, tuple[int, float]] = {}
+    proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s, http_port), cwd=ROOT)
     peak = 0
     worker_cpu = 0.0
     first_progress: float | None = None
@@ -344,6 +386,10 @@ async def run_worker_process(
                 done_at = now
                 busy1 = _machine_busy_s()
                 services1 = _service_cpu_s()
+                try:
+                    stages = await scrape_stages(http_port)
+                except Exception as exc:  # the figures are a bonus, not the measurement
+                    log(f"  could not read the worker's /metrics: {exc!r}")
                 break
             if now - started > timeout_s:
                 raise TimeoutError(f"{label}: not done after {timeout_s:.0f} s ({done:,} done)")
@@ -369,6 +415,7 @@ async def run_worker_process(
         worker_cpu_s=worker_cpu,
         machine_busy_s=busy1 - busy0,
         service_cpu_s={k: services1[k] - services0.get(k, 0.0) for k in services1},
+        stages=stages,
     )
 
 
@@ -528,6 +575,19 @@ def _cpu_line(w: WorkerRun) -> str:
     )
 
 
+def _stages_line(w: WorkerRun) -> str:
+    if not w.stages:
+        return ""
+    parts = [
+        f"{name}: {count:,} x {1000 * total / count:.1f} ms = {total:.1f} s"
+        for name, (count, total) in w.stages.items()
+        if count
+    ]
+    return (
+        "Worker's own stage timings (its /metrics histograms, whole run): " + "; ".join(parts) + "."
+    )
+
+
 def render_section(r: Results, argv: list[str]) -> str:
     spec = r.spec
     cmd = "make bench" if not argv else "python -m bench.e2e " + " ".join(argv)
@@ -556,7 +616,7 @@ def render_section(r: Results, argv: list[str]) -> str:
         w = r.worker
         lines.append(
             f"Worker peak RSS: {w.peak_rss_kib / 1024:.0f} MiB (VmHWM of the worker process). "
-            f"Exit code after SIGTERM: {w.exit_code}. {_cpu_line(w)}"
+            f"Exit code after SIGTERM: {w.exit_code}. {_cpu_line(w)} {_stages_line(w)}"
         )
         if w.pg_counts:
             counts = ", ".join(f"`{k}` {v:,}" for k, v in w.pg_counts.items() if v)
@@ -697,6 +757,8 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
         if res.worker:
             print(f"worker peak RSS: {res.worker.peak_rss_kib / 1024:.0f} MiB")
             print(_cpu_line(res.worker))
+            if res.worker.stages:
+                print(_stages_line(res.worker))
             naive_rate = res.naive.rate if res.naive else 0.0
             ok_abs = res.worker.rate >= 40_000
             ok_rel = bool(naive_rate) and res.worker.rate >= 20 * naive_rate
