@@ -19,7 +19,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from scenario_harness import CRASH_EXIT, KILLED, Scenario, verify, wait_members, wait_progress
+from scenario_harness import (
+    CRASH_EXIT,
+    KILLED,
+    Scenario,
+    committed_total,
+    verify,
+    wait_members,
+    wait_progress,
+)
 
 from bench.workload import WorkloadSpec
 from worker.config import Settings
@@ -106,7 +114,7 @@ async def test_sigterm_mid_batch_exits_cleanly_and_resumes(
     isolated_settings: Settings, log_dir: Path
 ) -> None:
     """SIGTERM while batches are in flight: status 0 within the grace period, nothing lost."""
-    sc = Scenario(scenario_settings(isolated_settings), log_dir, small_spec(6_000))
+    sc = Scenario(scenario_settings(isolated_settings), log_dir, small_spec(12_000))
     try:
         await sc.apply_setup()
         await sc.produce_usage()
@@ -118,6 +126,9 @@ async def test_sigterm_mid_batch_exits_cleanly_and_resumes(
         rc = await w.terminate()
         assert rc == 0, f"SIGTERM exit status {rc}:\n{w.log_tail()}"
         assert loop.time() - t0 < sc.settings.shutdown_grace_seconds + 5
+        # It stopped part-way (what it had fetched was finished and committed, nothing more).
+        stopped_at = await committed_total(sc.settings, sc.input_topics)
+        assert done <= stopped_at < len(sc.setup) + len(sc.usage)
         await sc.worker().start()
         await sc.drain()
         await sc.stop_all()
