@@ -718,7 +718,11 @@ class Pipeline:
                     metrics.COMMANDS.labels(type=p.item.command.get("type"), status=status).inc()
                 elif status == "replayed":
                     counts["replayed"] += 1
-                elif p.ident not in command_effects:
+                elif p.ident in command_effects:
+                    # Rejected by the rules: its command record (counted with the effects)
+                    # becomes the dead letter.
+                    counts["rejected_command"] += 1
+                else:
                     # Rejected without a record in the org's outbox (e.g. the org does not
                     # exist): the pipeline dead-letters and records it itself.
                     reason = code or "rejected"

@@ -197,6 +197,11 @@ async def test_malformed_flood_never_blocks(pipe_settings: Settings, engine: Any
             b'{"type": "launch_rockets", "n": ' + str(i).encode() + b"}", "unknown_command_type"
         )
         w.unknown_org_usage(f"nobody-{i}")
+    # Well-formed admin commands the rules refuse: no such org, no such member.
+    w.command("nobody", "member_add", 50, member_id="x", tier="pro")
+    w.messages[-1].bad = "unknown_org"
+    w.command("acme", "member_remove", 50, member_id="not-a-member")
+    w.messages[-1].bad = "*"  # dead-lettered; the engine's code for it is its own business
     w.bad_usage(b'{"pad": "' + b"x" * 1_000_000 + b'"}', "message_too_large")
     w.bad_usage(b'{"pad": "' + b"y" * 70_000 + b'"}', "message_too_large")
     await w.produce()
