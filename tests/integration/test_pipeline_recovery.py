@@ -225,3 +225,44 @@ async def test_redis_emptied_under_a_running_worker(
         stats = await task
     assert stats["parked"] == 0
     await check_pipeline(s, w, engine=engine)
+
+
+class _RedisDown:
+    """The engine while Redis is unreachable: every apply fails with a connection error."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.attempts = 0
+
+    async def apply(self, org_id: str, items: Any) -> Any:
+        self.attempts += 1
+        raise ConnectionError("redis is down")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_stop_during_an_outage_exits_within_the_grace_period(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """Redis down: the worker retries with backoff and commits nothing; a stop request still
+    ends it within the grace period, and a later run on a healthy Redis loses nothing."""
+    s = pipe_settings.model_copy(
+        update={"shutdown_grace_seconds": 2.0, "retry_backoff_max_seconds": 0.5}
+    )
+    w = Workload(s)
+    _story(w, 10)
+    await w.produce()
+    down = _RedisDown(engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(s, stop=stop, engine=down))
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if down.attempts >= 3:
+            break
+    assert down.attempts >= 3  # it kept retrying
+    stop.set()
+    await asyncio.wait_for(task, 10)  # within the grace period (+ client shutdown)
+    assert await _decided(s) == 0
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    await check_pipeline(s, w, engine=engine)
