@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from unit.test_model_rules import SCENARIOS, cmd, use
 
 from worker.config import Settings
-from worker.engine import RedisEngine
+from worker.engine import RedisEngine, decode_effects
 from worker.model import CommandItem, Item, UsageItem, to_ms
 
 C = 1000
@@ -111,21 +111,26 @@ async def test_outbox_pending_ack_and_discovery(client: aioredis.Redis, settings
 
 
 class TimedEngine(RedisEngine):
-    """Records the wall time of every script call."""
+    """Records the wall time and the number of signals of every script call."""
 
     durations: list[float]
+    signals: list[int]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.durations = []
+        self.signals = []
         inner = self._apply
 
         async def timed(keys: Any, args: Any) -> Any:
             t = time.perf_counter()
             try:
-                return await inner(keys=keys, args=args)
+                reply = await inner(keys=keys, args=args)
             finally:
                 self.durations.append(time.perf_counter() - t)
+            effects = decode_effects(str(args[0]), reply[1])
+            self.signals.append(sum(1 for e in effects if e["kind"] == "signal"))
+            return reply
 
         self._apply = timed  # type: ignore[assignment]
 
@@ -157,17 +162,22 @@ async def test_ten_thousand_members_pool_dry_and_cycle_end(
     assert len(pauses) == n and {e["reason"] for e in pauses} == {"pool_exhausted"}
     assert await client.zcard(keys[4]) == n
     dry_calls, dry_max = len(engine.durations), max(engine.durations)
-    assert dry_calls >= n // 500
-    assert dry_max < 0.05, f"slowest script call {dry_max * 1000:.1f} ms"
+    # The bound that keeps Redis responsive is structural: no call walks more members than
+    # its budget (wall-clock figures are printed below and recorded in docs/engine.md).
+    # (+1: the pause of the member whose own event drained the pool).
+    assert dry_calls >= n // engine.walk_budget
+    assert max(engine.signals) <= engine.walk_budget + 1
     # Cycle end: invoice at once, every paused member resumed without an event of its own.
     engine.durations.clear()
+    engine.signals.clear()
     res = await engine.apply("big", [cmd("tick", to_ms(dt.datetime(2026, 2, 1, tzinfo=dt.UTC)))])
     resumes = [e for e in res.effects if e["kind"] == "signal" and e["signal"] == "resume"]
     assert len(resumes) == n and {e["reason"] for e in resumes} == {"cycle_reset"}
     assert [e["negative_balance_mc"] for e in res.effects if e["kind"] == "invoice"] == [0]
     assert await client.zcard(keys[4]) == 0
     end_max = max(engine.durations)
-    assert end_max < 0.05, f"slowest script call {end_max * 1000:.1f} ms"
+    assert len(engine.durations) >= n // engine.walk_budget
+    assert max(engine.signals) <= engine.walk_budget
     dash = await engine.dashboard("big")
     assert dash is not None and len(dash["members"]) == n
     assert {m["remaining"] for m in dash["members"]} == {"500"}
