@@ -46,6 +46,7 @@ topics: stack-up
 	$(PY) -m worker.stack topics
 
 test: venv stack-up
+	$(PY) -m worker.stack browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv

@@ -1218,6 +1218,18 @@ def topics(settings: Settings) -> None:
     _print_table(["topic", "partitions", "cleanup", "state"], rows)
 
 
+def ensure_browser() -> str:
+    """Install Debian's Chromium for the dashboard browser test when it is missing."""
+    found = shutil.which("chromium")
+    if found is None:
+        _apt_install(["chromium"], "the dashboard browser test needs Chromium")
+        found = shutil.which("chromium")
+    if found is None:
+        raise StackError("chromium is still not on PATH after installing it")
+    say(f"browser: {found}")
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m worker.stack``."""
     parser = argparse.ArgumentParser(
@@ -1229,6 +1241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("down", help="stop what this stack started")
     sub.add_parser("status", help="show what runs and whether it answers")
     sub.add_parser("topics", help="create the SPEC topics on the broker (idempotent)")
+    sub.add_parser("browser", help="install headless Chromium for the browser test if missing")
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -1240,6 +1253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if status(settings) else 1
         elif args.command == "topics":
             topics(settings)
+        elif args.command == "browser":
+            ensure_browser()
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
