@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -173,6 +174,10 @@ class Outputs:
         return out
 
 
+class DemoInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the story stops after the current act."""
+
+
 class Demo:
     """Drives the story: publish, run the worker until idle, show what came out."""
 
@@ -185,6 +190,13 @@ class Demo:
         self.outputs = Outputs(settings)
         self._event_n = 0
         self.refill_requests: list[dict[str, Any]] = []
+        self.stopping = asyncio.Event()
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stopping.set)
 
     # publishing
     async def admin(self, *msgs: Message) -> None:
@@ -205,7 +217,14 @@ class Demo:
         from worker.runner import run_worker
 
         started = time.monotonic()
-        await run_worker(self.s, idle_exit_seconds=self.idle_exit, engine=self.engine)
+        # The worker takes over SIGINT/SIGTERM while it runs (finishing its batch) and drops
+        # them when it returns; the demo's own handlers make Ctrl-C end the whole story.
+        await run_worker(
+            self.s, idle_exit_seconds=self.idle_exit, engine=self.engine, stop=self.stopping
+        )
+        self.install_signals()
+        if self.stopping.is_set():
+            raise DemoInterrupted
         records = await self.outputs.new_records()
         self.out.line(f"   (worker ran {time.monotonic() - started:.1f} s)")
         self.show(records)
@@ -500,16 +519,23 @@ async def run_demo(
     engine = (engine_factory or make_engine)(settings)
     demo = Demo(settings, out, idle_exit, engine)
     await demo.outputs.start()
+    demo.install_signals()
+    status = 0
     try:
         await story(demo)
+    except DemoInterrupted:
+        out.line()
+        out.line("interrupted: the current act was finished and committed; stopping here.")
+        status = 130
     finally:
         await demo.outputs.stop()
         await _close_engine(engine)
         if not keep:
             await _cleanup(settings)
-    out.line()
-    out.line("done.")
-    return 0
+    if status == 0:
+        out.line()
+        out.line("done.")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
