@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from tests.integration.pipeline_checker import Workload, check_pipeline
 from tests.integration.scenario_harness import CRASH_EXIT, WorkerProcess
+from worker import metrics
 from worker.config import Settings
 from worker.consumer import CRASH_STEPS
 from worker.recovery import rebuild
@@ -201,9 +202,15 @@ async def test_redis_emptied_under_a_running_worker(
     as unknown, nothing charged twice)."""
     s = pipe_settings
     w = Workload(s)
-    _story(w, 40)
+    _story(w, 0)
     await w.produce()
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    start = len(w.messages)
+    _story_usage(w, 40)
+    await w.produce(w.messages[start:])
     first = len(w.events)
+    rebuilds = metrics.REBUILDS.labels(reason="redis_behind")
+    rebuilt_before = rebuilds._value.get()
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
     try:
@@ -223,7 +230,8 @@ async def test_redis_emptied_under_a_running_worker(
     finally:
         stop.set()
         stats = await task
-    assert stats["parked"] == 0
+    assert stats["parked"] == 0  # the orgs were rebuilt, never taken for unknown
+    assert rebuilds._value.get() - rebuilt_before == 2  # acme and beta, by the running worker
     await check_pipeline(s, w, engine=engine)
 
 
