@@ -588,9 +588,36 @@ def _stages_line(w: WorkerRun) -> str:
     )
 
 
-def render_section(r: Results, argv: list[str]) -> str:
+HISTORY_PREFIX = "- run of "
+
+
+def _history_line(r: Results) -> str:
+    naive = r.naive.rate if r.naive else 0.0
+    parts = [f"{HISTORY_PREFIX}{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {r.spec.events:,} events:"]
+    if r.worker:
+        ratio = f" ({r.worker.rate / naive:.1f}x naive)" if naive else ""
+        parts.append(f"worker {r.worker.rate:,.0f}/s{ratio},")
+    if naive:
+        parts.append(f"naive {naive:,.0f}/s,")
+    parts.append(f"ceiling {_rate(r.ceiling_raw):,.0f}/s")
+    return " ".join(parts)
+
+
+def previous_history() -> list[str]:
+    """The history lines already in BENCHMARKS.md's end-to-end section."""
+    if not BENCH_MD.exists():
+        return []
+    text = BENCH_MD.read_text(encoding="utf-8")
+    if SECTION_START not in text or SECTION_END not in text:
+        return []
+    section = text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0]
+    return [line for line in section.splitlines() if line.startswith(HISTORY_PREFIX)]
+
+
+def render_section(r: Results, argv: list[str], history: list[str] | None = None) -> str:
     spec = r.spec
     cmd = "make bench" if not argv else "python -m bench.e2e " + " ".join(argv)
+    history = history or []
     lines = [
         SECTION_START,
         "## End to end (`make bench`)",
@@ -637,6 +664,13 @@ def render_section(r: Results, argv: list[str]) -> str:
         "Kafka offsets only after Postgres holds the batch, so at that moment every ledger row "
         "is in Postgres. 3b excludes start-up: it is clocked from the first committed offset."
     )
+    lines.append("")
+    lines.append(
+        "Runs so far (the figures move with whatever else the 2-core machine is doing; "
+        "newest last):"
+    )
+    lines.append("")
+    lines.extend([*history, _history_line(r)])
     lines.append(SECTION_END)
     return "\n".join(lines)
 
@@ -767,7 +801,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                 f">= 20x naive: {'met' if ok_rel else 'NOT met'}"
             )
         if args.write_md:
-            write_markdown(render_section(res, argv))
+            write_markdown(render_section(res, argv, previous_history()))
             log(f"wrote the end-to-end section of {BENCH_MD.name}")
         return 0
     finally:
