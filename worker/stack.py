@@ -759,8 +759,12 @@ class Postgres:
 
 
 def _kafka_cluster_id() -> str:
-    # Kafka's Uuid.toString: URL-safe base64 of 16 random bytes without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    # Kafka's Uuid.toString: URL-safe base64 of 16 random bytes without padding. One id in 64
+    # starts with "-", which the storage tool's argument parser takes for an option: redraw.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 @dataclass(frozen=True)
