@@ -346,6 +346,7 @@ async def run_worker_process(
         cmd[1:1] = ["-m", "cProfile", "-o", profile]
     busy0 = _machine_busy_s()
     services0 = _service_cpu_s()
+    self0 = time.process_time()
     started = time.perf_counter()
     http_port = _free_port()
     stages: dict[str, tuple[int, float]] = {}
@@ -386,6 +387,7 @@ async def run_worker_process(
                 done_at = now
                 busy1 = _machine_busy_s()
                 services1 = _service_cpu_s()
+                services1["this benchmark process"] = time.process_time() - self0
                 try:
                     stages = await scrape_stages(http_port)
                 except Exception as exc:  # the figures are a bonus, not the measurement
@@ -565,13 +567,14 @@ def render_table(r: Results) -> str:
 
 def _cpu_line(w: WorkerRun) -> str:
     cpus = os.cpu_count() or 1
+    rest = w.machine_busy_s - w.worker_cpu_s - sum(w.service_cpu_s.values())
     return (
         f"During the timed run the worker process used {w.worker_cpu_s:.1f} CPU-seconds "
         f"({100 * w.worker_cpu_s / w.seconds:.0f}% of one core) and the whole machine "
         f"{w.machine_busy_s:.1f} CPU-seconds ({100 * w.machine_busy_s / (w.seconds * cpus):.0f}% "
         f"of its {cpus} cores: broker, Redis, PostgreSQL and the worker share them); "
         + ", ".join(f"{k} {v:.1f} s" for k, v in w.service_cpu_s.items())
-        + "."
+        + f", everything else (kernel, hypervisor steal, other processes) {rest:.1f} s."
     )
 
 
