@@ -16,8 +16,8 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
@@ -197,7 +197,6 @@ class WorkloadSpec:
     """Inclusive range of one event's amount in millicredits (rounded to 125 mc)."""
     duplicate_every: int = 0
     """If > 0, every Nth event re-sends an earlier event_id (a producer retry)."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def org_id(self, i: int) -> str:
         return f"{self.prefix}org{i:05d}"
@@ -368,11 +367,6 @@ async def produce_messages(
             await producer.send_and_wait(topic, value=value, key=key)
     finally:
         await producer.stop()
-
-
-def at_offset(start: datetime, **delta: float) -> datetime:
-    """``start`` plus a ``timedelta(**delta)``: readable timestamps in scenarios and the demo."""
-    return start + timedelta(**delta)
 
 
 async def topic_partitions(consumer: Any, topic: str) -> list[Any]:
