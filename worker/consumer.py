@@ -35,6 +35,7 @@ from schemas.decode import CommandRecord, Rejection, UsageRecord, decode_admin, 
 from worker import metrics
 from worker.config import Settings
 from worker.constants import KEY_OUTBOX, ORG_KEY_SUFFIXES
+from worker.engine import RedisEngine, expand_charges
 from worker.ledger import FlushBatch, Ledger, ParkedEvent
 from worker.model import CommandItem, UsageItem
 from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
@@ -253,6 +254,15 @@ class Pipeline:
         self._tiers = frozenset(settings.tiers)
         self._processed: dict[tuple[str, int], int] = {}  # next offset flushed, for lag
         self._sem = asyncio.Semaphore(ENGINE_CONCURRENCY)
+        # RedisEngine.apply_rows keeps one-bucket charges as compact rows that become
+        # PostgreSQL rows directly. Only for an engine whose apply is RedisEngine's own: other
+        # engines (the model) and wrappers or subclasses that change apply (fault injection)
+        # go through apply and effect dicts.
+        self._apply_rows = (
+            engine.apply_rows
+            if isinstance(engine, RedisEngine) and type(engine).apply is RedisEngine.apply
+            else None
+        )
         grace = settings.unknown_grace_seconds
         self._retry_interval = max(0.2, min(5.0, grace / 4 if grace else 1.0))
 
@@ -637,49 +647,84 @@ class Pipeline:
             await asyncio.gather(*(one_org(o, p) for o, p in orgs))
 
     async def _apply_org(self, batch: Batch, org_id: str, pend: list[Pending]) -> None:
+        apply_rows = self._apply_rows
         for start in range(0, len(pend), ENGINE_CHUNK):
             chunk = pend[start : start + ENGINE_CHUNK]
             items = [p.item for p in chunk]
             retried = False
 
-            async def call(items: list[Any] = items) -> Any:
+            async def call(items: list[Any] = items) -> tuple[list[Any], list[Any], list[Any]]:
                 nonlocal retried
                 try:
-                    return await self.engine.apply(org_id, items)
+                    if apply_rows is not None:
+                        rows: tuple[list[Any], list[Any], list[Any]] = await apply_rows(
+                            org_id, items
+                        )
+                        return rows
+                    result = await self.engine.apply(org_id, items)
+                    return list(result.outcomes), list(result.effects), []
                 except Exception:
                     retried = True
                     raise
 
-            result = await self._backoff.retry("redis", call, give_up=self._giving_up)
-            effects: list[dict[str, Any]] = list(result.effects)
-            effects = await self._fill_gap(org_id, effects, force=retried)
-            self._record_outcomes(batch, org_id, chunk, list(result.outcomes), effects)
+            outcomes, effects, charges = await self._backoff.retry(
+                "redis", call, give_up=self._giving_up
+            )
+            effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
+            self._record_outcomes(batch, org_id, chunk, outcomes, effects, charges)
+            top = 0
+            if charges:
+                batch.flush.add_charges(org_id, charges)
+                top = int(charges[-1][1]) + 1  # rows in seq order; the usage seq follows
+                charged_mc = batch.charged_mc
+                for r in charges:
+                    charged_mc[r[2] or "unknown"] += r[7]
             if effects:
                 lookup = _lookup(chunk)
                 _add_sources(effects, lookup)
                 batch.flush.add_effects(org_id, effects)
                 batch.messages.extend(self.publisher.encoder.messages(org_id, effects, lookup))
-                top = max(int(e["seq"]) for e in effects)
-                batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
+                top = max(top, max(int(e["seq"]) for e in effects))
                 _tally(effects, batch.charged_mc)
+            if top:
+                batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
 
     async def _fill_gap(
-        self, org_id: str, effects: list[dict[str, Any]], *, force: bool
-    ) -> list[dict[str, Any]]:
+        self,
+        org_id: str,
+        effects: list[dict[str, Any]],
+        charges: list[list[Any]],
+        *,
+        force: bool,
+    ) -> tuple[list[dict[str, Any]], list[list[Any]]]:
         """Add unacknowledged outbox effects that precede this call's effects.
 
         ``outbox_ack`` acknowledges a prefix (``seq <= upto``). Effects of the same org made by
         another worker (producers not keying by org), or by a call whose reply was lost, may sit
         in the outbox below our seqs; we persist and publish them too before acking past them
         (idempotent rows, at-least-once messages), so an ack never drops an effect that is not
-        in PostgreSQL.
+        in PostgreSQL. Compact charge rows stay compact on the common path (this call's seqs
+        follow the last ones we saw); on the rare gap path they are expanded and merged.
         """
         last = self._last_seq.get(org_id)
-        first = int(effects[0]["seq"]) if effects else None
+        first: int | None = None
+        high = 0
+        if effects:
+            first = int(effects[0]["seq"])
+            high = int(effects[-1]["seq"])
+        if charges:
+            c_first = int(charges[0][1])
+            first = c_first if first is None else min(first, c_first)
+            high = max(high, int(charges[-1][1]) + 1)
         if not force and (first is None or (last is not None and first == last + 1)):
-            if effects:
-                self._last_seq[org_id] = int(effects[-1]["seq"])
-            return effects
+            if first is not None:
+                self._last_seq[org_id] = high
+            return effects, charges
+        if charges:
+            effects = sorted(
+                [*effects, *expand_charges(org_id, charges)], key=lambda e: int(e["seq"])
+            )
+            charges = []
         pending = await self._backoff.retry(
             "redis",
             lambda: self.engine.outbox_pending(org_id, last or 0),
@@ -692,7 +737,7 @@ class Pipeline:
         merged = sorted([*extra, *effects], key=lambda e: int(e["seq"]))
         if merged:
             self._last_seq[org_id] = max(int(merged[-1]["seq"]), last or 0)
-        return merged
+        return merged, charges
 
     def _record_outcomes(
         self,
@@ -701,9 +746,11 @@ class Pipeline:
         chunk: list[Pending],
         outcomes: list[Any],
         effects: list[dict[str, Any]],
+        charges: Sequence[Sequence[Any]] = (),
     ) -> None:
         counts = batch.counts
         usage_effects = {e["event_id"] for e in effects if e.get("kind") == "usage"}
+        usage_effects.update(r[4] for r in charges)
         command_effects = {e["command_id"] for e in effects if e.get("kind") == "command"}
         now_ms = int(time.time() * 1000)
         grace_ms = self.s.unknown_grace_seconds * 1000

@@ -116,6 +116,12 @@ def _charge(r: list[Any], org: str) -> tuple[dict[str, Any], dict[str, Any]]:
 # Effects travel from the script as positional JSON arrays (row[0] = kind code, row[1] = seq).
 _DECODERS = (None, _ledger, _usage, _command, _signal, _notification, _refill_request, _invoice)
 _CHARGE = 8
+CHARGE_FIELDS = (
+    "kind", "ledger_seq", "bucket", "grant_id", "event_id", "member_id", "task_id",
+    "credits_mc", "occurred_at_ms", "late", "source", "offset", "cycle_start_ms", "at_ms",
+)  # fmt: skip
+"""Positions in a compact charge row: a usage event paid by one bucket, whose ``ledger``
+effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``ledger_seq + 1``."""
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
 
@@ -145,8 +151,14 @@ def _encode_item(item: Item) -> list[Any]:
     return [2, orjson.dumps(dict(item.command)).decode(), item.source, item.offset]
 
 
-def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
-    """Effect dicts (``docs/architecture.md`` fields) from the scripts' positional JSON."""
+def decode_effects(
+    org_id: str, raw: Any, charges: list[list[Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Effect dicts (``docs/architecture.md`` fields) from the scripts' positional JSON.
+
+    With ``charges``, compact charge rows (see :data:`CHARGE_FIELDS`) are appended there as they
+    came instead of being expanded into their ``ledger`` and ``usage`` dicts.
+    """
     rows = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
     if not rows:
         return []
@@ -154,9 +166,20 @@ def decode_effects(org_id: str, raw: Any) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in rows:
         if r[0] == _CHARGE:
-            out.extend(_charge(r, org_id))
+            if charges is None:
+                out.extend(_charge(r, org_id))
+            else:
+                charges.append(r)
         else:
             out.append(dec[r[0]](r, org_id))  # type: ignore[misc]
+    return out
+
+
+def expand_charges(org_id: str, charges: Sequence[list[Any]]) -> list[dict[str, Any]]:
+    """The ``ledger`` and ``usage`` effect dicts of compact charge rows, in seq order."""
+    out: list[dict[str, Any]] = []
+    for r in charges:
+        out.extend(_charge(r, org_id))
     return out
 
 
@@ -227,6 +250,29 @@ class RedisEngine:
         leaves the org consistent, and a crash between calls leaves the pending work recorded
         in the org hash, where the next call (of any worker) finishes it before anything else.
         """
+        outcomes, effects, _ = await self._run(org_id, items, now_ms, None)
+        return ApplyResult(outcomes, effects)
+
+    async def apply_rows(
+        self, org_id: str, items: Sequence[Item], *, now_ms: int | None = None
+    ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]]]:
+        """Like :meth:`apply`, but one-bucket charges stay compact rows (:data:`CHARGE_FIELDS`).
+
+        Returns ``(outcomes, effects, charges)``: ``effects`` holds every other effect; each
+        list is in seq order on its own. The pipeline builds PostgreSQL rows straight from the
+        charge rows instead of two dicts per event.
+        """
+        charges: list[list[Any]] = []
+        outcomes, effects, _ = await self._run(org_id, items, now_ms, charges)
+        return outcomes, effects, charges
+
+    async def _run(
+        self,
+        org_id: str,
+        items: Sequence[Item],
+        now_ms: int | None,
+        charges: list[list[Any]] | None,
+    ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
         now = int(time.time() * 1000) if now_ms is None else now_ms
         encoded = [_encode_item(i) for i in items]
@@ -245,10 +291,10 @@ class RedisEngine:
             if isinstance(outs, dict):  # cjson writes an empty table as {}
                 outs = []
             outcomes.extend(_outcomes(outs[:consumed]))
-            effects.extend(decode_effects(org_id, blob))
+            effects.extend(decode_effects(org_id, blob, charges))
             start += consumed
             if start >= len(encoded) and not pending:
-                return ApplyResult(outcomes, effects)
+                return outcomes, effects, charges
             # Every call with a budget of at least one member makes progress, so a call that
             # consumed nothing and reports nothing pending means the script is broken.
             stalls = stalls + 1 if consumed == 0 and not pending else 0

@@ -313,6 +313,29 @@ class FlushBatch:
         if top:
             self.org_seq[org_id] = top
 
+    def add_charges(self, org_id: str, charges: Iterable[Sequence[Any]]) -> None:
+        """Rows of compact charge rows (``worker.engine.CHARGE_FIELDS``): one ledger row and one
+        usage row per event, the same rows ``add_effects`` makes from their two effect dicts."""
+        top = self.org_seq.get(org_id, 0)
+        ledger = self.ledger.append
+        usage = self.usage.append
+        for r in charges:
+            seq = r[1]
+            late = bool(r[9])
+            offset = r[11]
+            ledger(
+                (org_id, seq, r[5], "usage", r[4], r[6], "charge", r[2], r[3], -r[7], r[12],
+                 late, r[13])
+            )  # fmt: skip
+            usage(
+                (r[4], org_id, seq + 1, r[5], r[6], r[7], r[8], "charged", None, late, r[10],
+                 offset if offset is not None and offset >= 0 else None)
+            )  # fmt: skip
+            if seq + 1 > top:
+                top = seq + 1
+        if top:
+            self.org_seq[org_id] = top
+
     def add_rejected_usage(
         self,
         *,
