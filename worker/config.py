@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     dedupe_window_seconds: int = Field(default=600, ge=1)
 
     # --- Worker loop -------------------------------------------------------------------------
-    batch_max_records: int = Field(default=5_000, ge=1)
+    batch_max_records: int = Field(default=20_000, ge=1)
     batch_timeout_ms: int = Field(default=100, ge=1)
     shutdown_grace_seconds: float = Field(default=25.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=10.0, gt=0)
