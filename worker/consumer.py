@@ -711,6 +711,11 @@ class Pipeline:
         follow the last ones we saw); on the rare gap path they are expanded and merged.
         """
         last = self._last_seq.get(org_id)
+        if last is None:
+            # First call for this org in this process: every seq up to what PostgreSQL holds
+            # needs nothing from the outbox, so only effects above it count as a gap (on a
+            # fresh start the common case: no outbox read per org).
+            last = self._pg_seq.get(org_id)
         first: int | None = None
         high = 0
         if effects:
