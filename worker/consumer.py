@@ -38,7 +38,7 @@ from worker.config import Settings
 from worker.constants import KEY_OUTBOX, ORG_KEY_SUFFIXES
 from worker.engine import RedisEngine, expand_charges
 from worker.ledger import FlushBatch, Ledger, ParkedEvent
-from worker.model import CommandItem, UsageItem
+from worker.model import CommandItem, Outcome, UsageItem
 from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
 from worker.recovery import engine_last_seq, engine_last_seqs, rebuild_org
 
@@ -763,8 +763,15 @@ class Pipeline:
         command_effects = {e["command_id"] for e in effects if e.get("kind") == "command"}
         now_ms = int(time.time() * 1000)
         grace_ms = self.s.unknown_grace_seconds * 1000
+        charged = 0
         for p, outcome in zip(chunk, outcomes, strict=True):
-            status, code = _status(outcome)
+            if type(outcome) is Outcome:
+                status, code = outcome.status, outcome.code
+            else:
+                status, code = _status(outcome)
+            if status == "applied" and p.is_usage and p.parked is None:
+                charged += 1  # the common case, counted once per call
+                continue
             if not p.is_usage:
                 if status == "applied":
                     counts["applied_command"] += 1
@@ -877,6 +884,7 @@ class Pipeline:
                         source=f"{p.raw.topic}:{p.raw.partition}",
                         offset=p.raw.offset,
                     )
+        counts["charged"] += charged
 
     # --- parked events ---------------------------------------------------------------------------
     async def _retry_parked(self) -> int:
