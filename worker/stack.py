@@ -46,6 +46,7 @@ from worker.config import (
     DEFAULT_REDIS_PORT,
     Settings,
 )
+from worker.connections import kafka_client_kwargs
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_POM = PROJECT_ROOT / "deploy" / "kafka" / "pom.xml"
@@ -83,28 +84,6 @@ def topic_names(settings: Settings) -> dict[str, str]:
         "topic_admin_dlq",
     )
     return {f: str(getattr(settings, f)) for f in fields}
-
-
-def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
-    """Connection keyword arguments shared by every aiokafka client built from ``settings``."""
-    kwargs: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        kwargs["ssl_context"] = create_ssl_context(
-            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
-            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
-            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
-        )
-    if settings.kafka_security_protocol.startswith("SASL"):
-        password = settings.kafka_sasl_password
-        kwargs["sasl_mechanism"] = settings.kafka_sasl_mechanism
-        kwargs["sasl_plain_username"] = settings.kafka_sasl_username
-        kwargs["sasl_plain_password"] = password.get_secret_value() if password else None
-    return kwargs
 
 
 async def ensure_topics(settings: Settings, names: Iterable[str] | None = None) -> list[str]:
