@@ -119,6 +119,7 @@ class Batch:
     flush: FlushBatch = field(default_factory=FlushBatch)
     messages: list[OutMessage] = field(default_factory=list)
     acks: dict[str, int] = field(default_factory=dict)
+    outboxed: int = 0  # effects this batch left in Redis outboxes until its ack
     ids: set[str] = field(default_factory=set)  # ids decided by the pipeline, not the engine
     commit: dict[TopicPartition, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -698,6 +699,10 @@ class Pipeline:
                 _tally(effects, batch.charged_mc)
             if top:
                 batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
+            # A compact charge row stands for two effects (its ledger and usage records).
+            outboxed = len(effects) + 2 * len(charges)
+            batch.outboxed += outboxed
+            metrics.OUTBOX_DEPTH.inc(outboxed)
 
     async def _fill_gap(
         self,
@@ -997,6 +1002,7 @@ class Pipeline:
             await self._backoff.retry(
                 "redis", lambda: self._ack_outboxes(batch.acks), give_up=giving_up
             )
+        metrics.OUTBOX_DEPTH.dec(batch.outboxed)
         # Crash here: everything is durable; only Kafka's committed offsets lag behind. They
         # are informational (lag, tools): a restart seeks to the PostgreSQL offsets.
         self._maybe_crash("before_offset_commit", batch)

@@ -161,6 +161,8 @@ async def test_lag_table_metrics_and_dashboard_with_the_running_worker(env: Sett
                 line = f'metering_consumer_lag{{partition="{p}",topic="{settings.topic_usage}"}}'
                 assert f"{line} 0.0" in body
             assert "metering_worker_up 1.0" in body
+            # Every effect the drained batches left in Redis has been acknowledged.
+            assert "metering_outbox_depth 0.0" in body
             resp = await http.get(
                 f"{base}/v1/orgs/{org}/credits", headers={"Authorization": "Bearer t"}
             )

@@ -302,4 +302,4 @@ def test_stack_arguments_pass_through_to_the_stack_script(
 ) -> None:
     status, _ = run(["stack", "--help"])
     assert status == 0
-    assert "{up,down,status,topics}" in capsys.readouterr().out
+    assert "{up,down,status,topics,browser}" in capsys.readouterr().out
