@@ -55,21 +55,7 @@ def log(msg: str) -> None:
 
 def bench_settings(base: Settings, run_id: str) -> Settings:
     """Settings pointing at this run's own topics, group, Postgres schema and Redis keys."""
-    prefix = f"bench{run_id}."
-    return base.model_copy(
-        update={
-            "topic_usage": prefix + base.topic_usage,
-            "topic_admin": prefix + base.topic_admin,
-            "topic_control": prefix + base.topic_control,
-            "topic_notifications": prefix + base.topic_notifications,
-            "topic_billing": prefix + base.topic_billing,
-            "topic_usage_dlq": prefix + base.topic_usage_dlq,
-            "topic_admin_dlq": prefix + base.topic_admin_dlq,
-            "consumer_group": f"bench{run_id}-worker",
-            "postgres_schema": f"bench_{run_id}",
-            "redis_key_prefix": f"bench{run_id}",
-        }
-    )
+    return base.namespaced(f"bench{run_id}")
 
 
 def all_topics(s: Settings) -> list[str]:

@@ -122,6 +122,24 @@ class Settings(BaseSettings):
             raise ValueError("SASL needs kafka_sasl_mechanism, _username and _password")
         return self
 
+    def namespaced(self, name: str, **overrides: object) -> Settings:
+        """A copy whose topics, consumer group, Postgres schema and Redis keys all carry ``name``.
+
+        The demo and the benchmark run side by side with a real deployment's data this way.
+        """
+        prefix = f"{name}."
+        update: dict[str, object] = {
+            field: prefix + getattr(self, field)
+            for field in type(self).model_fields
+            if field.startswith("topic_") and field != "topic_partitions"
+        }
+        update |= {
+            "consumer_group": f"{name}-worker",
+            "postgres_schema": name.replace("-", "_"),
+            "redis_key_prefix": name,
+        }
+        return self.model_copy(update=update | overrides)
+
     def redacted(self) -> dict[str, object]:
         """Settings as a dict with every secret masked (safe to print or log)."""
         out: dict[str, object] = {}

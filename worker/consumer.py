@@ -857,21 +857,8 @@ class Pipeline:
                     # Grace period over: dead-letter, record the decision, leave the lot.
                     counts["rejected"] += 1
                     metrics.EVENTS_REJECTED.labels(reason=reason).inc()
-                    batch.messages.append(_dlq_for(self.s.topic_usage_dlq, p.raw, reason))
                     batch.flush.parked_del.append(p.ident)
-                    batch.ids.add(p.ident)
-                    item = p.item
-                    batch.flush.add_rejected_usage(
-                        event_id=p.ident,
-                        org_id=org_id,
-                        member_id=item.member_id,
-                        task_id=item.task_id,
-                        credits_mc=item.credits_mc,
-                        occurred_at_ms=item.occurred_at_ms,
-                        code=reason,
-                        source=f"{p.raw.topic}:{p.raw.partition}",
-                        offset=p.raw.offset,
-                    )
+                    self._reject_usage(batch, org_id, p, reason)
                 else:
                     counts["still_parked"] += 1
             else:  # rejected by the engine (e.g. member_removed): a usage effect carries it
@@ -880,22 +867,25 @@ class Pipeline:
                 if p.parked is not None:
                     batch.flush.parked_del.append(p.ident)
                 if p.ident not in usage_effects:
-                    reason = code or "rejected"
-                    batch.messages.append(_dlq_for(self.s.topic_usage_dlq, p.raw, reason))
-                    batch.ids.add(p.ident)
-                    item = p.item
-                    batch.flush.add_rejected_usage(
-                        event_id=p.ident,
-                        org_id=org_id,
-                        member_id=item.member_id,
-                        task_id=item.task_id,
-                        credits_mc=item.credits_mc,
-                        occurred_at_ms=item.occurred_at_ms,
-                        code=reason,
-                        source=f"{p.raw.topic}:{p.raw.partition}",
-                        offset=p.raw.offset,
-                    )
+                    self._reject_usage(batch, org_id, p, code or "rejected")
         counts["charged"] += charged
+
+    def _reject_usage(self, batch: Batch, org_id: str, p: Pending, reason: str) -> None:
+        """Dead-letter a usage event the engine left no effect for, and record it as decided."""
+        batch.messages.append(_dlq_for(self.s.topic_usage_dlq, p.raw, reason))
+        batch.ids.add(p.ident)
+        item = p.item
+        batch.flush.add_rejected_usage(
+            event_id=p.ident,
+            org_id=org_id,
+            member_id=item.member_id,
+            task_id=item.task_id,
+            credits_mc=item.credits_mc,
+            occurred_at_ms=item.occurred_at_ms,
+            code=reason,
+            source=f"{p.raw.topic}:{p.raw.partition}",
+            offset=p.raw.offset,
+        )
 
     # --- parked events ---------------------------------------------------------------------------
     async def _retry_parked(self) -> int:

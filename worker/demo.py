@@ -98,23 +98,7 @@ def _numeric(text: str) -> bool:
 
 def demo_settings(base: Settings, run_id: str) -> Settings:
     """Settings of one demo run: own topics, group, Postgres schema and Redis key prefix."""
-    prefix = f"demo{run_id}."
-    return base.model_copy(
-        update={
-            "topic_usage": prefix + base.topic_usage,
-            "topic_admin": prefix + base.topic_admin,
-            "topic_control": prefix + base.topic_control,
-            "topic_notifications": prefix + base.topic_notifications,
-            "topic_billing": prefix + base.topic_billing,
-            "topic_usage_dlq": prefix + base.topic_usage_dlq,
-            "topic_admin_dlq": prefix + base.topic_admin_dlq,
-            "consumer_group": f"demo{run_id}",
-            "postgres_schema": f"demo_{run_id}",
-            "redis_key_prefix": f"demo{run_id}",
-            "tick_interval_seconds": 0.0,
-            "http_port": 0,
-        }
-    )
+    return base.namespaced(f"demo{run_id}", tick_interval_seconds=0.0, http_port=0)
 
 
 class Outputs:
