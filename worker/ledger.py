@@ -494,27 +494,15 @@ class Ledger:
     async def _write(self, conn: asyncpg.Connection, b: FlushBatch, *, fast: bool) -> None:
         q = self._q
         if fast:
-            if b.ledger:
-                await conn.copy_records_to_table(
-                    "ledger_entries",
-                    records=b.ledger,
-                    columns=LEDGER_COLUMNS,
-                    schema_name=self._schema,
-                )
-            if b.usage:
-                await conn.copy_records_to_table(
-                    "usage_events",
-                    records=b.usage,
-                    columns=USAGE_COLUMNS,
-                    schema_name=self._schema,
-                )
-            if b.commands:
-                await conn.copy_records_to_table(
-                    "admin_commands",
-                    records=b.commands,
-                    columns=COMMAND_COLUMNS,
-                    schema_name=self._schema,
-                )
+            for table, records, columns in (
+                ("ledger_entries", b.ledger, LEDGER_COLUMNS),
+                ("usage_events", b.usage, USAGE_COLUMNS),
+                ("admin_commands", b.commands, COMMAND_COLUMNS),
+            ):
+                if records:
+                    await conn.copy_records_to_table(
+                        table, records=records, columns=columns, schema_name=self._schema
+                    )
         else:
             if b.ledger:
                 await conn.execute(q["insert_ledger_entries"], *_columns(b.ledger, 13))
