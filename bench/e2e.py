@@ -328,7 +328,8 @@ async def run_worker_process(
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     cmd = [sys.executable, "-m", "worker", "worker"]
-    if profile:
+    sampling = bool(profile and profile.endswith(".txt"))
+    if profile and not sampling:
         cmd[1:1] = ["-m", "cProfile", "-o", profile]
     busy0 = _machine_busy_s()
     services0 = _service_cpu_s()
@@ -337,6 +338,15 @@ async def run_worker_process(
     http_port = _free_port()
     stages: dict[str, tuple[int, float]] = {}
     proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s, http_port), cwd=ROOT)
+    spy = None
+    if sampling:
+        # py-spy attached from outside (collapsed stacks; it stops when the worker exits):
+        # sampling barely slows the worker, unlike cProfile.
+        spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.pid),
+            "-r", "200", "-f", "raw", "-o", str(profile), "--nonblocking",
+            stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
     peak = 0
     worker_cpu = 0.0
     first_progress: float | None = None
@@ -393,6 +403,9 @@ async def run_worker_process(
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        if spy is not None:
+            await spy.wait()
+            log(f"  py-spy profile written to {profile}")
     assert done_at is not None
     return WorkerRun(
         events=expected,
@@ -823,7 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--profile",
         metavar="FILE",
-        help="run the timed worker under cProfile and write its stats to FILE (slower)",
+        help="profile the timed worker: FILE.txt = py-spy collapsed stacks (sampling, cheap), "
+        "any other name = cProfile stats (slower)",
     )
     args = p.parse_args(argv)
     try:

@@ -116,6 +116,9 @@ def _charge(r: list[Any], org: str) -> tuple[dict[str, Any], dict[str, Any]]:
 # Effects travel from the script as positional JSON arrays (row[0] = kind code, row[1] = seq).
 _DECODERS = (None, _ledger, _usage, _command, _signal, _notification, _refill_request, _invoice)
 _CHARGE = 8
+KEY_CACHE_MAX = 100_000
+"""Orgs whose key names are remembered (about 1.5 KB each)."""
+
 CHARGE_FIELDS = (
     "kind", "ledger_seq", "bucket", "grant_id", "event_id", "member_id", "task_id",
     "credits_mc", "occurred_at_ms", "late", "source", "offset", "cycle_start_ms", "at_ms",
@@ -223,6 +226,7 @@ class RedisEngine:
             [self.tiers_mc, self.block_mc, MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC]
         ).decode()
         self._apply = client.register_script(load_apply_script())
+        self._keys: dict[str, list[str]] = {}
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""
 
@@ -234,8 +238,16 @@ class RedisEngine:
         return cls(redis_client(settings), settings)
 
     def keys(self, org_id: str) -> list[str]:
-        """The org's keys in ``KEYS`` order (all share the hash tag ``{org_id}``)."""
-        return org_keys(self.prefix, org_id)
+        """The org's keys in ``KEYS`` order (all share the hash tag ``{org_id}``).
+
+        Remembered per org (bounded): the pipeline asks for them on every call.
+        """
+        keys = self._keys.get(org_id)
+        if keys is None:
+            if len(self._keys) >= KEY_CACHE_MAX:
+                self._keys.clear()
+            keys = self._keys[org_id] = org_keys(self.prefix, org_id)
+        return keys
 
     async def apply(
         self, org_id: str, items: Sequence[Item], *, now_ms: int | None = None

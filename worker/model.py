@@ -17,7 +17,7 @@ import datetime as dt
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 from worker.constants import (
     APPLIED,
@@ -54,9 +54,12 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # --- Items and outcomes (the engine contract) ----------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class UsageItem:
-    """One decoded usage event for the org of the call."""
+class UsageItem(NamedTuple):
+    """One decoded usage event for the org of the call.
+
+    A named tuple rather than a frozen dataclass: the pipeline makes one per event, and a
+    tuple is built several times faster (and the garbage collector soon stops tracking it).
+    """
 
     event_id: str
     member_id: str

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import MessageSizeTooLargeError, RecordTooLargeError
@@ -112,9 +112,9 @@ def dlq_message(
     )
 
 
-@dataclass(slots=True, frozen=True)
-class RawSource:
-    """Where a message came from, and its original bytes (for a dead letter)."""
+class RawSource(NamedTuple):
+    """Where a message came from, and its original bytes (for a dead letter); one per consumed
+    record, so a named tuple (cheap to build) rather than a frozen dataclass."""
 
     key: bytes | None
     value: bytes

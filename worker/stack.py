@@ -647,7 +647,14 @@ class Postgres:
                     # fsync stays on: Postgres is the ledger of record, tests must see its
                     # real durability costs. synchronous_commit keeps its default (on).
                     "-c fsync=on",
-                    "-c shared_buffers=64MB",
+                    # Sized for a write-heavy ledger (docs/operations.md, "PostgreSQL"): the
+                    # batch COPYs touch random pages of the event_id index, which must stay in
+                    # memory, and checkpoints must not be forced every few seconds by WAL volume.
+                    "-c shared_buffers=1GB",
+                    "-c max_wal_size=8GB",
+                    "-c min_wal_size=1GB",
+                    "-c checkpoint_timeout=15min",
+                    "-c wal_compression=on",
                     "-c max_connections=200",
                     "-c max_locks_per_transaction=256",  # many per-test schemas dropped at once
                 ]
