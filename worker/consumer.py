@@ -36,7 +36,7 @@ from schemas.decode import CommandRecord, Rejection, UsageRecord, decode_admin, 
 from worker import metrics
 from worker.config import Settings
 from worker.constants import KEY_OUTBOX, ORG_KEY_SUFFIXES
-from worker.engine import RedisEngine, expand_charges
+from worker.engine import RedisBehind, RedisEngine, expand_charges
 from worker.ledger import FlushBatch, Ledger, ParkedEvent
 from worker.model import CommandItem, Outcome, UsageItem
 from worker.publisher import OutMessage, Publisher, RawSource, dlq_message
@@ -191,17 +191,21 @@ class Backoff:
         func: Callable[[], Awaitable[T]],
         *,
         give_up: Callable[[], bool] | None = None,
+        fatal: tuple[type[Exception], ...] = (),
     ) -> T:
         """Run ``func`` until it succeeds; between attempts sleep 0.1 s, 0.2 s ... up to max.
 
         ``give_up()`` is consulted after a failure; when true the error propagates (shutdown
-        past its grace period: leaving work undone is safe, see docs/delivery.md).
+        past its grace period: leaving work undone is safe, see docs/delivery.md). Exceptions
+        of the ``fatal`` types propagate at once.
         """
         delay = 0.1
         while True:
             try:
                 return await func()
             except asyncio.CancelledError:
+                raise
+            except fatal:
                 raise
             except Exception as exc:
                 metrics.ERRORS.labels(stage=stage).inc()
@@ -604,7 +608,10 @@ class Pipeline:
                 self._finish(batch)  # never apply or flush past a failed batch
                 continue
             try:
-                await self._check_redis(batch)
+                if self._apply_rows is None:
+                    # Other engines: one read of the orgs' seqs per batch. RedisEngine checks
+                    # in the script itself (expect_seq, see _apply_org).
+                    await self._check_redis(batch)
                 with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
                     await self._apply_all(batch)
                 # Crash here: the engine applied the batch and its effects wait in the
@@ -639,10 +646,7 @@ class Pipeline:
         will hold once the batches in flight are flushed); an org behind is rebuilt from the
         ledger first, after those batches are flushed.
         """
-        expected = {
-            org: max(self._pg_seq.get(org, 0), self._last_seq.get(org, 0)) for org in batch.by_org
-        }
-        expected = {org: seq for org, seq in expected.items() if seq > 0}
+        expected = {org: seq for org in batch.by_org if (seq := self._expected_seq(org)) > 0}
         if not expected:
             return
         seqs = await self._backoff.retry(
@@ -656,21 +660,31 @@ class Pipeline:
         log.warning(
             "redis lost state of %d orgs (e.g. %s): rebuilding them", len(behind), behind[0]
         )
+        for org in behind:
+            await self._rebuild_behind(org)
+
+    def _expected_seq(self, org_id: str) -> int:
+        """The org's effect seq PostgreSQL holds, or will hold once the batches in flight are
+        flushed: Redis must be at least there (0: nothing known yet)."""
+        return max(self._pg_seq.get(org_id, 0), self._last_seq.get(org_id, 0))
+
+    async def _rebuild_behind(self, org_id: str) -> None:
+        """Rebuild an org Redis lost from the ledger, before anything more is applied to it."""
         # Batches already applied carry effects PostgreSQL does not have yet: flush them
-        # first, so the rebuild replays everything that was decided.
+        # first, so the rebuild replays everything that was decided. (The batch being applied
+        # has applied nothing for this org: the check comes before its first call.)
         while self._flushed_no < self._handed_no and self._broken is None:
             self._flush_progress.clear()
             await self._flush_progress.wait()
         if self._broken is not None:
             raise RuntimeError("cannot rebuild: an earlier batch failed to flush")
-        for org in behind:
-            await self._backoff.retry(
-                "redis",
-                lambda org=org: rebuild_org(self.engine, self.ledger, org),  # type: ignore[misc]
-                give_up=self._giving_up,
-            )
-            self._last_seq[org] = await engine_last_seq(self.engine, org)
-            metrics.rebuilt("redis_behind")
+        await self._backoff.retry(
+            "redis",
+            lambda: rebuild_org(self.engine, self.ledger, org_id),
+            give_up=self._giving_up,
+        )
+        self._last_seq[org_id] = await engine_last_seq(self.engine, org_id)
+        metrics.rebuilt("redis_behind")
 
     async def _apply_all(self, batch: Batch) -> None:
         async def one_org(org_id: str, pend: list[Pending]) -> None:
@@ -685,28 +699,44 @@ class Pipeline:
 
     async def _apply_org(self, batch: Batch, org_id: str, pend: list[Pending]) -> None:
         apply_rows = self._apply_rows
+        # The first call of the org in this batch checks that Redis has not lost it (see
+        # _check_redis); later chunks follow our own writes.
+        check = apply_rows is not None
         for start in range(0, len(pend), ENGINE_CHUNK):
             chunk = pend[start : start + ENGINE_CHUNK]
             items = [p.item for p in chunk]
             retried = False
 
-            async def call(items: list[Any] = items) -> tuple[list[Any], list[Any], list[Any]]:
+            async def call(
+                items: list[Any] = items, check: bool = check
+            ) -> tuple[list[Any], list[Any], list[Any]]:
                 nonlocal retried
                 try:
                     if apply_rows is not None:
+                        expect = self._expected_seq(org_id) if check else 0
                         rows: tuple[list[Any], list[Any], list[Any]] = await apply_rows(
-                            org_id, items
+                            org_id, items, expect_seq=expect
                         )
                         return rows
                     result = await self.engine.apply(org_id, items)
                     return list(result.outcomes), list(result.effects), []
+                except RedisBehind:
+                    raise  # refused unchanged: not a lost reply
                 except Exception:
                     retried = True
                     raise
 
-            outcomes, effects, charges = await self._backoff.retry(
-                "redis", call, give_up=self._giving_up
-            )
+            while True:
+                try:
+                    outcomes, effects, charges = await self._backoff.retry(
+                        "redis", call, give_up=self._giving_up, fatal=(RedisBehind,)
+                    )
+                except RedisBehind as exc:
+                    log.warning("%s: rebuilding the org from the ledger", exc)
+                    await self._rebuild_behind(org_id)
+                    continue
+                break
+            check = False
             effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
             self._record_outcomes(batch, org_id, chunk, outcomes, effects, charges)
             top = 0

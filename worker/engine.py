@@ -203,6 +203,21 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class RedisBehind(Exception):
+    """A call refused because Redis holds an older state of the org than expected.
+
+    ``apply(..., expect_seq=n)`` asks the script to check, before it decides anything, that
+    the org's effect seq in Redis is at least ``n`` (what PostgreSQL holds or will hold). A
+    Redis restarted behind its AOF or emptied fails the check and is left unchanged.
+    """
+
+    def __init__(self, org_id: str, redis_seq: int, expected: int) -> None:
+        super().__init__(f"redis has org {org_id!r} at seq {redis_seq}, expected {expected}")
+        self.org_id = org_id
+        self.redis_seq = redis_seq
+        self.expected = expected
+
+
 class RedisEngine:
     """Credit engine on Redis (standalone or Cluster): apply, outbox, dashboard."""
 
@@ -250,7 +265,12 @@ class RedisEngine:
         return keys
 
     async def apply(
-        self, org_id: str, items: Sequence[Item], *, now_ms: int | None = None
+        self,
+        org_id: str,
+        items: Sequence[Item],
+        *,
+        now_ms: int | None = None,
+        expect_seq: int = 0,
     ) -> ApplyResult:
         """Apply items of one org in order; one outcome per item plus the effects produced.
 
@@ -261,12 +281,19 @@ class RedisEngine:
         Several script calls happen when org-wide work is chunked; each call is atomic and
         leaves the org consistent, and a crash between calls leaves the pending work recorded
         in the org hash, where the next call (of any worker) finishes it before anything else.
+        With ``expect_seq``, the first call raises :class:`RedisBehind` without changing anything
+        when Redis holds the org at a lower effect seq (or not at all).
         """
-        outcomes, effects, _ = await self._run(org_id, items, now_ms, None)
+        outcomes, effects, _ = await self._run(org_id, items, now_ms, None, expect_seq)
         return ApplyResult(outcomes, effects)
 
     async def apply_rows(
-        self, org_id: str, items: Sequence[Item], *, now_ms: int | None = None
+        self,
+        org_id: str,
+        items: Sequence[Item],
+        *,
+        now_ms: int | None = None,
+        expect_seq: int = 0,
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]]]:
         """Like :meth:`apply`, but one-bucket charges stay compact rows (:data:`CHARGE_FIELDS`).
 
@@ -275,7 +302,7 @@ class RedisEngine:
         charge rows instead of two dicts per event.
         """
         charges: list[list[Any]] = []
-        outcomes, effects, _ = await self._run(org_id, items, now_ms, charges)
+        outcomes, effects, _ = await self._run(org_id, items, now_ms, charges, expect_seq)
         return outcomes, effects, charges
 
     async def _run(
@@ -284,6 +311,7 @@ class RedisEngine:
         items: Sequence[Item],
         now_ms: int | None,
         charges: list[list[Any]] | None,
+        expect_seq: int = 0,
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
         now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -295,11 +323,14 @@ class RedisEngine:
         while True:
             batch = orjson.dumps(encoded[start:]).decode()
             args: list[str | int] = [
-                org_id, batch, now, self.window_ms, self._config, self.walk_budget,
+                org_id, batch, now, self.window_ms, self._config, self.walk_budget, expect_seq,
             ]  # fmt: skip
             meta_raw, blob = await self._apply(keys=keys, args=args)
             self.calls += 1
             consumed, pending, outs = orjson.loads(meta_raw)
+            if consumed < 0:  # refused unchanged: Redis is behind expect_seq
+                raise RedisBehind(org_id, int(pending), expect_seq)
+            expect_seq = 0  # later calls of a chunked apply follow our own writes
             if isinstance(outs, dict):  # cjson writes an empty table as {}
                 outs = []
             outcomes.extend(_outcomes(outs[:consumed]))

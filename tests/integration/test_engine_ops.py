@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from unit.test_model_rules import SCENARIOS, cmd, use
 
 from worker.config import Settings
-from worker.engine import RedisEngine, decode_effects
+from worker.engine import RedisBehind, RedisEngine, decode_effects
 from worker.model import CommandItem, Item, UsageItem, to_ms
 
 C = 1000
@@ -254,6 +254,32 @@ async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) ->
     await engine.reset_org("o")
     assert await engine.last_seq("o") == 0 and await engine.dashboard("o") is None
     assert await client.keys("*{o}*") == []
+
+
+async def test_a_call_expecting_a_later_seq_is_refused_unchanged(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    # The pipeline's check that Redis has not lost writes PostgreSQL holds (expect_seq).
+    engine = RedisEngine(client, settings)
+    setup = [
+        cmd("org_upsert", T0, billing_anchor_day=1),
+        cmd("member_add", T0, member_id="a", tier="pro"),
+    ]
+    await engine.apply("o", setup)
+    seq = await engine.last_seq("o")
+    usage = [UsageItem("e1", "a", "t", 5 * C, T0 + 1000, "usage:0", 7)]
+    before = (await engine.state_view("o"), await engine.outbox_pending("o"))
+    with pytest.raises(RedisBehind) as refused:
+        await engine.apply_rows("o", usage, expect_seq=seq + 1)
+    assert (refused.value.redis_seq, refused.value.expected) == (seq, seq + 1)
+    assert (await engine.state_view("o"), await engine.outbox_pending("o")) == before
+    # An org Redis does not know at all is behind too; nothing is created.
+    with pytest.raises(RedisBehind) as unknown:
+        await engine.apply("lost", usage, expect_seq=3)
+    assert unknown.value.redis_seq == 0 and await client.keys("*{lost}*") == []
+    # At (or past) the expected seq the call goes through and charges the event once.
+    outcomes, _, charges = await engine.apply_rows("o", usage, expect_seq=seq)
+    assert [o.status for o in outcomes] == ["applied"] and len(charges) == 1
 
 
 async def test_pending_work_is_finished_by_the_next_caller(

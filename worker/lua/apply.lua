@@ -7,8 +7,11 @@
 --       9 dedupe set (previous window)                             (one hash tag {org_id})
 -- ARGV: 1 org_id, 2 items (JSON), 3 wall clock ms, 4 dedupe window ms,
 --       5 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance],
---       6 walk budget (members per call)
--- Returns {meta JSON [consumed, pending, outcomes], effects JSON}.
+--       6 walk budget (members per call),
+--       7 expected seq (optional): the org's effect seq the caller knows PostgreSQL holds
+--         or will hold; a Redis below it lost writes and the call is refused unchanged
+-- Returns {meta JSON [consumed, pending, outcomes], effects JSON}, or for a refused call
+-- {meta JSON [-1, the org's seq in Redis (0: unknown org), []], '[]'}.
 --
 -- Write order and crashes: the script is atomic, so no client ever sees part of a call; but
 -- Redis has no rollback, so every input is validated before its item's first write and no
@@ -77,6 +80,13 @@ do
   end
 end
 local JOBS_DIRTY = false
+
+-- Redis behind PostgreSQL (restarted behind its AOF, emptied): decide nothing on stale state.
+-- Nothing has been written yet; the caller rebuilds the org from the ledger and calls again.
+local EXPECT = tonumber(ARGV[7]) or 0
+if EXPECT > 0 and (not EXISTS or O.sq < EXPECT) then
+  return {cjson.encode({-1, EXISTS and O.sq or 0, {}}), '[]'}
+end
 
 local function S(k, v)
   if O[k] ~= v then O[k] = v; ODIRTY[k] = true end
