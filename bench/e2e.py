@@ -182,7 +182,7 @@ def _worker_env(s: Settings, http_port: int = 0) -> dict[str, str]:
             "METERING_REDIS_URL": s.redis_url.get_secret_value(),
             "METERING_REDIS_KEY_PREFIX": s.redis_key_prefix,
             "METERING_LOG_FORMAT": "console",
-            "METERING_LOG_LEVEL": "WARNING",
+            "METERING_LOG_LEVEL": os.environ.get("BENCH_WORKER_LOG", "WARNING"),
             "METERING_HTTP_PORT": str(http_port),
         }
     )

@@ -56,7 +56,7 @@ GC_INTERVAL_SECONDS = 30.0
 """Seconds between two explicit garbage collections (automatic collection is off, see
 ``_tune_gc``)."""
 
-DECODE_SLICE = 2_000
+DECODE_SLICE = 500
 """Records decoded between two turns of the event loop."""
 
 PARKED_RETRY_LIMIT = 5_000
