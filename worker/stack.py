@@ -431,6 +431,9 @@ class RedisNode:
                 # the ledger in Postgres is the record to rebuild from).
                 "--appendonly", "yes",
                 "--appendfsync", "everysec",
+                # Rewrite the AOF (a fork) once it passes 1 GB and doubled, not every 64 MB: at
+                # ~200 bytes of AOF per event a busy worker would fork Redis every few seconds.
+                "--auto-aof-rewrite-min-size", "1gb",
                 "--save", "",
                 # Evicting keys would silently lose balances or dedupe marks: fail writes instead.
                 "--maxmemory-policy", "noeviction",
