@@ -67,6 +67,9 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
     kwargs = pg_connect_kwargs(settings)
     server_settings = dict(kwargs.get("server_settings") or {})
     server_settings["search_path"] = settings.postgres_schema
+    # The worker's statements are short and planned often; JIT compiling one (triggered by
+    # the planner's cost estimate of a 20,000-row batch statement) costs more than it saves.
+    server_settings.setdefault("jit", "off")
     kwargs["server_settings"] = server_settings
     return kwargs
 

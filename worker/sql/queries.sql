@@ -4,12 +4,18 @@
 
 -- name: decided_event_ids
 -- Event ids already decided (or waiting in the parking lot): later copies are duplicates.
-SELECT event_id FROM usage_events WHERE event_id = ANY($1::text[])
+-- One primary-key probe per id, whatever the table size or its statistics: with
+-- "event_id = ANY($1)" the planner chose a (parallel) sequential scan of the whole table for a
+-- 20,000-id batch, a cost that grows with the ledger.
+SELECT i.id FROM unnest($1::text[]) AS i(id)
+CROSS JOIN LATERAL (SELECT 1 FROM usage_events u WHERE u.event_id = i.id LIMIT 1) AS hit
 UNION ALL
-SELECT event_id FROM parked_events WHERE event_id = ANY($1::text[]);
+SELECT i.id FROM unnest($1::text[]) AS i(id)
+CROSS JOIN LATERAL (SELECT 1 FROM parked_events p WHERE p.event_id = i.id LIMIT 1) AS hit;
 
 -- name: decided_command_ids
-SELECT command_id FROM admin_commands WHERE command_id = ANY($1::text[]);
+SELECT i.id FROM unnest($1::text[]) AS i(id)
+CROSS JOIN LATERAL (SELECT 1 FROM admin_commands c WHERE c.command_id = i.id LIMIT 1) AS hit;
 
 -- name: insert_ledger_entries
 INSERT INTO ledger_entries (org_id, seq, member_id, source_kind, source_id, task_id, movement,
