@@ -262,7 +262,6 @@ class Pipeline:
         self._flushed_no = 0  # last batch the flush stage finished
         self._flush_progress = asyncio.Event()
         self._last_retry = 0.0
-        self._last_gc = time.monotonic()
         self._stopping_since: float | None = None
         self._crash = _crash_plan()
         self._tiers = frozenset(settings.tiers)
@@ -303,6 +302,7 @@ class Pipeline:
         self._pg_seq = await self._backoff.retry("postgres", self.ledger.org_seqs)
         gc_was_enabled = gc.isenabled()
         _tune_gc()
+        collector = asyncio.create_task(_collect_garbage(), name="pipeline-gc")
         consumer.subscribe([self.s.topic_usage, self.s.topic_admin], listener=_Listener(self))
         metrics.WORKER_UP.set(1)
         stages = [
@@ -327,6 +327,9 @@ class Pipeline:
             raise
         finally:
             metrics.WORKER_UP.set(0)
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
             if gc_was_enabled:
                 gc.enable()
         if self._broken is not None and not self._giving_up():
@@ -395,21 +398,7 @@ class Pipeline:
                 break
             if self._retry_soon or now - self._last_retry >= self._retry_interval:
                 await self._retry_parked()
-            if now - self._last_gc >= GC_INTERVAL_SECONDS:
-                self._collect_garbage(now)
         self._stopping_since = time.monotonic()
-
-    def _collect_garbage(self, now: float) -> None:
-        # Between two batches, every GC_INTERVAL_SECONDS: 50-150 ms with batches in flight in
-        # the end-to-end benchmark (most of it walking those batches' live objects).
-        started = time.perf_counter()
-        found = gc.collect()
-        self._last_gc = now
-        log.debug(
-            "garbage collection: %d unreachable objects in %.1f ms",
-            found,
-            (time.perf_counter() - started) * 1000,
-        )
 
     async def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> Batch:
         """Decode and validate a fetched batch; bad records become dead letters at once."""
@@ -1217,13 +1206,28 @@ def _tune_gc() -> None:
     hundred allocations and walks all of them again and again: about a tenth of the worker's
     CPU in the end-to-end benchmark. The pipeline makes no reference cycles on its hot path (its
     objects die by reference count), so automatic collection is turned off and
-    ``Pipeline._collect_garbage`` runs a full collection every ``GC_INTERVAL_SECONDS`` between
-    two batches, for the rare cycles (exceptions with tracebacks) of the libraries. What
-    start-up loaded (modules, scripts, settings) is moved out of the collector's reach.
+    ``_collect_garbage`` runs a full collection every ``GC_INTERVAL_SECONDS`` for the rare
+    cycles (exceptions with tracebacks) of the libraries, whatever the stages are doing (a
+    stalled pipeline still serves the HTTP API). What start-up loaded (modules, scripts,
+    settings) is moved out of the collector's reach.
     """
     gc.collect()
     gc.freeze()
     gc.disable()
+
+
+async def _collect_garbage() -> None:
+    """Every GC_INTERVAL_SECONDS, a full collection: 50-200 ms in the end-to-end benchmark
+    (mostly walking the live objects of the batches in flight), once every 30 s."""
+    while True:
+        await asyncio.sleep(GC_INTERVAL_SECONDS)
+        started = time.perf_counter()
+        found = gc.collect()
+        log.debug(
+            "garbage collection: %d unreachable objects in %.1f ms",
+            found,
+            (time.perf_counter() - started) * 1000,
+        )
 
 
 def _lookup(chunk: Sequence[Pending]) -> Callable[[str], RawSource | None]:

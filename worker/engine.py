@@ -147,11 +147,12 @@ def load_apply_script() -> str:
     return "\n".join(parts)
 
 
-def _encode_item(item: Item) -> list[Any]:
+def _encode_item(item: Item) -> tuple[Any, ...]:
     if isinstance(item, UsageItem):
-        return [1, item.event_id, item.member_id, item.task_id, item.credits_mc,
-                item.occurred_at_ms, item.source, item.offset]  # fmt: skip
-    return [2, orjson.dumps(dict(item.command)).decode(), item.source, item.offset]
+        # UsageItem's fields are in the script's order: event_id, member_id, task_id,
+        # credits_mc, occurred_at_ms, source, offset (tests/unit/test_engine_encoding.py).
+        return (1, *item)
+    return (2, orjson.dumps(dict(item.command)).decode(), item.source, item.offset)
 
 
 def decode_effects(
@@ -315,7 +316,7 @@ class RedisEngine:
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        encoded = [_encode_item(i) for i in items]
+        encoded = [(1, *i) if type(i) is UsageItem else _encode_item(i) for i in items]
         outcomes: list[Outcome] = []
         effects: list[dict[str, Any]] = []
         start = 0

@@ -207,3 +207,38 @@ def test_reference_orchestrator_consumer_drops_repeats_and_stale_signals() -> No
     assert view.apply(rec("pause", 1)) is None  # older record arriving late
     assert not view.paused("o", "m")
     assert view.dropped == 2
+
+
+async def test_reference_cycles_are_collected_while_automatic_gc_is_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pipeline turns automatic collection off; its timer must still free cycles (a worker
+    # that runs for months would otherwise grow with every traceback a library keeps).
+    import asyncio
+    import gc
+    import weakref
+
+    from worker import consumer
+
+    class Node:
+        peer: Node
+
+    monkeypatch.setattr(consumer, "GC_INTERVAL_SECONDS", 0.01)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    collector = asyncio.create_task(consumer._collect_garbage())
+    try:
+        a, b = Node(), Node()
+        a.peer, b.peer = b, a
+        gone = weakref.ref(a)
+        del a, b
+        assert gone() is not None  # a cycle: reference counting alone never frees it
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if gone() is None:
+                break
+        assert gone() is None
+    finally:
+        collector.cancel()
+        if was_enabled:
+            gc.enable()
