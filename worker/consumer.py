@@ -689,20 +689,19 @@ class Pipeline:
     async def _apply_org(self, batch: Batch, org_id: str, pend: list[Pending]) -> None:
         apply_rows = self._apply_rows
         # The first call of the org in this batch checks that Redis has not lost it (see
-        # _check_redis); later chunks follow our own writes.
-        check = apply_rows is not None
+        # _check_redis); later chunks follow our own writes, and so does a call after a
+        # rebuild (it replayed what PostgreSQL holds: never rebuild in a loop).
+        check = [apply_rows is not None]
         for start in range(0, len(pend), ENGINE_CHUNK):
             chunk = pend[start : start + ENGINE_CHUNK]
             items = [p.item for p in chunk]
             retried = False
 
-            async def call(
-                items: list[Any] = items, check: bool = check
-            ) -> tuple[list[Any], list[Any], list[Any]]:
+            async def call(items: list[Any] = items) -> tuple[list[Any], list[Any], list[Any]]:
                 nonlocal retried
                 try:
                     if apply_rows is not None:
-                        expect = self._expected_seq(org_id) if check else 0
+                        expect = self._expected_seq(org_id) if check[0] else 0
                         rows: tuple[list[Any], list[Any], list[Any]] = await apply_rows(
                             org_id, items, expect_seq=expect
                         )
@@ -723,9 +722,10 @@ class Pipeline:
                 except RedisBehind as exc:
                     log.warning("%s: rebuilding the org from the ledger", exc)
                     await self._rebuild_behind(org_id)
+                    check[0] = False
                     continue
                 break
-            check = False
+            check[0] = False
             effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
             self._record_outcomes(batch, org_id, chunk, outcomes, effects, charges)
             top = 0
