@@ -316,7 +316,7 @@ class RedisEngine:
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        encoded = [(1, *i) if type(i) is UsageItem else _encode_item(i) for i in items]
+        encoded = [_encode_item(i) for i in items]
         outcomes: list[Outcome] = []
         effects: list[dict[str, Any]] = []
         start = 0

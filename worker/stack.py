@@ -650,9 +650,9 @@ class Postgres:
                     # fsync stays on: Postgres is the ledger of record, tests must see its
                     # real durability costs. synchronous_commit keeps its default (on).
                     "-c fsync=on",
-                    # Sized for a write-heavy ledger (docs/operations.md, "PostgreSQL"): the
-                    # batch COPYs touch random pages of the event_id index, which must stay in
-                    # memory, and checkpoints must not be forced every few seconds by WAL volume.
+                    # Sized for a write-heavy ledger (docs/operations.md, "PostgreSQL settings"):
+                    # the indexes' insertion points of every batch COPY stay in memory, and WAL
+                    # volume must not force a checkpoint every few seconds.
                     "-c shared_buffers=1GB",
                     "-c max_wal_size=8GB",
                     "-c min_wal_size=1GB",
