@@ -23,9 +23,31 @@ from dataclasses import dataclass
 class MemberState:
     """What the orchestrator knows about one member."""
 
+    org_id: str
+    member_id: str
     signal: str  # "pause" | "resume"
     reason: str
     seq: int
+
+
+def split_key(key: bytes) -> tuple[str, str]:
+    """``(org_id, member_id)`` of a record key: ``org/member``, each part with ``%`` and ``/``
+    percent-encoded (``%25``, ``%2F``). The value carries both ids too; this is for tools that
+    only see keys (compaction, topic browsers)."""
+    org, _, member = key.decode("utf-8").partition("/")
+
+    def unquote(part: str) -> str:
+        out, i = [], 0
+        while i < len(part):
+            if part.startswith("%25", i) or part.startswith("%2F", i):
+                out.append("%" if part[i + 2] == "5" else "/")
+                i += 3
+            else:
+                out.append(part[i])
+                i += 1
+        return "".join(out)
+
+    return unquote(org), unquote(member)
 
 
 class ControlView:
@@ -44,7 +66,7 @@ class ControlView:
         if current is not None and seq <= current.seq:
             self.dropped += 1  # a re-published or out-of-date signal: already applied
             return None
-        state = MemberState(msg["signal"], msg["reason"], seq)
+        state = MemberState(key[0], key[1], msg["signal"], msg["reason"], seq)
         self.members[key] = state
         return state
 
@@ -78,8 +100,9 @@ async def run(bootstrap: str, topic: str, group: str | None, from_beginning: boo
             state = view.apply(record.value)
             if state is None:
                 continue
-            org_id, member_id = record.key.decode().split("/", 1)
-            (on_pause if state.signal == "pause" else on_resume)(org_id, member_id, state.reason)
+            # Ids are data: take them from the value, never from splitting the key by hand.
+            on = on_pause if state.signal == "pause" else on_resume
+            on(state.org_id, state.member_id, state.reason)
     finally:
         await consumer.stop()
 

@@ -57,9 +57,10 @@ import msgspec
 
 from schemas.amounts import MAX_USAGE_MC, parse_credits_text
 from schemas.errors import ErrorCode, WireError
-from schemas.jsonwire import NUMBER_START, QUOTE, VALUE_DECODER, check_utf8
+from schemas.ids import ID_MAX_LENGTH, is_valid_id
+from schemas.jsonwire import NUMBER_START, QUOTE, VALUE_DECODER, check_utf8, json_value
 from schemas.models import (
-    ID_MAX_LENGTH,
+    COMMAND_TYPES,
     MemberAdd,
     MemberSetTier,
     TierLimitSet,
@@ -114,8 +115,9 @@ class _UsageWire(msgspec.Struct, gc=False):
 
 _USAGE_DECODER: Final = msgspec.json.Decoder(_UsageWire)
 _BACKSLASH: Final = ord("\\")
+_BACKSLASH_BYTE: Final = b"\\"
 _ZERO: Final = ord("0")
-_ESCAPED_NUL: Final = b"\\u0000"
+_DEL: Final = b"\x7f"
 _TIERED: Final = (MemberAdd, MemberSetTier, TierLimitSet)
 _CREDITS_MC: dict[bytes, int] = {}
 """Raw ``credits`` token -> millicredits, for tokens already parsed as valid. Producers send a
@@ -180,10 +182,16 @@ def fast_decode_usage(
         wire = _USAGE_DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return None
-    if _ESCAPED_NUL in raw and "\x00" in (
-        wire.event_id + wire.org_id + wire.member_id + wire.task_id
+    # JSON strings cannot hold a raw control character below U+0020, so an ASCII message
+    # without escapes and without DEL has ids in the alphabet; anything else is checked, and
+    # a bad id is left to the models (which give the code).
+    if (_BACKSLASH_BYTE in raw or _DEL in raw or not raw.isascii()) and not (
+        is_valid_id(wire.event_id)
+        and is_valid_id(wire.org_id)
+        and is_valid_id(wire.member_id)
+        and is_valid_id(wire.task_id)
     ):
-        return None  # ids may not contain U+0000; rare enough to leave to the models
+        return None
     token = bytes(wire.credits)
     credits_mc = _CREDITS_MC.get(token)
     if credits_mc is None:
@@ -281,6 +289,47 @@ def decode_admin(
     return CommandRecord(
         command.type, command.command_id, command.org_id, at_ms, command.to_engine()
     )
+
+
+_READABLE_IDS: Final = ("event_id", "command_id", "org_id", "member_id", "task_id")
+
+
+def readable_ids(raw: bytes) -> dict[str, str]:
+    """The ids a rejected message still names, read exactly as the decoders read them.
+
+    The rejection path records a rejected message's ``event_id`` (or ``command_id``) as decided
+    (SPEC section 5), so it must read with the decoders' own reader (msgspec, raw tokens): a
+    message they cannot parse as a JSON object names no id, and only values in the id alphabet
+    are returned, so whatever is returned can be stored and keyed. ``type`` is returned only
+    when it is a known command type. The size limit does not apply: an oversized message that
+    still names its id decides that id like any other malformed message.
+    """
+    from schemas.jsonwire import raw_fields
+
+    try:
+        fields = raw_fields(raw)
+    except WireError:
+        return {}
+    found: dict[str, str] = {}
+    for name in _READABLE_IDS:
+        token = fields.get(name)
+        if token is None:
+            continue
+        try:
+            value = json_value(token)
+        except WireError:
+            continue
+        if is_valid_id(value):
+            found[name] = value  # type: ignore[assignment]
+    token = fields.get("type")
+    if token is not None:
+        try:
+            typ = json_value(token)
+        except WireError:
+            typ = None
+        if isinstance(typ, str) and typ in COMMAND_TYPES:
+            found["type"] = typ
+    return found
 
 
 def _future(field: str, at_ms: int, now_ms: int) -> Rejection:

@@ -22,6 +22,7 @@ import msgspec
 
 from schemas.amounts import format_credits
 from schemas.errors import ErrorCode
+from schemas.ids import key_part
 from schemas.timestamps import format_timestamp
 
 HEADER_ERROR_CODE: Final = "error.code"
@@ -41,8 +42,13 @@ def _encode(message: Mapping[str, Any]) -> bytes:
 
 
 def control_key(org_id: str, member_id: str) -> bytes:
-    """Key of a member's record on the compacted control topic: ``org_id/member_id``."""
-    return f"{org_id}/{member_id}".encode()
+    """Key of a member's record on the compacted control topic (SPEC section 6).
+
+    ``org_id/member_id`` with ``%`` and ``/`` percent-encoded in each part
+    (:func:`schemas.ids.key_part`), so that two members never share a key: org ``a/b`` member
+    ``c`` is ``a%2Fb/c``, org ``a`` member ``b/c`` is ``a/b%2Fc``.
+    """
+    return f"{key_part(org_id)}/{key_part(member_id)}".encode()
 
 
 def encode_task_control(

@@ -10,14 +10,20 @@ code                           meaning                                          
 ``message_too_large``          raw message longer than ``max_message_bytes`` (64 KiB)   decoder
 ``invalid_utf8``               bytes are not valid UTF-8                               decoder
 ``invalid_json``               not syntactically valid JSON (incl. NaN, a lone        decoder
-                               surrogate escape), or nested too deeply to parse
+                               surrogate escape such as ``"\\ud800"`` anywhere in the
+                               message), or nested too deeply to parse
 ``wrong_type``                 the message is not a JSON object, or a field has the    decoder
                                wrong JSON type (``true`` or ``12`` for a string, a
                                string or float for an integer, a bool for an amount)
 ``missing_field``              a required field is absent (``null`` is a wrong type     decoder
                                unless the field allows it)
-``invalid_field``              right type, bad value: id not 1-128 characters or       decoder
-                               containing U+0000 (PostgreSQL cannot store it),
+``invalid_id``                 an id (``event_id``, ``org_id``, ``member_id``,         decoder
+                               ``task_id``, ``command_id``, ``grant_id``,
+                               ``request_id``, a tier name) outside the alphabet of
+                               :mod:`schemas.ids`: empty, over 128 characters, or
+                               with a control character (U+0000-U+001F,
+                               U+007F-U+009F)
+``invalid_field``              right type, bad value: a note containing U+0000,        decoder
                                amount not plain decimal notation (``1e3``, ``"+1"``,
                                ``" 1"``, ``".5"``), bad date, unknown enum value,
                                anchor day outside 1-31
@@ -45,7 +51,13 @@ code                           meaning                                          
                                decoder already validated (seen only if a producer
                                bypasses the decoder)
 ``invalid_command``            same, for a command's fields                            engine
+``engine_failed``              the engine call failed on this org's records for a       pipeline
+                               reason a retry cannot fix (a script error, not an
+                               outage): the records are dead-lettered, the rest flows
 =============================  =====================================================  ==========
+
+``unknown_org`` and ``unknown_member`` are also given at once, without waiting out the grace
+period, when the parking lot is full (per org or in total; ``Settings.parked_max_*``).
 
 The engine's codes are the ``E_*`` constants of ``worker.constants``; a test keeps the two lists
 in step. ``unknown_request`` (a ``refill_result`` for an unknown or answered request) is not a
@@ -69,6 +81,7 @@ class ErrorCode(StrEnum):
     INVALID_JSON = "invalid_json"
     WRONG_TYPE = "wrong_type"
     MISSING_FIELD = "missing_field"
+    INVALID_ID = "invalid_id"
     INVALID_FIELD = "invalid_field"
     AMOUNT_NOT_POSITIVE = "amount_not_positive"
     AMOUNT_TOO_LARGE = "amount_too_large"
@@ -87,6 +100,7 @@ class ErrorCode(StrEnum):
     BALANCE_OVERFLOW = "balance_overflow"
     INVALID_AMOUNT = "invalid_amount"
     INVALID_COMMAND = "invalid_command"
+    ENGINE_FAILED = "engine_failed"
 
 
 class WireError(ValueError):

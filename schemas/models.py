@@ -48,10 +48,10 @@ from pydantic_core import PydanticCustomError
 
 from schemas.amounts import MAX_ADMIN_MC, MAX_USAGE_MC, JsonNumber, parse_credits
 from schemas.errors import ErrorCode, WireError
+from schemas.ids import ID_MAX_LENGTH, ID_PATTERN, id_problem
 from schemas.jsonwire import json_fields, json_value, raw_fields
 from schemas.timestamps import datetime_to_ms, parse_timestamp
 
-ID_MAX_LENGTH: Final = 128
 NOTE_MAX_LENGTH: Final = 1_024
 
 _AMOUNT_PATTERN: Final = r"^-?(0|[1-9][0-9]*)(\.[0-9]+)?$"
@@ -144,12 +144,28 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _valid_id(value: str) -> str:
+    problem = id_problem(value)
+    if problem is not None:
+        raise PydanticCustomError(ErrorCode.INVALID_ID.value, "{detail}", {"detail": problem})
+    return value
+
+
 Id = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, strict=True),
-    AfterValidator(_no_nul),
+    StringConstraints(strict=True),
+    AfterValidator(_valid_id),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": ID_MAX_LENGTH,
+            "pattern": ID_PATTERN,
+            "description": "1-128 characters, no control characters (schemas/ids.py)",
+        }
+    ),
 ]
-"""An identifier: a JSON string of 1-128 characters (code points), without U+0000."""
+"""An identifier in the alphabet of :mod:`schemas.ids` (rejected with ``invalid_id``)."""
 Note = Annotated[
     str, StringConstraints(max_length=NOTE_MAX_LENGTH, strict=True), AfterValidator(_no_nul)
 ]

@@ -103,6 +103,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"tier {name!r} must have a name and credits >= 0")
         return v
 
+    @field_validator("redis_key_prefix")
+    @classmethod
+    def _prefix_outside_hash_tags(cls, v: str) -> str:
+        # The org's hash tag is the first "{...}" of every key: the prefix must not open one.
+        if not v or any(c in v for c in "{}") or not v.isprintable():
+            raise ValueError("must be non-empty and printable, without '{' or '}'")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> Settings:
         topics = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from schemas.ids import hash_tag_part
+
 MC_PER_CREDIT = 1_000
 """Amounts are integer millicredits everywhere inside the worker (1 credit = 1,000 mc)."""
 
@@ -25,13 +27,17 @@ does."""
 MAX_TIER_CREDITS = 1_000_000
 """Tier allocations above this could make the proration product inexact in a double."""
 
+MAX_SEATS = 16
+"""Closed seats remembered per member (usage in a gap between them is rejected); a member
+removed more often has its oldest seats merged, so usage in those oldest gaps is invoiced."""
+
 INACTIVITY_MONTHS = 12
 """The pool expires after this many calendar months without usage or funding (SPEC 3)."""
 
 DEFAULT_WALK_BUDGET = 250
 """Member records one engine script call may visit for org-wide work before it yields."""
 
-# --- Redis key layout (all keys of one org share the hash tag ``{org_id}``) ----------------
+# --- Redis key layout (all keys of one org share the hash tag ``{<encoded org_id>}``) -------
 KEY_ORG = "o"  # hash: org settings, clock, cycle, pool, counters, watermarks, job state
 KEY_MEMBERS = "m"  # hash: member_id -> msgpack member record
 KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = msgpack list of effects
@@ -54,9 +60,20 @@ ORG_KEY_SUFFIXES = (
 )
 
 
+def org_key(prefix: str, org_id: str, suffix: str) -> str:
+    """One key of an org: ``<prefix>:{<org>}:<suffix>``, the org id encoded inside the hash tag.
+
+    Redis Cluster hashes what lies between the first ``{`` and the next ``}``; the org id is
+    percent-encoded there (:func:`schemas.ids.hash_tag_part`), so an id such as ``}a`` or
+    ``a{b}`` still gives every key of the org the same, non-empty tag.
+    """
+    return f"{prefix}:{{{hash_tag_part(org_id)}}}:{suffix}"
+
+
 def org_keys(prefix: str, org_id: str) -> list[str]:
     """The engine's keys of one org, in the order the scripts expect them in ``KEYS``."""
-    return [f"{prefix}:{{{org_id}}}:{suffix}" for suffix in ORG_KEY_SUFFIXES]
+    tag = f"{prefix}:{{{hash_tag_part(org_id)}}}:"
+    return [tag + suffix for suffix in ORG_KEY_SUFFIXES]
 
 
 # --- Outcome statuses and engine error codes ----------------------------------------------

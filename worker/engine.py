@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from schemas.ids import unhash_tag_part
 from worker.constants import (
     DEFAULT_WALK_BUDGET,
     KEY_MEMBERS,
@@ -27,6 +28,7 @@ from worker.constants import (
     MAX_TIER_CREDITS,
     MAX_USAGE_MC,
     MC_PER_CREDIT,
+    ORG_KEY_SUFFIXES,
     org_keys,
 )
 from worker.model import (
@@ -126,6 +128,9 @@ CHARGE_FIELDS = (
 """Positions in a compact charge row: a usage event paid by one bucket, whose ``ledger``
 effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``ledger_seq + 1``."""
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
+_ORG = ORG_KEY_SUFFIXES.index(KEY_ORG)
+_MEMBERS = ORG_KEY_SUFFIXES.index(KEY_MEMBERS)
+_OUTBOX = ORG_KEY_SUFFIXES.index(KEY_OUTBOX)
 
 
 def load_apply_script() -> str:
@@ -351,7 +356,7 @@ class RedisEngine:
 
     async def last_seq(self, org_id: str) -> int:
         """The org's last effect seq (0 when Redis does not know the org)."""
-        raw = await self.client.hget(f"{self.prefix}:{{{org_id}}}:{KEY_ORG}", "sq")
+        raw = await self.client.hget(self.keys(org_id)[_ORG], "sq")
         return int(_s(raw)) if raw is not None else 0
 
     async def reset_org(self, org_id: str) -> None:
@@ -363,7 +368,7 @@ class RedisEngine:
 
     async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         """Effects still in the org's outbox with ``seq > after_seq``, in seq order."""
-        key = f"{self.prefix}:{{{org_id}}}:{KEY_OUTBOX}"
+        key = self.keys(org_id)[_OUTBOX]
         entries = await self.client.xrange(key, min=f"({after_seq}-0", max="+")
         out: list[dict[str, Any]] = []
         for _id, fields in entries or ():
@@ -373,7 +378,7 @@ class RedisEngine:
 
     async def outbox_ack(self, org_id: str, upto_seq: int) -> int:
         """Drop outbox entries whose effects all have ``seq <= upto_seq``; returns how many."""
-        key = f"{self.prefix}:{{{org_id}}}:{KEY_OUTBOX}"
+        key = self.keys(org_id)[_OUTBOX]
         return int(await self.client.xtrim(key, minid=f"{upto_seq + 1}-0", approximate=False))
 
     async def orgs_with_outbox(self) -> list[str]:
@@ -384,19 +389,19 @@ class RedisEngine:
         async for raw in self.client.scan_iter(match=f"{head}*{suffix}", count=1000):
             key = _s(raw)
             if key.startswith(head) and key.endswith(suffix) and await self.client.xlen(key) > 0:
-                found.add(key[len(head) : -len(suffix)])
+                found.add(unhash_tag_part(key[len(head) : -len(suffix)]))
         return sorted(found)
 
     # --- views -----------------------------------------------------------------------------
 
     async def load_org(self, org_id: str) -> Org | None:
         """The org as the model's ``Org`` (members rolled to the current cycle), or None."""
-        base = f"{self.prefix}:{{{org_id}}}:"
-        raw_org = await self.client.hgetall(base + KEY_ORG)
+        keys = self.keys(org_id)
+        raw_org = await self.client.hgetall(keys[_ORG])
         h = {_s(k): _s(v) for k, v in raw_org.items()}
         if "ex" not in h:
             return None
-        raw_members = await self.client.hgetall(base + KEY_MEMBERS)
+        raw_members = await self.client.hgetall(keys[_MEMBERS])
 
         def num(name: str) -> int:
             return int(h.get(name, "0"))
@@ -419,6 +424,7 @@ class RedisEngine:
             mid = _s(mid_raw)
             a = orjson.loads(rec)
             promos = a[21] if isinstance(a[21], list) else []
+            seats = a[22] if len(a) > 22 and isinstance(a[22], list) else []
             m = Member(
                 member_id=mid, tier=a[0], next_tier=a[1], active=a[2] == 1, cycle_no=a[3],
                 ag=a[4], au=a[5], bk=a[6], dr=a[7], bu=a[8], pu=a[9], debt=a[10], dsince=a[11],
@@ -426,6 +432,7 @@ class RedisEngine:
                 removed_at=a[17],
                 promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
                         for i in range(0, len(promos), 3)],
+                seats=[(seats[i], seats[i + 1]) for i in range(0, len(seats), 2)],
             )  # fmt: skip
             roll_member(m, org.cycle_no, self.tiers_mc)
             org.members[mid] = m
@@ -433,9 +440,7 @@ class RedisEngine:
 
     async def counters(self, org_id: str) -> dict[str, int]:
         """The org's running totals kept for O(1) cycle ends (tests compare them to sums)."""
-        raw = await self.client.hmget(
-            f"{self.prefix}:{{{org_id}}}:{KEY_ORG}", ["at", "bt", "dt", "nt"]
-        )
+        raw = await self.client.hmget(self.keys(org_id)[_ORG], ["at", "bt", "dt", "nt"])
         names = ("alloc_left", "blocks", "debts", "next_alloc")
         return {n: int(_s(v)) if v is not None else 0 for n, v in zip(names, raw, strict=True)}
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeGuard
 
+from schemas.ids import derived_id
 from worker.constants import (
     APPLIED,
     DUPLICATE,
@@ -36,6 +37,7 @@ from worker.constants import (
     INACTIVITY_MONTHS,
     MAX_AMOUNT_MC,
     MAX_BALANCE_MC,
+    MAX_SEATS,
     MAX_TIER_CREDITS,
     MAX_USAGE_MC,
     MC_PER_CREDIT,
@@ -224,6 +226,8 @@ class Member:
     added_at: int = 0
     removed_at: int | None = None
     promos: list[Grant] = field(default_factory=list)
+    seats: list[tuple[int, int]] = field(default_factory=list)
+    """Closed seats ``(added_at, removed_at)``, oldest first, at most ``MAX_SEATS``."""
 
 
 @dataclass(slots=True)
@@ -353,6 +357,20 @@ class Model:
 
     # --- member helpers ----------------------------------------------------------------------
 
+    # --- exact-amount bounds (docs/engine.md): the counters the engine keeps as doubles ------
+
+    def _open_debt(self, org: Org) -> int:
+        """Member debt plus the open invoice: what this cycle's invoice would be now."""
+        return sum(m.debt for m in org.members.values() if m.active) + org.invoice_extra
+
+    def _pool_held(self, org: Org) -> int:
+        """The pool plus the block credits out (which return to it)."""
+        return org.pool + sum(m.bk for m in org.members.values() if m.active)
+
+    def _next_alloc(self, org: Org) -> int:
+        """Next cycle's allocation total."""
+        return sum(self.tiers_mc.get(m.next_tier, 0) for m in org.members.values() if m.active)
+
     def _limit(self, org: Org, m: Member) -> int | None:
         if m.limit == INHERIT:
             return org.tier_limits.get(m.tier)
@@ -365,7 +383,13 @@ class Model:
 
     def _can_draw(self, org: Org, m: Member) -> bool:
         left = self._limit_left(org, m)
-        return not org.locked and org.pool > 0 and (left is None or left > 0)
+        return (
+            not org.locked
+            and org.pool > 0
+            and (left is None or left > 0)
+            # Exact-amount bound: the cycle's drawn counter stays within MAX_BALANCE_MC.
+            and org.pdrawn + self.block_mc <= MAX_BALANCE_MC
+        )
 
     def _exhausted(self, m: Member) -> bool:
         return m.ag - m.au + m.bk + sum(g.rem for g in m.promos) == 0
@@ -422,7 +446,7 @@ class Model:
         if org.refilled < org.rf_monthly:
             credits = min(org.rf_amount, org.rf_monthly - org.refilled)
             org.rf_counter += 1
-            rid = f"{org.org_id}:refill:{org.rf_counter}"
+            rid = derived_id("refill", org.org_id, org.rf_counter)
             org.rf_pending_id, org.rf_pending_mc = rid, credits
             self._emit(
                 org,
@@ -660,20 +684,17 @@ class Model:
         code: str | None = None
         if not 0 < c <= MAX_USAGE_MC:
             code = E_INVALID_AMOUNT
-        elif not m.active or (m.removed_at is not None and item.occurred_at_ms < m.added_at):
-            # The seat the event belongs to: one removed before it occurred rejects it; an
-            # earlier seat (removed later) still owes it, straight on the org's invoice.
-            assert m.removed_at is not None
-            if item.occurred_at_ms >= m.removed_at:
-                code = E_MEMBER_REMOVED
-            elif org.invoice_extra + c > MAX_BALANCE_MC:
-                code = E_BALANCE_OVERFLOW
-            else:
-                org.invoice_extra += c
-                org.last_act = org.clock
-                self._ledger(org, ctx, m.member_id, "charge", "invoice", -c)
-        elif m.debt + c > MAX_BALANCE_MC:
+        elif (seat := seat_of(m, item.occurred_at_ms)) == GAP:
+            code = E_MEMBER_REMOVED  # the member had no seat when it occurred
+        elif self._open_debt(org) + c > MAX_BALANCE_MC:
+            # Exact-amount bound: member debt plus the open invoice (what the cycle's invoice
+            # will be) never passes MAX_BALANCE_MC.
             code = E_BALANCE_OVERFLOW
+        elif seat == PAST:
+            # An earlier seat still owes it: straight on the org's invoice.
+            org.invoice_extra += c
+            org.last_act = org.clock
+            self._ledger(org, ctx, m.member_id, "charge", "invoice", -c)
         else:
             org.last_act = org.clock
             unpaid = self._consume(org, m, c, ctx, "charge")
@@ -786,7 +807,7 @@ class Model:
             amount = cmd.get("credits_mc")
             if not _amount(amount, 1):
                 return E_INVALID_AMOUNT, None
-            if org.pool + amount > MAX_BALANCE_MC:
+            if self._pool_held(org) + amount > MAX_BALANCE_MC:
                 return E_BALANCE_OVERFLOW, None
             self._credit_pool(org, amount)
             self._ledger(org, ctx, None, "purchase", "pool", amount)
@@ -817,7 +838,7 @@ class Model:
             if org.rf_pending_id is None or cmd.get("request_id") != org.rf_pending_id:
                 return E_UNKNOWN_REQUEST, None
             credits = org.rf_pending_mc
-            if status == "succeeded" and org.pool + credits > MAX_BALANCE_MC:
+            if status == "succeeded" and self._pool_held(org) + credits > MAX_BALANCE_MC:
                 return E_BALANCE_OVERFLOW, None
             org.rf_pending_id, org.rf_pending_mc = None, 0
             if status == "succeeded":
@@ -865,6 +886,9 @@ class Model:
             if tier not in self.tiers_mc:
                 return E_UNKNOWN_TIER, None
             new_mc, cur_mc = self.tiers_mc[tier], self.tiers_mc.get(m.tier, 0)
+            next_mc = self.tiers_mc.get(m.next_tier, 0)
+            if self._next_alloc(org) - next_mc + new_mc > MAX_BALANCE_MC:
+                return E_BALANCE_OVERFLOW, None
             if new_mc >= cur_mc:
                 diff = prorate_mc(new_mc - cur_mc, org.cstart, org.cend, org.clock)
                 m.tier = m.next_tier = tier
@@ -890,6 +914,8 @@ class Model:
                 return E_PROMO_EXPIRED, None
             if any(g.grant_id == gid for g in m.promos):
                 return E_DUPLICATE_GRANT, None
+            if m.pu + sum(g.rem for g in m.promos) + amount > MAX_BALANCE_MC:
+                return E_BALANCE_OVERFLOW, None
             m.promos.append(Grant(gid, amount, exp))
             m.promos.sort(key=lambda g: (g.exp, _key(g.grant_id)))
             self._ledger(org, ctx, m.member_id, "grant", "promo", amount, grant_id=gid)
@@ -917,6 +943,8 @@ class Model:
         old = org.members.get(mid)
         if old is not None and old.active:
             return E_MEMBER_EXISTS, None
+        if self._next_alloc(org) + self.tiers_mc[tier] > MAX_BALANCE_MC:
+            return E_BALANCE_OVERFLOW, None
         alloc = prorate_mc(self.tiers_mc[tier], org.cstart, org.cend, org.clock)
         m = Member(
             member_id=mid,
@@ -928,7 +956,7 @@ class Model:
         )
         if old is not None:
             # A new seat: counters start afresh, but the signal sequence continues.
-            m.mseq, m.removed_at = old.mseq, old.removed_at
+            m.mseq, m.removed_at, m.seats = old.mseq, old.removed_at, old.seats
         org.members[mid] = m
         if alloc:
             self._ledger(org, ctx, mid, "grant", "allocation", alloc)
@@ -957,6 +985,7 @@ class Model:
             org.invoice_extra += m.debt
         m.ag, m.bk, m.debt, m.dsince, m.promos = m.au, 0, 0, 0, []
         m.active, m.removed_at = False, org.clock
+        m.seats = [*m.seats, (m.added_at, org.clock)][-MAX_SEATS:]
         m.paused, m.reason = True, "member_removed"
         self._signal(org, m, "pause", "member_removed")
 
@@ -965,6 +994,27 @@ def _amount(value: object, low: int) -> TypeGuard[int]:
     return (
         isinstance(value, int) and not isinstance(value, bool) and low <= value <= (MAX_AMOUNT_MC)
     )
+
+
+CURRENT, PAST, GAP = "current", "past", "gap"
+
+
+def seat_of(m: Member, occurred_at_ms: int) -> str:
+    """Which seat of ``m`` a usage event that occurred then belongs to (SPEC section 3).
+
+    ``CURRENT``: the active seat (charged as usual); ``PAST``: an earlier seat (charged to the
+    org's invoice); ``GAP``: between a removal and the next add, or after the last removal
+    (rejected ``member_removed``). Before the first known seat counts as that seat; a member
+    removed more than ``MAX_SEATS`` times has its oldest seats merged into that one.
+    """
+    if m.active and occurred_at_ms >= m.added_at:
+        return CURRENT
+    for start, end in reversed(m.seats):
+        if occurred_at_ms >= end:
+            return GAP
+        if occurred_at_ms >= start:
+            return PAST
+    return CURRENT if m.active and not m.seats else PAST
 
 
 def roll_member(m: Member, cycle_no: int, tiers_mc: Mapping[str, int]) -> None:
@@ -1069,6 +1119,7 @@ MEMBER_VIEW_FIELDS = (
     "mseq",
     "added_at",
     "removed_at",
+    "seats",
 )
 
 

@@ -65,7 +65,7 @@ async def engine_last_seq(engine: Any, org_id: str) -> int:
     if method is not None:
         return int(await method(org_id) or 0)
     # RedisEngine keeps the org's effect counter in field "sq" of the org hash (docs/engine.md).
-    raw = await engine.client.hget(f"{engine.prefix}:{{{org_id}}}:{KEY_ORG}", "sq")
+    raw = await engine.client.hget(engine.keys(org_id)[_ORG_INDEX], "sq")
     return int(raw or 0)
 
 

@@ -26,6 +26,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from schemas.encode import encode_admin_command
+from schemas.ids import derived_id
 from worker import metrics
 from worker.config import Settings
 from worker.consumer import Backoff, Pipeline
@@ -247,7 +248,7 @@ async def _tick_loop(
                     encode_admin_command(
                         {
                             "type": "tick",
-                            "command_id": f"tick:{org}:{now_ms}",
+                            "command_id": derived_id("tick", org, now_ms),
                             "org_id": org,
                             "at_ms": now_ms,
                         }

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from schemas.ids import derived_id
 from worker.config import Settings
 from worker.engine import RedisEngine
 from worker.model import CommandItem, Item, Model, UsageItem, check_invariants, to_ms
@@ -177,7 +178,7 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
                     monthly_limit_mc=draw(st.sampled_from([0, 500, 4000])) * C,
                 )
             elif kind == "refill_result":
-                rid = f"org{o}:refill:{draw(st.integers(1, 3))}"
+                rid = f"org{o}|{draw(st.integers(1, 3))}"  # made real in _rename
                 item = command(
                     o,
                     "refill_result",
@@ -297,7 +298,7 @@ async def test_engine_matches_model(diff_engine: RedisEngine, batches: Any) -> N
     for o, items in batches:
         org_id = f"org{o}"
         real = f"r{run}-{org_id}"
-        # The refill ids embed the org id; the model sees the same org id as the engine.
+        # Refill ids are derived from the org id; the model sees the same org id as the engine.
         items = [_rename(i, org_id, real) for i in items]
         got = await engine.apply(real, items)
         want = model.apply(real, items)
@@ -318,6 +319,7 @@ async def test_engine_matches_model(diff_engine: RedisEngine, batches: Any) -> N
 def _rename(item: Item, org_id: str, real: str) -> Item:
     if isinstance(item, CommandItem) and item.command.get("type") == "refill_result":
         c = dict(item.command)
-        c["request_id"] = str(c["request_id"]).replace(org_id + ":", real + ":")
+        org, _, n = str(c["request_id"]).partition("|")
+        c["request_id"] = derived_id("refill", real, n) if org == org_id else "unknown"
         return CommandItem(c, item.source, item.offset)
     return item

@@ -629,6 +629,55 @@ async def s_exact_amount_bound(h: Harness) -> None:
     assert dash is not None and dash["pool"]["balance"] == "10000000000"
 
 
+async def s_every_removal_gap_rejects(h: Harness) -> None:
+    # Seats [Jan 1, Jan 5) and [Jan 10, Jan 15), a third from Jan 20: usage in either gap has
+    # no seat (rejected), usage of either earlier seat is invoiced, the current seat pays.
+    await setup(h, "o", T(2026, 1, 1), a="pro")
+    await h.run(
+        "o",
+        cmd("member_remove", T(2026, 1, 5), member_id="a"),
+        cmd("member_add", T(2026, 1, 10), member_id="a", tier="pro"),
+        cmd("member_remove", T(2026, 1, 15), member_id="a"),
+        cmd("member_add", T(2026, 1, 20), member_id="a", tier="pro"),
+    )
+    res = await h.run(
+        "o",
+        use("a", 1 * C, T(2026, 1, 7)),  # first gap
+        use("a", 2 * C, T(2026, 1, 17)),  # second gap
+        use("a", 4 * C, T(2026, 1, 3)),  # first seat
+        use("a", 8 * C, T(2026, 1, 12)),  # second seat
+        use("a", 16 * C, T(2026, 1, 21)),  # current seat
+    )
+    assert [(o.status, o.code) for o in res.outcomes] == [
+        ("rejected", "member_removed"),
+        ("rejected", "member_removed"),
+        ("applied", None),
+        ("applied", None),
+        ("applied", None),
+    ]
+    st = await h.state("o")
+    assert st["invoice_extra"] == 12 * C
+    assert st["members"]["a"]["au"] == 16 * C
+    await h.run("o", cmd("member_remove", T(2026, 1, 25), member_id="a"))
+    res = await h.run("o", use("a", 1 * C, T(2026, 1, 26)), use("a", 1 * C, T(2026, 1, 18)))
+    assert [o.code for o in res.outcomes] == ["member_removed", "member_removed"]
+
+
+async def s_open_invoice_bound(h: Harness) -> None:
+    # Debt plus the open invoice never passes MAX_BALANCE_MC (10^10 credits): usage of a removed
+    # member that would push the open invoice past it is rejected, not invoiced.
+    await setup(h, "o", T(2026, 1, 1), a="pro")
+    await h.run("o", cmd("member_remove", T(2026, 1, 20), member_id="a"))
+    big = 1_000_000 * C
+    res = await h.run("o", *(use("a", big, T(2026, 1, 2)) for _ in range(10_000)))
+    assert {o.status for o in res.outcomes} == {"applied"}
+    assert (await h.state("o"))["invoice_extra"] == 10**13
+    res = await h.run("o", use("a", 1, T(2026, 1, 2)))
+    assert [(o.status, o.code) for o in res.outcomes] == [("rejected", "balance_overflow")]
+    res = await h.run("o", cmd("tick", T(2026, 2, 1)))
+    assert [i["negative_balance_mc"] for i in kinds(res, "invoice")] == [10**13]
+
+
 SCENARIOS: dict[str, Callable[[Harness], Awaitable[None]]] = {
     name[2:]: fn for name, fn in list(globals().items()) if name.startswith("s_")
 }

@@ -207,6 +207,11 @@ def test_reference_orchestrator_consumer_drops_repeats_and_stale_signals() -> No
     assert view.apply(rec("pause", 1)) is None  # older record arriving late
     assert not view.paused("o", "m")
     assert view.dropped == 2
+    # The example's key reader inverts the worker's key encoding for every id.
+    from schemas.encode import control_key
+
+    for org, member in [("a/b", "c"), ("a", "b/c"), ("100%", "%2F"), ("{}:", "😀/%25")]:
+        assert mod.split_key(control_key(org, member)) == (org, member)
 
 
 async def test_reference_cycles_are_collected_while_automatic_gc_is_off(

@@ -43,7 +43,20 @@ ids = st.one_of(
     st.text(min_size=1, max_size=12),
     st.text(alphabet="abc-_0123456789", min_size=1, max_size=12),
     st.sampled_from(
-        ["", "x" * 128, "x" * 129, "é" * 128, "😀" * 128, "😀" * 129, " ", "\x00", "a\x00b"]
+        [
+            "",
+            "x" * 128,
+            "x" * 129,
+            "é" * 128,
+            "😀" * 128,
+            "😀" * 129,
+            " ",
+            "\x00",
+            "a\x00b",
+            "a\x7fb",
+            "a\x85b",
+            "{}/:%",
+        ]
     ),
 )
 
@@ -137,7 +150,7 @@ any_tokens = st.one_of(
 )
 
 
-good_ids = st.text(min_size=1, max_size=16)
+good_ids = st.text(st.characters(exclude_categories=("Cs", "Cc")), min_size=1, max_size=16)
 good_amounts = st.one_of(
     st.integers(min_value=1, max_value=1_000_000).map(str),
     st.sampled_from(  # the boundaries, including just past them

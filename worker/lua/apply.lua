@@ -37,6 +37,10 @@ local INACTIVITY_MONTHS = 12
 local YEAR_MS = 365 * 86400000
 
 local function fmt(x) return string.format('%d', x) end
+-- The org's part of the ids the engine makes (schemas/ids.py derived_id): fixed length,
+-- whatever the org id is.
+local ORG_DIGEST = string.sub(redis.sha1hex(ORG_ID), 1, 20)
+local MAX_SEATS = 16 -- closed seats kept per member (worker/constants.py MAX_SEATS)
 local function tier_mc(t) return TIERS[t] or 0 end
 
 -- Byte-wise string order (Lua's < follows the server's collation locale).
@@ -107,6 +111,7 @@ local function decode_member(id, s)
   m.ra = (a[18] ~= NULL) and a[18] or false
   local p = a[22]
   for i = 1, #p, 3 do m.pr[#m.pr + 1] = {g = p[i], r = p[i + 1], e = p[i + 2]} end
+  m.sh = a[23] or {}
   return m
 end
 
@@ -117,7 +122,7 @@ local function encode_member(m)
   end
   return cjson.encode({m.tier, m.nt, m.act, m.cn, m.ag, m.au, m.bk, m.dr, m.bu, m.pu, m.debt,
     m.ds, m.lim == false and NULL or m.lim, m.pz, m.rs or NULL, m.ms, m.aa, m.ra or NULL,
-    m.inp, m.inq, m.inb, p})
+    m.inp, m.inq, m.inb, p, m.sh})
 end
 
 -- Lazy cycle rollover: the org-level counters were reset at cycle end; the member catches up
@@ -203,6 +208,8 @@ end
 
 local function can_draw(m)
   if O.lk == 1 or O.pl <= 0 then return false end
+  -- Exact-amount bound: the cycle's drawn counter stays within MAX_BALANCE_MC.
+  if O.pd + BLOCK > MAX_BALANCE_MC then return false end
   local left = limit_left(m)
   return left == false or left > 0
 end
@@ -285,7 +292,7 @@ local function after_draw()
   if O.rd < O.rm then
     local credits = math.min(O.ra, O.rm - O.rd)
     S('rc', O.rc + 1)
-    local rid = ORG_ID .. ':refill:' .. fmt(O.rc)
+    local rid = 'refill-' .. ORG_DIGEST .. '-' .. fmt(O.rc)
     O.rp = rid; ODIRTY.rp = true
     S('rpm', credits)
     emit({6, 0, rid, credits, math.floor((credits + 500) / 1000), O.ck})
@@ -611,6 +618,20 @@ end
 -- ---------------------------------------------------------------------------------------
 local INTERRUPTED = {}
 
+-- Which seat of m a usage event that occurred at occ belongs to (SPEC section 3; the model's
+-- seat_of): 'cur' the active seat, 'past' an earlier seat (charged to the invoice), 'gap' no
+-- seat (after a removal, before the next add). m.sh holds the closed seats, oldest first.
+local function seat_of(m, occ)
+  if m.act == 1 and occ >= m.aa then return 'cur' end
+  local sh = m.sh
+  for i = #sh - 1, 1, -2 do
+    if occ >= sh[i + 1] then return 'gap' end
+    if occ >= sh[i] then return 'past' end
+  end
+  if m.act == 1 and #sh == 0 then return 'cur' end
+  return 'past'
+end
+
 local function do_usage(it)
   local eid, mid, task, c, occ, src, off = it[2], it[3], it[4], it[5], it[6], it[7], it[8]
   if not EXISTS then return {'unknown', 'unknown_org'} end
@@ -636,18 +657,24 @@ local function do_usage(it)
   local avail = pool_available()
   local code = nil
   local compact, waterfall = false, false
+  local seat = nil
   if not (type(c) == 'number' and c == math.floor(c) and c > 0 and c <= MAX_USAGE_MC) then
     code = 'invalid_amount'
-  elseif m.act ~= 1 or (m.ra and occ < m.aa) then
-    if occ >= m.ra then code = 'member_removed'
-    elseif O.ie + c > MAX_BALANCE_MC then code = 'balance_overflow'
-    else
-      S('ie', O.ie + c)
-      S('la', O.ck)
-      ledger(ctx, mid, 'charge', 'invoice', -c)
+  else
+    seat = seat_of(m, occ)
+    if seat == 'gap' then code = 'member_removed' -- no seat when it occurred
+    elseif O.dt + O.ie + c > MAX_BALANCE_MC then
+      -- Exact-amount bound: member debt plus the open invoice never passes MAX_BALANCE_MC.
+      code = 'balance_overflow'
     end
-  elseif m.debt + c > MAX_BALANCE_MC then
-    code = 'balance_overflow'
+  end
+  if code then
+    -- rejected: recorded below, nothing charged
+  elseif seat == 'past' then
+    -- An earlier seat still owes it: straight on the org's invoice.
+    S('ie', O.ie + c)
+    S('la', O.ck)
+    ledger(ctx, mid, 'charge', 'invoice', -c)
   else
     S('la', O.ck)
     -- Fastest path, same result as consume(): no promos, and the allocation alone or (with
@@ -731,6 +758,7 @@ local function member_add(cmd, ctx, touched)
   if type(tier) ~= 'string' or TIERS[tier] == nil then return 'unknown_tier' end
   local old = get(mid)
   if old and old.act == 1 then return 'member_exists' end
+  if O.nt + tier_mc(tier) > MAX_BALANCE_MC then return 'balance_overflow' end
   local alloc = 0
   local credits = math.floor(tier_mc(tier) / 1000)
   local total = math.floor(O.ce / 1000) - math.floor(O.cs / 1000)
@@ -744,8 +772,10 @@ local function member_add(cmd, ctx, touched)
   end
   local m = {id = mid, tier = tier, nt = tier, act = 1, cn = O.cn, ag = alloc, au = 0, bk = 0,
     dr = 0, bu = 0, pu = 0, debt = 0, ds = 0, lim = 'inherit', pz = 0, rs = false, ms = 0,
-    aa = O.ck, ra = false, inp = 0, inq = 0, inb = 0, pr = {}}
-  if old then m.ms, m.ra, m.inp, m.inq, m.inb = old.ms, old.ra, old.inp, old.inq, old.inb end
+    aa = O.ck, ra = false, inp = 0, inq = 0, inb = 0, pr = {}, sh = {}}
+  if old then
+    m.ms, m.ra, m.inp, m.inq, m.inb, m.sh = old.ms, old.ra, old.inp, old.inq, old.inb, old.sh
+  end
   MEM[mid] = m
   dirty(m)
   S('at', O.at + alloc)
@@ -781,6 +811,13 @@ local function member_remove(m, ctx)
     S('dt', O.dt - m.debt)
   end
   m.ag, m.bk, m.debt, m.ds, m.pr = m.au, 0, 0, 0, {}
+  local sh = m.sh
+  sh[#sh + 1] = m.aa
+  sh[#sh + 1] = O.ck
+  while #sh > 2 * MAX_SEATS do
+    table.remove(sh, 1)
+    table.remove(sh, 1)
+  end
   m.act, m.ra = 0, O.ck
   m.pz, m.rs = 1, 'member_removed'
   signal(m, 'pause', 'member_removed')
@@ -804,7 +841,7 @@ local function dispatch(cmd, ctx, touched)
   elseif typ == 'pool_purchase' then
     local amount = cmd.credits_mc
     if not is_int(amount, 1) then return 'invalid_amount', nil, flags end
-    if O.pl + amount > MAX_BALANCE_MC then return 'balance_overflow', nil, flags end
+    if O.pl + O.bt + amount > MAX_BALANCE_MC then return 'balance_overflow', nil, flags end
     credit_pool(amount)
     ledger(ctx, nil, 'purchase', 'pool', amount)
     flags.settle_all = true
@@ -822,7 +859,7 @@ local function dispatch(cmd, ctx, touched)
     if st ~= 'succeeded' and st ~= 'failed' then return 'invalid_command', nil, flags end
     if O.rp == '' or cmd.request_id ~= O.rp then return 'unknown_request', nil, flags end
     local credits = O.rpm
-    if st == 'succeeded' and O.pl + credits > MAX_BALANCE_MC then
+    if st == 'succeeded' and O.pl + O.bt + credits > MAX_BALANCE_MC then
       return 'balance_overflow', nil, flags
     end
     O.rp = ''; ODIRTY.rp = true
@@ -871,6 +908,7 @@ local function dispatch(cmd, ctx, touched)
     local tier = cmd.tier
     if type(tier) ~= 'string' or TIERS[tier] == nil then return 'unknown_tier', nil, flags end
     local new_mc, cur_mc = tier_mc(tier), tier_mc(m.tier)
+    if O.nt - tier_mc(m.nt) + new_mc > MAX_BALANCE_MC then return 'balance_overflow', nil, flags end
     S('nt', O.nt - tier_mc(m.nt) + new_mc)
     if new_mc >= cur_mc then
       local credits = math.floor((new_mc - cur_mc) / 1000)
@@ -913,6 +951,9 @@ local function dispatch(cmd, ctx, touched)
     if exp <= O.ck then return 'promo_expired', nil, flags end
     for _, g in ipairs(m.pr) do
       if g.g == gid then return 'duplicate_grant', nil, flags end
+    end
+    if m.pu + promo_left(m) + amount > MAX_BALANCE_MC then
+      return 'balance_overflow', nil, flags
     end
     local pos = #m.pr + 1
     for i, g in ipairs(m.pr) do
