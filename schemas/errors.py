@@ -54,6 +54,8 @@ code                           meaning                                          
 ``engine_failed``              the engine call failed on this org's records for a       pipeline
                                reason a retry cannot fix (a script error, not an
                                outage): the records are dead-lettered, the rest flows
+``storage_failed``             PostgreSQL refused the record's ledger row for its       pipeline
+                               content; the row is kept in ``quarantined_rows``
 =============================  =====================================================  ==========
 
 ``unknown_org`` and ``unknown_member`` are also given at once, without waiting out the grace
@@ -101,6 +103,7 @@ class ErrorCode(StrEnum):
     INVALID_AMOUNT = "invalid_amount"
     INVALID_COMMAND = "invalid_command"
     ENGINE_FAILED = "engine_failed"
+    STORAGE_FAILED = "storage_failed"
 
 
 class WireError(ValueError):

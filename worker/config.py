@@ -73,6 +73,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=65_536, ge=1024)
     tick_interval_seconds: float = Field(default=0.0, ge=0.0)
     dedupe_window_seconds: int = Field(default=600, ge=1)
+    claim_shards: int = Field(default=16, ge=1, le=1024)
+    """Hash tags the global id claims are spread over (Redis Cluster slots)."""
+    parked_max_per_org: int = Field(default=1_000, ge=0)
+    """Usage events of one unknown org (or its unknown members) that may wait in the parking
+    lot; more are dead-lettered at once with ``unknown_org``/``unknown_member``."""
+    parked_max_total: int = Field(default=100_000, ge=0)
+    """Usage events that may wait in the parking lot in all."""
 
     # --- Worker loop -------------------------------------------------------------------------
     batch_max_records: int = Field(default=20_000, ge=1)

@@ -41,12 +41,13 @@ DEFAULT_WALK_BUDGET = 250
 KEY_ORG = "o"  # hash: org settings, clock, cycle, pool, counters, watermarks, job state
 KEY_MEMBERS = "m"  # hash: member_id -> msgpack member record
 KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = msgpack list of effects
-KEY_DEDUPE = "d"  # set: "e|<event_id>", "c|<command_id>", "u|<source>|<offset>" (this window)
+KEY_DEDUPE = "d"  # set: "e|<event_id>", "c|<command_id>" (this window)
 KEY_PAUSED = "p"  # zset (score 0): active members currently paused
 KEY_DEPENDENTS = "q"  # zset (score 0): running members that can only pay from the pool
 KEY_DEBTORS = "b"  # zset: members with debt, scored by the org clock when the debt began
 KEY_PROMO_EXPIRY = "e"  # zset: "<member_id>\0<grant_id>" scored by expiry ms
 KEY_DEDUPE_PREVIOUS = "d1"  # set: the dedupe ids of the previous window
+KEY_UNKNOWN = "u"  # set: "u|<source>|<offset>" of usage for a member that did not exist yet
 ORG_KEY_SUFFIXES = (
     KEY_ORG,
     KEY_MEMBERS,
@@ -57,6 +58,7 @@ ORG_KEY_SUFFIXES = (
     KEY_DEBTORS,
     KEY_PROMO_EXPIRY,
     KEY_DEDUPE_PREVIOUS,
+    KEY_UNKNOWN,
 )
 
 

@@ -487,7 +487,7 @@ async def run_demo(
     engine_factory: Callable[[Settings], Any] | None = None,
 ) -> int:
     """Run the story against the services ``base`` points at; returns an exit status."""
-    from worker.runner import _close_engine, make_engine
+    from worker.runner import make_engine
 
     run_id = datetime.now(UTC).strftime("%m%d%H%M%S")
     settings = demo_settings(base, run_id)
@@ -513,7 +513,7 @@ async def run_demo(
         status = 130
     finally:
         await demo.outputs.stop()
-        await _close_engine(engine)
+        await engine.close()
         if not keep:
             await _cleanup(settings)
     if status == 0:

@@ -10,8 +10,10 @@ dedupe design are in ``docs/engine.md``.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,7 @@ from worker.constants import (
     KEY_MEMBERS,
     KEY_ORG,
     KEY_OUTBOX,
+    KEY_UNKNOWN,
     MAX_AMOUNT_MC,
     MAX_BALANCE_MC,
     MAX_TIER_CREDITS,
@@ -31,19 +34,18 @@ from worker.constants import (
     ORG_KEY_SUFFIXES,
     org_keys,
 )
-from worker.model import (
+from worker.contract import (
+    CLAIM_MINE,
+    CLAIM_NEW,
+    CLAIM_TAKEN,
     ApplyResult,
     CommandItem,
-    Grant,
     Item,
-    Member,
-    Org,
     Outcome,
+    RedisBehind,
     UsageItem,
-    dashboard_view,
-    roll_member,
-    state_view,
 )
+from worker.model import Grant, Member, Org, dashboard_view, roll_member, state_view
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -52,10 +54,14 @@ if TYPE_CHECKING:
     from worker.config import Settings
 
 __all__ = [
+    "CLAIM_MINE",
+    "CLAIM_NEW",
+    "CLAIM_TAKEN",
     "ApplyResult",
     "CommandItem",
     "Item",
     "Outcome",
+    "RedisBehind",
     "RedisEngine",
     "UsageItem",
     "load_apply_script",
@@ -128,9 +134,17 @@ CHARGE_FIELDS = (
 """Positions in a compact charge row: a usage event paid by one bucket, whose ``ledger``
 effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``ledger_seq + 1``."""
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
+
 _ORG = ORG_KEY_SUFFIXES.index(KEY_ORG)
 _MEMBERS = ORG_KEY_SUFFIXES.index(KEY_MEMBERS)
 _OUTBOX = ORG_KEY_SUFFIXES.index(KEY_OUTBOX)
+_UNKNOWN = ORG_KEY_SUFFIXES.index(KEY_UNKNOWN)
+
+
+def load_script(name: str) -> str:
+    """One stand-alone script of ``lua/`` (flagged with the ``#!lua`` shebang, see below)."""
+    text = (resources.files("worker") / "lua" / name).read_text(encoding="utf-8")
+    return "#!lua\n" + text
 
 
 def load_apply_script() -> str:
@@ -209,21 +223,6 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisBehind(Exception):
-    """A call refused because Redis holds an older state of the org than expected.
-
-    ``apply(..., expect_seq=n)`` asks the script to check, before it decides anything, that
-    the org's effect seq in Redis is at least ``n`` (what PostgreSQL holds or will hold). A
-    Redis restarted behind its AOF or emptied fails the check and is left unchanged.
-    """
-
-    def __init__(self, org_id: str, redis_seq: int, expected: int) -> None:
-        super().__init__(f"redis has org {org_id!r} at seq {redis_seq}, expected {expected}")
-        self.org_id = org_id
-        self.redis_seq = redis_seq
-        self.expected = expected
-
-
 class RedisEngine:
     """Credit engine on Redis (standalone or Cluster): apply, outbox, dashboard."""
 
@@ -247,6 +246,9 @@ class RedisEngine:
             [self.tiers_mc, self.block_mc, MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC]
         ).decode()
         self._apply = client.register_script(load_apply_script())
+        self._claim = client.register_script(load_script("claim.lua"))
+        self.claim_shards = settings.claim_shards
+        self._cluster = type(client).__name__ == "RedisCluster"
         self._keys: dict[str, list[str]] = {}
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""
@@ -277,6 +279,7 @@ class RedisEngine:
         *,
         now_ms: int | None = None,
         expect_seq: int = 0,
+        replay: bool = False,
     ) -> ApplyResult:
         """Apply items of one org in order; one outcome per item plus the effects produced.
 
@@ -288,9 +291,12 @@ class RedisEngine:
         leaves the org consistent, and a crash between calls leaves the pending work recorded
         in the org hash, where the next call (of any worker) finishes it before anything else.
         With ``expect_seq``, the first call raises :class:`RedisBehind` without changing anything
-        when Redis holds the org at a lower effect seq (or not at all).
+        when Redis holds the org at a lower effect seq (or not at all). ``replay`` marks a
+        rebuild replaying recorded decisions: their ids are not loaded into the dedupe window.
         """
-        outcomes, effects, _ = await self._run(org_id, items, now_ms, None, expect_seq)
+        outcomes, effects, _ = await self._run(
+            org_id, items, now_ms, None, expect_seq, replay=replay
+        )
         return ApplyResult(outcomes, effects)
 
     async def apply_rows(
@@ -318,6 +324,8 @@ class RedisEngine:
         now_ms: int | None,
         charges: list[list[Any]] | None,
         expect_seq: int = 0,
+        *,
+        replay: bool = False,
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
         now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -330,6 +338,7 @@ class RedisEngine:
             batch = orjson.dumps(encoded[start:]).decode()
             args: list[str | int] = [
                 org_id, batch, now, self.window_ms, self._config, self.walk_budget, expect_seq,
+                "1" if replay else "0",
             ]  # fmt: skip
             meta_raw, blob = await self._apply(keys=keys, args=args)
             self.calls += 1
@@ -350,14 +359,103 @@ class RedisEngine:
             if stalls > 1:
                 raise RuntimeError(f"engine made no progress on org {org_id!r}")
 
+    # --- claims: decided once, across orgs and workers ----------------------------------------
+
+    def claim_keys(self, shard: int, now_ms: int) -> list[str]:
+        """This and the previous window's claim hashes of one claim shard."""
+        window = now_ms // self.window_ms
+        tag = f"{self.prefix}:ids:{{{shard}}}:"
+        return [f"{tag}{window}", f"{tag}{window - 1}"]
+
+    async def claim(
+        self, entries: Sequence[tuple[str, str]], *, now_ms: int | None = None
+    ) -> list[int]:
+        """Claim ids for their records: ``(id, claim)`` pairs in, one :data:`CLAIM_NEW` /
+        :data:`CLAIM_MINE` / :data:`CLAIM_TAKEN` per pair out, in order.
+
+        ``id`` is namespaced (``e|<event_id>``, ``c|<command_id>``), ``claim`` names the record
+        that carries it (``<partition>:<offset>``). The claims are sharded by id over
+        ``claim_shards`` hash tags and sent in one pipelined round trip; a window lives
+        ``dedupe_window_seconds`` (two windows are consulted), PostgreSQL is the permanent record.
+        """
+        if not entries:
+            return []
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        shards = self.claim_shards
+        by_shard: dict[int, list[int]] = {}
+        for i, (ident, _) in enumerate(entries):
+            by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
+        ttl = 2 * self.window_ms + 60_000
+        order = list(by_shard.items())
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for shard, positions in order:
+            args: list[str | int] = [ttl]
+            for i in positions:
+                args.extend(entries[i])
+            calls.append((self.claim_keys(shard, now), args))
+        replies: list[Any]
+        if self._cluster:
+            # One call per shard, each routed to the node of its slot.
+            replies = await asyncio.gather(*(self._claim(keys=k, args=a) for k, a in calls))
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for k, a in calls:
+                await self._claim(keys=k, args=a, client=pipe)  # type: ignore[arg-type]
+            replies = await pipe.execute()
+        out = [CLAIM_NEW] * len(entries)
+        for (_, positions), reply in zip(order, replies, strict=True):
+            for i, verdict in zip(positions, reply, strict=True):
+                out[i] = int(verdict)
+        return out
+
+    async def member_signals(
+        self, org_id: str, member_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The current state of members as their latest signal (``kind="signal"`` effect dicts
+        without ``seq``), for members that have had one; re-sent after a failed publish so the
+        compacted control topic ends on the current state."""
+        if not member_ids:
+            return {}
+        ids = list(dict.fromkeys(member_ids))
+        raw = await self.client.hmget(self.keys(org_id)[_MEMBERS], ids)
+        out: dict[str, dict[str, Any]] = {}
+        for mid, rec in zip(ids, raw, strict=True):
+            if rec is None:
+                continue
+            a = orjson.loads(rec)
+            mseq = a[15]
+            if not mseq or len(a) < 25 or a[23] is None:
+                continue
+            out[mid] = {
+                "kind": "signal", "org_id": org_id, "member_id": mid,
+                "signal": "pause" if a[13] == 1 else "resume", "reason": a[23],
+                "member_seq": mseq, "issued_at_ms": a[24],
+            }  # fmt: skip
+        return out
+
     async def drain(self, org_id: str) -> ApplyResult:
         """Finish any chunked org-wide work of the org (apply with no items)."""
         return await self.apply(org_id, [])
 
     async def last_seq(self, org_id: str) -> int:
         """The org's last effect seq (0 when Redis does not know the org)."""
-        raw = await self.client.hget(self.keys(org_id)[_ORG], "sq")
-        return int(_s(raw)) if raw is not None else 0
+        return (await self.last_seqs([org_id]))[org_id]
+
+    async def last_seqs(self, org_ids: Sequence[str]) -> dict[str, int]:
+        """Each org's last effect seq (0 for an org Redis does not know), one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for org_id in org_ids:
+            pipe.hget(self.keys(org_id)[_ORG], "sq")
+        values = await pipe.execute() if org_ids else []
+        return {o: int(_s(v)) if v is not None else 0 for o, v in zip(org_ids, values, strict=True)}
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers."""
+        await self.client.ping()
+
+    async def close(self) -> None:
+        """Close the Redis client."""
+        await self.client.aclose()
 
     async def reset_org(self, org_id: str) -> None:
         """Forget everything Redis holds for one org (before a rebuild replays it)."""
@@ -376,10 +474,23 @@ class RedisEngine:
             out.extend(e for e in decode_effects(org_id, blob) if e["seq"] > after_seq)
         return out
 
-    async def outbox_ack(self, org_id: str, upto_seq: int) -> int:
-        """Drop outbox entries whose effects all have ``seq <= upto_seq``; returns how many."""
-        key = self.keys(org_id)[_OUTBOX]
-        return int(await self.client.xtrim(key, minid=f"{upto_seq + 1}-0", approximate=False))
+    async def outbox_ack(
+        self, acks: Mapping[str, int], unknown_marks: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Drop each org's outbox entries whose effects all have ``seq <= acks[org]``, and the
+        unknown-offset marks of events PostgreSQL now holds as parked; one round trip.
+
+        ``XTRIM MINID`` per org (entry ids are ``<last seq>-0``) and ``SREM`` of the marks.
+        """
+        if not acks and not unknown_marks:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for org_id, seq in acks.items():
+            pipe.xtrim(self.keys(org_id)[_OUTBOX], minid=f"{seq + 1}-0", approximate=False)
+        for org_id, marks in (unknown_marks or {}).items():
+            if marks:
+                pipe.srem(self.keys(org_id)[_UNKNOWN], *marks)
+        await pipe.execute()
 
     async def orgs_with_outbox(self) -> list[str]:
         """Orgs with unacked effects (SCAN over every node; startup recovery only)."""
@@ -433,6 +544,8 @@ class RedisEngine:
                 promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
                         for i in range(0, len(promos), 3)],
                 seats=[(seats[i], seats[i + 1]) for i in range(0, len(seats), 2)],
+                last_reason=a[23] if len(a) > 23 else None,
+                last_at=a[24] if len(a) > 24 else 0,
             )  # fmt: skip
             roll_member(m, org.cycle_no, self.tiers_mc)
             org.members[mid] = m

@@ -8,6 +8,7 @@ written in the same transaction as the rows those offsets cover. See docs/delive
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -343,7 +344,7 @@ class FlushBatch:
         self,
         *,
         event_id: str,
-        org_id: str,
+        org_id: str | None,
         member_id: str | None,
         task_id: str | None,
         credits_mc: int | None,
@@ -374,7 +375,7 @@ class FlushBatch:
         self,
         *,
         command_id: str,
-        org_id: str,
+        org_id: str | None,
         type_: str,
         code: str,
         command: Mapping[str, Any],
@@ -419,6 +420,68 @@ class ParkedEvent:
     key: bytes | None
     value: bytes
     parked_at_ms: int
+    decided: bool = False
+    """PostgreSQL already holds the event as decided: remove the row, never offer it again."""
+
+
+@dataclass(slots=True, frozen=True)
+class Quarantined:
+    """A row PostgreSQL refused for its content, set aside in ``quarantined_rows``."""
+
+    table: str
+    row: tuple[Any, ...]
+    reason: str
+    source: str | None
+    offset: int | None
+
+
+_REFUSED = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
+"""What PostgreSQL (or asyncpg's encoder) raises for a row's content."""
+
+
+def _row_json(row: Sequence[Any]) -> str:
+    """A row as ASCII-only JSON (bytes as hex): storable in any text column, whatever it holds."""
+    return json.dumps(
+        list(row), ensure_ascii=True, default=lambda v: v.hex() if isinstance(v, bytes) else str(v)
+    )
+
+
+# (table, insert statement, column count, position of source and offset in the row or None)
+_TABLES: tuple[tuple[str, str, int, tuple[int, int] | None], ...] = (
+    ("ledger_entries", "insert_ledger_entries", 13, None),
+    ("usage_events", "insert_usage_events", 12, (10, 11)),
+    ("admin_commands", "insert_admin_commands", 9, (7, 8)),
+    ("invoices", "insert_invoices", 6, None),
+    ("notifications", "insert_notifications", 6, None),
+    ("refill_requests", "insert_refill_requests", 6, None),
+    ("signals", "upsert_signals", 7, None),
+    ("parked_events", "insert_parked", 12, None),
+)
+
+
+def _rows_of(b: FlushBatch, table: str) -> list[tuple[Any, ...]]:
+    if table == "ledger_entries":
+        return b.ledger
+    if table == "usage_events":
+        return b.usage
+    if table == "admin_commands":
+        return b.commands
+    if table == "invoices":
+        return b.invoices
+    if table == "notifications":
+        return b.notifications
+    if table == "refill_requests":
+        return b.refills
+    if table == "signals":
+        return list(b.signals.values())
+    return b.parked_add
 
 
 class Ledger:
@@ -494,8 +557,65 @@ class Ledger:
         async with self._pool.acquire() as conn, conn.transaction():
             await self._write(conn, batch, fast=False)
 
+    async def write_isolated(self, batch: FlushBatch) -> list[Quarantined]:
+        """Write a batch whose plain write failed on a data error, setting the bad rows aside.
+
+        One transaction, like ``write_safe``; each table's rows are inserted in a savepoint,
+        and a set that PostgreSQL refuses for its content is split in halves until the refused
+        rows are found. Those go to ``quarantined_rows`` (as escaped JSON), everything else and
+        the offsets commit: one record's content never stops the flush for good. Returns the
+        rows set aside (the pipeline dead-letters their inputs and alerts).
+        """
+        bad: list[Quarantined] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            if batch.parked_del:
+                await conn.execute(self._q["delete_parked"], batch.parked_del)
+            for table, name, width, src in _TABLES:
+                rows = _rows_of(batch, table)
+                if rows:
+                    await self._insert_isolating(conn, table, name, width, src, rows, bad)
+            await self._write_rest(conn, batch)
+            if bad:
+                await conn.execute(
+                    self._q["insert_quarantined"],
+                    [q.table for q in bad],
+                    [q.reason for q in bad],
+                    [_row_json(q.row) for q in bad],
+                    [q.source for q in bad],
+                    [q.offset for q in bad],
+                )
+        return bad
+
+    async def _insert_isolating(
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        name: str,
+        width: int,
+        src: tuple[int, int] | None,
+        rows: list[tuple[Any, ...]],
+        bad: list[Quarantined],
+    ) -> None:
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.execute(self._q[name], *_columns(rows, width))
+            return
+        except _REFUSED as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                for part in (rows[:half], rows[half:]):
+                    await self._insert_isolating(conn, table, name, width, src, part, bad)
+                return
+            row = rows[0]
+            source = row[src[0]] if src else None
+            offset = row[src[1]] if src else None
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            bad.append(Quarantined(table, row, reason, source, offset))
+
     async def _write(self, conn: asyncpg.Connection, b: FlushBatch, *, fast: bool) -> None:
         q = self._q
+        if b.parked_del:
+            await conn.execute(q["delete_parked"], b.parked_del)
         if fast:
             for table, records, columns in (
                 ("ledger_entries", b.ledger, LEDGER_COLUMNS),
@@ -506,25 +626,18 @@ class Ledger:
                     await conn.copy_records_to_table(
                         table, records=records, columns=columns, schema_name=self._schema
                     )
+            rest = _TABLES[3:]
         else:
-            if b.ledger:
-                await conn.execute(q["insert_ledger_entries"], *_columns(b.ledger, 13))
-            if b.usage:
-                await conn.execute(q["insert_usage_events"], *_columns(b.usage, 12))
-            if b.commands:
-                await conn.execute(q["insert_admin_commands"], *_columns(b.commands, 9))
-        if b.invoices:
-            await conn.execute(q["insert_invoices"], *_columns(b.invoices, 6))
-        if b.notifications:
-            await conn.execute(q["insert_notifications"], *_columns(b.notifications, 6))
-        if b.refills:
-            await conn.execute(q["insert_refill_requests"], *_columns(b.refills, 6))
-        if b.signals:
-            await conn.execute(q["upsert_signals"], *_columns(list(b.signals.values()), 7))
-        if b.parked_del:
-            await conn.execute(q["delete_parked"], b.parked_del)
-        if b.parked_add:
-            await conn.execute(q["insert_parked"], *_columns(b.parked_add, 12))
+            rest = _TABLES
+        for table, name, width, _ in rest:
+            rows = _rows_of(b, table)
+            if rows:
+                await conn.execute(q[name], *_columns(rows, width))
+        await self._write_rest(conn, b)
+
+    async def _write_rest(self, conn: asyncpg.Connection, b: FlushBatch) -> None:
+        """The orgs' seqs and the offsets, last, in the same transaction as the rows."""
+        q = self._q
         if b.org_seq:
             await conn.execute(q["upsert_org_seq"], list(b.org_seq), list(b.org_seq.values()))
         if b.offsets:
@@ -568,9 +681,15 @@ class Ledger:
                 key=r["msg_key"],
                 value=r["msg_value"],
                 parked_at_ms=r["parked_at_ms"],
+                decided=r["decided"],
             )
             for r in rows
         ]
+
+    async def parked_counts(self) -> dict[str, int]:
+        """Parked events per org (bounded by ``parked_max_total``)."""
+        rows = await self._pool.fetch(self._q["parked_counts"])
+        return {r["org_id"]: int(r["n"]) for r in rows}
 
     async def count_parked(self) -> int:
         return int(await self._pool.fetchval(self._q["count_parked"]))

@@ -9,7 +9,7 @@ elsewhere, so one ``/metrics`` scrape shows the whole process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 
 from prometheus_client import (
@@ -196,6 +196,15 @@ ERRORS = Counter(
     registry=REGISTRY,
 )
 
+QUARANTINED = Counter(
+    "metering_quarantined",
+    "Records set aside because a store refused their content (a data error, not an outage): "
+    "stage engine (dead-lettered with engine_failed) or postgres (rows in quarantined_rows, "
+    "inputs dead-lettered with storage_failed). Any increase needs an operator.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
 # --- Process -------------------------------------------------------------------------------------
 WORKER_UP = Gauge(
     "metering_worker_up",
@@ -265,7 +274,7 @@ def count_effect(effect: Mapping[str, object]) -> None:
                 REFILL_FAILURES.inc()
 
 
-def count_effects(effects: list[Mapping[str, object]] | tuple[Mapping[str, object], ...]) -> None:
+def count_effects(effects: Sequence[Mapping[str, object]]) -> None:
     """Count every effect of one ``apply`` result."""
     for effect in effects:
         count_effect(effect)

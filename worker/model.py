@@ -6,8 +6,8 @@ correct (and O(org size)) reading of SPEC sections 2-4. The Lua engine reaches t
 incrementally; see ``docs/engine.md`` for the conventions both follow (effect order, ledger
 movements, the chosen behaviour where the SPEC is silent).
 
-Items and outcomes are the engine contract of ``docs/architecture.md``; effects are plain dicts
-with the fields listed there.
+Items and outcomes are the engine contract (``worker.contract``, re-exported here); effects are
+plain dicts with the fields listed in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, TypeGuard
 
 from schemas.ids import derived_id
 from worker.constants import (
@@ -45,63 +45,13 @@ from worker.constants import (
     REPLAYED,
     UNKNOWN,
 )
+from worker.contract import ApplyResult, CommandItem, Item, Outcome, UsageItem
 
 INHERIT = "inherit"
 Limit = int | None | str
 """A member pool limit: ``"inherit"`` (use the tier's), ``None`` (no limit) or mc."""
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-# --- Items and outcomes (the engine contract) ----------------------------------------------
-
-
-class UsageItem(NamedTuple):
-    """One decoded usage event for the org of the call.
-
-    A named tuple rather than a frozen dataclass: the pipeline makes one per event, and a
-    tuple is built several times faster (and the garbage collector soon stops tracking it).
-    """
-
-    event_id: str
-    member_id: str
-    task_id: str
-    credits_mc: int
-    occurred_at_ms: int
-    source: str = ""
-    offset: int = -1
-
-
-@dataclass(frozen=True, slots=True)
-class CommandItem:
-    """One validated admin command (amounts in mc, times in ms) for the org of the call."""
-
-    command: Mapping[str, Any]
-    source: str = ""
-    offset: int = -1
-
-
-Item = UsageItem | CommandItem
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one item: ``status`` is applied/duplicate/replayed/rejected/unknown."""
-
-    status: str
-    code: str | None = None
-
-
-@dataclass(slots=True)
-class ApplyResult:
-    """Outcomes (one per item, in order) and the effects produced, in ``seq`` order."""
-
-    outcomes: list[Outcome]
-    effects: list[dict[str, Any]]
-
-    def __iter__(self) -> Iterator[Any]:
-        """Unpacks as ``outcomes, effects = engine.apply(...)``."""
-        return iter((self.outcomes, self.effects))
 
 
 # --- Calendar (UTC) --------------------------------------------------------------------------
@@ -228,6 +178,10 @@ class Member:
     promos: list[Grant] = field(default_factory=list)
     seats: list[tuple[int, int]] = field(default_factory=list)
     """Closed seats ``(added_at, removed_at)``, oldest first, at most ``MAX_SEATS``."""
+    last_reason: str | None = None
+    """Reason of the member's last signal (with ``paused`` and ``mseq``: its current state)."""
+    last_at: int = 0
+    """Org clock of the member's last signal (its ``issued_at``)."""
 
 
 @dataclass(slots=True)
@@ -406,6 +360,7 @@ class Model:
 
     def _signal(self, org: Org, m: Member, signal: str, reason: str) -> None:
         m.mseq += 1
+        m.last_reason, m.last_at = reason, org.clock
         self._emit(
             org,
             "signal",
@@ -957,6 +912,7 @@ class Model:
         if old is not None:
             # A new seat: counters start afresh, but the signal sequence continues.
             m.mseq, m.removed_at, m.seats = old.mseq, old.removed_at, old.seats
+            m.last_reason, m.last_at = old.last_reason, old.last_at
         org.members[mid] = m
         if alloc:
             self._ledger(org, ctx, mid, "grant", "allocation", alloc)
@@ -1120,6 +1076,8 @@ MEMBER_VIEW_FIELDS = (
     "added_at",
     "removed_at",
     "seats",
+    "last_reason",
+    "last_at",
 )
 
 

@@ -36,6 +36,7 @@ from schemas.encode import (
 from worker import metrics
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
+from worker.contract import Engine
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,10 @@ class EffectEncoder:
         org_key = org_id.encode()
         for e in effects:
             kind = e.get("kind")
-            seq_header = ((HEADER_SEQ, str(e.get("seq", "")).encode()),)
+            # A member's current state re-sent as such has no org-wide seq of its own; the
+            # TaskControl's member seq is what its consumers order by.
+            seq = e.get("seq")
+            seq_header = ((HEADER_SEQ, str(seq).encode()),) if seq is not None else ()
             if kind == "signal":
                 value = encode_task_control(
                     signal=str(e["signal"]),
@@ -241,6 +245,10 @@ class EffectEncoder:
         )
 
 
+CURRENT_STATE_ROUNDS = 5
+"""Rounds of :meth:`Publisher.ensure_current_signals` before it gives up (logged)."""
+
+
 def _opt(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -307,6 +315,42 @@ class Publisher:
         """Send and wait until Kafka acknowledged every message."""
         wait = await self.send(messages)
         await wait()
+
+    async def ensure_current_signals(
+        self, engine: Engine, published: Mapping[str, Mapping[str, int]]
+    ) -> int:
+        """Make the compacted control topic end on each member's current state.
+
+        ``published`` holds, per org and member, the highest ``seq`` of the signals just
+        acknowledged by Kafka. Compaction keeps the last record by offset, not by ``seq``, and
+        a signal can be sent again after a newer one (a resend after a Kafka error, an outbox
+        drained at start-up, a gap filled from another worker's outbox). So after every
+        acknowledged publish the member's current state is read back: where it is newer than
+        what was published, that state (the member's latest signal, byte for byte) is published
+        now, after whatever was there. Every publisher does this after every publish, so the
+        last record per key is always the current state: a state newer than the read is
+        published by whoever made it, after the read. Returns how many were sent.
+        """
+        sent = 0
+        todo = {org: dict(members) for org, members in published.items() if members}
+        for _ in range(CURRENT_STATE_ROUNDS):
+            if not todo:
+                return sent
+            messages: list[OutMessage] = []
+            again: dict[str, dict[str, int]] = {}
+            for org_id, members in todo.items():
+                current = await engine.member_signals(org_id, list(members))
+                for mid, state in current.items():
+                    if int(state["member_seq"]) > members[mid]:
+                        messages.extend(self.encoder.messages(org_id, [state]))
+                        again.setdefault(org_id, {})[mid] = int(state["member_seq"])
+            if messages:
+                await self.publish(messages)
+                sent += len(messages)
+            todo = again
+        if todo:
+            log.warning("control topic: members still changing after %d rounds", len(todo))
+        return sent
 
     async def _send_truncated(self, m: OutMessage) -> None:
         # The broker refused the original value with our headers on top of it; keep the

@@ -24,25 +24,26 @@ import orjson
 
 from worker import metrics
 from worker.config import Settings
-from worker.constants import KEY_ORG, ORG_KEY_SUFFIXES
+from worker.contract import CommandItem, Engine, UsageItem
+from worker.engine import RedisEngine
 from worker.ledger import FlushBatch, Ledger, migrate
-from worker.model import CommandItem, UsageItem
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
 REPLAY_CHUNK = 500
-_ORG_INDEX = ORG_KEY_SUFFIXES.index(KEY_ORG)
 
 
-async def drain_outboxes(engine: Any, ledger: Ledger, publisher: Publisher) -> int:
+async def drain_outboxes(engine: Engine, ledger: Ledger, publisher: Publisher) -> int:
     """Publish and persist every unacknowledged effect left by a previous run; returns the count.
 
-    Runs at start-up before consuming. Per org: publish (wait for Kafka's acks) -> PostgreSQL
-    (idempotent inserts) -> outbox ack. A crash in between repeats the drain on the next start:
-    rows already there are skipped, messages are published again (at-least-once, deduplicated
-    downstream by seq). Dead letters of engine rejections are re-encoded from the effect (the
-    original bytes are not kept in Redis).
+    Runs at start-up before consuming. Per org: publish (wait for Kafka's acks) -> the members'
+    current states after them (``Publisher.ensure_current_signals``: a drained signal may be
+    older than one another worker published meanwhile) -> PostgreSQL (idempotent inserts) ->
+    outbox ack. A crash in between repeats the drain on the next start: rows already there are
+    skipped, messages are published again (at-least-once, deduplicated downstream by seq). Dead
+    letters of engine rejections are re-encoded from the effect (the original bytes are not
+    kept in Redis).
     """
     total = 0
     for org_id in await engine.orgs_with_outbox():
@@ -50,50 +51,20 @@ async def drain_outboxes(engine: Any, ledger: Ledger, publisher: Publisher) -> i
         if not effects:
             continue
         await publisher.publish(publisher.encoder.messages(org_id, effects, None))
+        signals: dict[str, int] = {}
+        for e in effects:
+            if e["kind"] == "signal":
+                mid = str(e["member_id"])
+                signals[mid] = max(signals.get(mid, 0), int(e["member_seq"]))
+        if signals:
+            await publisher.ensure_current_signals(engine, {org_id: signals})
         flush = FlushBatch()
         flush.add_effects(org_id, effects)
         await ledger.write_safe(flush)
-        await engine.outbox_ack(org_id, max(int(e["seq"]) for e in effects))
+        await engine.outbox_ack({org_id: max(int(e["seq"]) for e in effects)})
         metrics.count_effects(effects)
         total += len(effects)
     return total
-
-
-async def engine_last_seq(engine: Any, org_id: str) -> int:
-    """The org's last effect seq in Redis (0 when Redis does not know the org)."""
-    method = getattr(engine, "last_seq", None)
-    if method is not None:
-        return int(await method(org_id) or 0)
-    # RedisEngine keeps the org's effect counter in field "sq" of the org hash (docs/engine.md).
-    raw = await engine.client.hget(engine.keys(org_id)[_ORG_INDEX], "sq")
-    return int(raw or 0)
-
-
-async def engine_last_seqs(engine: Any, org_ids: Sequence[str]) -> dict[str, int]:
-    """Last effect seq in Redis of several orgs, in one pipelined round trip on RedisEngine."""
-    many = getattr(engine, "last_seqs", None)
-    if many is not None:
-        return dict(await many(org_ids))
-    client = getattr(engine, "client", None)
-    keys = getattr(engine, "keys", None)
-    if client is None or keys is None:
-        return {org: await engine_last_seq(engine, org) for org in org_ids}
-    # The same read as RedisEngine.last_seq, pipelined: the per-batch check stays one round trip.
-    pipe = client.pipeline(transaction=False)
-    for org in org_ids:
-        pipe.hget(keys(org)[_ORG_INDEX], "sq")
-    values = await pipe.execute()
-    return {org: int(v or 0) for org, v in zip(org_ids, values, strict=True)}
-
-
-async def engine_reset_org(engine: Any, org_id: str) -> None:
-    """Forget everything Redis holds for one org (before replaying it from PostgreSQL)."""
-    method = getattr(engine, "reset_org", None)
-    if method is not None:
-        await method(org_id)
-        return
-    # All keys of an org share its hash tag, so one DEL is fine on a cluster too.
-    await engine.client.delete(*engine.keys(org_id))
 
 
 def replay_items(rows: Iterable[Any]) -> list[Any]:
@@ -119,17 +90,17 @@ def replay_items(rows: Iterable[Any]) -> list[Any]:
 
 
 async def rebuild_org(
-    engine: Any, ledger: Ledger, org_id: str, progress: Callable[[str], None] | None = None
+    engine: Engine, ledger: Ledger, org_id: str, progress: Callable[[str], None] | None = None
 ) -> int:
     """Reset one org in Redis and replay its recorded decisions; returns the items replayed."""
     rows = await ledger.rebuild_inputs(org_id)
     items = replay_items(rows)
-    await engine_reset_org(engine, org_id)
+    await engine.reset_org(org_id)
     top = 0
     done = 0
     for start in range(0, len(items), REPLAY_CHUNK):
         chunk = items[start : start + REPLAY_CHUNK]
-        result = await engine.apply(org_id, chunk)
+        result = await engine.apply(org_id, chunk, replay=True)
         for e in result.effects:
             top = max(top, int(e["seq"]))
         done += len(chunk)
@@ -140,13 +111,13 @@ async def rebuild_org(
     if pending:
         top = max(top, *(int(e["seq"]) for e in pending))
     if top:
-        await engine.outbox_ack(org_id, top)
+        await engine.outbox_ack({org_id: top})
     return len(items)
 
 
 async def rebuild_behind(
     settings: Settings,
-    engine: Any,
+    engine: Engine,
     ledger: Ledger,
     *,
     org_ids: Sequence[str] | None = None,
@@ -165,7 +136,7 @@ async def rebuild_behind(
         orgs = list(pg)
         redis_seqs: dict[str, int] = {}
         for start in range(0, len(orgs), 1_000):
-            redis_seqs.update(await engine_last_seqs(engine, orgs[start : start + 1_000]))
+            redis_seqs.update(await engine.last_seqs(orgs[start : start + 1_000]))
         for org_id, pg_seq in pg.items():
             redis_seq = redis_seqs.get(org_id, 0)
             if redis_seq < pg_seq:
@@ -179,7 +150,7 @@ async def rebuild_behind(
     started = time.monotonic()
     for n, org_id in enumerate(targets, 1):
         replayed = await rebuild_org(engine, ledger, org_id, progress)
-        after = await engine_last_seq(engine, org_id)
+        after = (await engine.last_seqs([org_id]))[org_id]
         if after != pg.get(org_id, after):
             log.warning(
                 "org %s rebuilt to seq %d but postgres holds %d", org_id, after, pg.get(org_id)
@@ -196,8 +167,6 @@ async def rebuild(
     settings: Settings | None = None, *, org_ids: Sequence[str] | None = None
 ) -> dict[str, Any]:
     """``metering rebuild``: rebuild the orgs Redis lost (or ``org_ids``) from PostgreSQL."""
-    from worker.runner import _close_engine, make_engine
-
     settings = settings or Settings()
 
     def say(line: str) -> None:
@@ -206,7 +175,7 @@ async def rebuild(
 
     await migrate(settings)
     ledger = await Ledger.connect(settings)
-    engine = make_engine(settings)
+    engine = RedisEngine.from_settings(settings)
     publisher = Publisher(settings)
     try:
         # Effects still in an outbox are newer than PostgreSQL: persist them before any reset.
@@ -229,5 +198,5 @@ async def rebuild(
         say(f"{len(targets)} orgs rebuilt")
         return {"orgs": len(targets), "org_ids": targets}
     finally:
-        await _close_engine(engine)
+        await engine.close()
         await ledger.close()

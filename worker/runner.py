@@ -17,49 +17,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.encode import encode_admin_command
 from schemas.ids import derived_id
 from worker import metrics
 from worker.config import Settings
-from worker.consumer import Backoff, Pipeline
+from worker.contract import Engine
+from worker.engine import RedisEngine
 from worker.ledger import Ledger, migrate
+from worker.pipeline import Backoff, Pipeline, ShutdownIncomplete
 from worker.publisher import OutMessage, Publisher
 from worker.recovery import drain_outboxes, rebuild_behind
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 ENV_MAX_EVENTS = "METERING_MAX_EVENTS"
 ENV_IDLE_EXIT = "METERING_IDLE_EXIT_SECONDS"
 
 
-def make_engine(settings: Settings) -> Any:
+def make_engine(settings: Settings) -> Engine:
     """The production engine (``worker.engine.RedisEngine``) built from settings."""
-    engine_module = importlib.import_module("worker.engine")
-    factory = getattr(engine_module.RedisEngine, "from_settings", None)
-    if factory is not None:
-        return factory(settings)
-    from worker.connections import redis_client
-
-    return engine_module.RedisEngine(redis_client(settings), settings)
+    return RedisEngine.from_settings(settings)
 
 
-async def _close_engine(engine: Any) -> None:
-    for target in (engine, getattr(engine, "client", None)):
-        for name in ("aclose", "close"):
-            closer = getattr(target, name, None)
-            if closer is not None:
-                result = closer()
-                if asyncio.iscoroutine(result):
-                    await result
-                return
+CLOSE_SECONDS = 5.0
+"""Longest wait for one resource to close at shutdown (a producer with its broker gone, a pool
+with PostgreSQL down): the process exits within the grace period plus this."""
+
+
+async def _bounded_close(name: str, close: Callable[[], Awaitable[Any]]) -> None:
+    try:
+        await asyncio.wait_for(close(), CLOSE_SECONDS)
+    except TimeoutError:
+        log.warning("closing %s took over %.0f s: abandoned", name, CLOSE_SECONDS)
+    except Exception as exc:
+        log.warning("closing %s failed: %s", name, exc)
 
 
 def _env_number(name: str) -> float | None:
@@ -73,7 +74,7 @@ async def run_worker(
     max_events: int | None = None,
     idle_exit_seconds: float | None = None,
     stop: asyncio.Event | None = None,
-    engine: Any = None,
+    engine: Engine | None = None,
 ) -> dict[str, int]:
     """Run the worker until SIGTERM/SIGINT, ``stop``, or the bounded-run limits.
 
@@ -116,9 +117,9 @@ async def _run(
     stop: asyncio.Event,
     max_events: int | None,
     idle_exit_seconds: float | None,
-    engine: Any,
+    engine: Engine | None,
 ) -> dict[str, int]:
-    backoff = Backoff(settings, stop)
+    backoff = Backoff(settings, lambda: stop.is_set())
     counters: dict[str, int] = {}
     async with AsyncExitStack() as stack:
         # PostgreSQL may still be starting (or down): keep trying, but let SIGTERM end it.
@@ -126,10 +127,10 @@ async def _run(
         if stop.is_set():
             return counters
         ledger = await Ledger.connect(settings)
-        stack.push_async_callback(ledger.close)
+        stack.push_async_callback(_bounded_close, "postgres pool", ledger.close)
         if engine is None:
             engine = make_engine(settings)
-            stack.push_async_callback(_close_engine, engine)
+            stack.push_async_callback(_bounded_close, "engine", engine.close)
         publisher = Publisher(settings)
         # Health, readiness, /metrics and the read API, up before the slow start-up steps so
         # probes answer during a long drain or rebuild (worker.api.serve_worker_http).
@@ -137,17 +138,28 @@ async def _run(
 
         await serve_worker_http(settings, stack, engine=engine, ledger=ledger, publisher=publisher)
         await _until_stopped(stop, backoff.retry("kafka", publisher.start))
-        stack.push_async_callback(publisher.stop)
+        stack.push_async_callback(_bounded_close, "producer", publisher.stop)
         if stop.is_set():
             return counters
 
-        drained = await backoff.retry("redis", lambda: drain_outboxes(engine, ledger, publisher))
-        counters["drained_effects"] = drained
+        # Start-up recovery retries through outages, but a SIGTERM ends it (nothing is lost:
+        # the next start does it again).
+        eng = engine
+        drained = await _until_stopped(
+            stop, backoff.retry("redis", lambda: drain_outboxes(eng, ledger, publisher))
+        )
+        if stop.is_set():
+            return counters
+        counters["drained_effects"] = drained or 0
         if drained:
             log.info("drained %d effects left in the outboxes by a previous run", drained)
 
-        rebuilt = await backoff.retry("redis", lambda: rebuild_behind(settings, engine, ledger))
-        counters["rebuilt_orgs"] = len(rebuilt)
+        rebuilt = await _until_stopped(
+            stop, backoff.retry("redis", lambda: rebuild_behind(settings, eng, ledger))
+        )
+        if stop.is_set():
+            return counters
+        counters["rebuilt_orgs"] = len(rebuilt or [])
 
         pipeline = Pipeline(
             settings,
@@ -160,7 +172,9 @@ async def _run(
         )
         consumer = pipeline.make_consumer()
         await _until_stopped(stop, backoff.retry("kafka", consumer.start))
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(_bounded_close, "consumer", consumer.stop)
+        if stop.is_set():
+            return counters
 
         lag_task = asyncio.create_task(_lag_loop(pipeline, consumer, stop), name="lag")
         stack.push_async_callback(_cancel, lag_task)
@@ -175,28 +189,31 @@ async def _run(
         await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         if not run.done():
-            # Stop requested: the loop stops fetching and flushes what it has; cut it short
-            # at the grace period (what is left is replayed by the next owner, harmlessly).
+            # Stop requested: the loop stops fetching and commits what it has; its retries give
+            # up at the grace period, and it is cut short a little later if it still waits
+            # (what is left is replayed by the next owner, harmlessly).
             try:
-                await asyncio.wait_for(run, timeout=settings.shutdown_grace_seconds)
+                await asyncio.wait_for(run, timeout=settings.shutdown_grace_seconds + 2.0)
             except TimeoutError:
-                log.warning("grace period over: abandoning the in-flight batch")
+                counters.update(pipeline.stats.as_dict())
+                raise ShutdownIncomplete("grace period over with batches in flight") from None
+        counters.update(pipeline.stats.as_dict())
         if run.done() and not run.cancelled() and run.exception() is not None:
             raise run.exception()  # type: ignore[misc]
-        counters.update(pipeline.stats.as_dict())
     return counters
 
 
-async def _until_stopped(stop: asyncio.Event, work: Any) -> None:
-    """Await ``work`` unless ``stop`` is set first (start-up retries must not block SIGTERM)."""
+async def _until_stopped(stop: asyncio.Event, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless ``stop`` is set first (start-up retries must not block SIGTERM);
+    None when stopped."""
     task = asyncio.ensure_future(work)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
     if not task.done():
         await _cancel(task)
-        return
-    task.result()
+        return None
+    return task.result()
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -24,7 +24,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,48 +32,12 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.encode import encode_admin_command, encode_usage_event
+from schemas.encode import control_key, encode_admin_command, encode_usage_event
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
 from worker.model import CommandItem, Model, UsageItem
 
 MINUTE_MS = 60_000
-
-
-class ModelEngine:
-    """The engine contract over the pure model, with an in-memory outbox (development aid and
-    a second opinion; the scenarios use ``RedisEngine``)."""
-
-    def __init__(self, tiers: Mapping[str, int] | None = None) -> None:
-        self.model = Model(tiers)
-        self.outbox: dict[str, list[dict[str, Any]]] = {}
-
-    async def apply(self, org_id: str, items: Sequence[Any]) -> Any:
-        result = self.model.apply(org_id, items)
-        self.outbox.setdefault(org_id, []).extend(dict(e) for e in result.effects)
-        return result
-
-    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
-        return [dict(e) for e in self.outbox.get(org_id, []) if e["seq"] > after_seq]
-
-    async def outbox_ack(self, org_id: str, upto_seq: int) -> int:
-        before = self.outbox.get(org_id, [])
-        self.outbox[org_id] = [e for e in before if e["seq"] > upto_seq]
-        return len(before) - len(self.outbox[org_id])
-
-    async def orgs_with_outbox(self) -> list[str]:
-        return [o for o, effects in self.outbox.items() if effects]
-
-    async def last_seq(self, org_id: str) -> int:
-        org = self.model.orgs.get(org_id)
-        return org.seq if org is not None else 0
-
-    async def reset_org(self, org_id: str) -> None:
-        self.model.orgs.pop(org_id, None)
-        self.outbox.pop(org_id, None)
-
-    async def dashboard(self, org_id: str) -> dict[str, Any] | None:
-        return self.model.dashboard(org_id)
 
 
 # --- workload --------------------------------------------------------------------------------
@@ -495,14 +459,22 @@ async def check_pipeline(
 
     control = await read_topic(settings, settings.topic_control)
     last: dict[tuple[str, str], tuple[str, str, int]] = {}
+    compacted: dict[bytes, tuple[str, str, int]] = {}
     for r in control:
         v = orjson.loads(r.value)
         key = (v["org_id"], v["member_id"])
-        assert bytes(r.key) == f"{v['org_id']}/{v['member_id']}".encode()
+        assert bytes(r.key) == control_key(v["org_id"], v["member_id"])
         if key not in last or v["seq"] > last[key][2]:
             last[key] = (v["signal"], v["reason"], v["seq"])
+        # What compaction keeps: the last record by offset (records of a key share a partition).
+        compacted[bytes(r.key)] = (v["signal"], v["reason"], v["seq"])
     assert last == model_last_signal, (
         "control topic differs from the model: "
         f"{sorted(set(last.items()) ^ set(model_last_signal.items()))[:4]}"
+    )
+    want_compacted = {control_key(o, m): sig for (o, m), sig in model_last_signal.items()}
+    assert compacted == want_compacted, (
+        "the last control record per key is not the member's current state: "
+        f"{sorted(set(compacted.items()) ^ set(want_compacted.items()))[:4]}"
     )
     return report

@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
+from schemas.encode import control_key
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -683,7 +684,6 @@ async def verify(sc: Scenario, *, production_order: bool = True) -> dict[str, in
     from pipeline_checker import check_pipeline
 
     from worker.engine import RedisEngine
-    from worker.runner import _close_engine
 
     s = sc.settings
     engine = RedisEngine.from_settings(s)
@@ -692,7 +692,7 @@ async def verify(sc: Scenario, *, production_order: bool = True) -> dict[str, in
         # the order PostgreSQL recorded.
         await check_pipeline(s, checker_workload(sc), engine=engine)
     finally:
-        await _close_engine(engine)
+        await engine.close()
 
     summary = await books(s)
     distinct = {orjson_loads(m.value)["event_id"] for m in sc.usage}
@@ -753,14 +753,14 @@ async def verify(sc: Scenario, *, production_order: bool = True) -> dict[str, in
                     view.pop("watermarks", None)
             assert got_state == want_state, _diff(org, got_state, want_state)
     finally:
-        await _close_engine(engine)
+        await engine.close()
 
     # The orchestrator's rule (docs/orchestrator.md): per member, drop a seq already seen.
     seen: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
     for rec in await read_topic(s, s.topic_control):
         v = orjson_loads(rec.value)
         key = (v["org_id"], v["member_id"])
-        assert rec.key == f"{key[0]}/{key[1]}".encode()
+        assert rec.key == control_key(*key)
         lst = seen.setdefault(key, [])
         if not lst or v["seq"] > lst[-1][0]:
             lst.append((v["seq"], v["signal"], v["reason"]))

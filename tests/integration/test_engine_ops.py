@@ -99,10 +99,9 @@ async def test_outbox_pending_ack_and_discovery(client: aioredis.Redis, settings
     last_first = r1.effects[-1]["seq"]
     assert await engine.outbox_pending("o1", after_seq=last_first) == r2.effects
     assert await engine.outbox_pending("o1", after_seq=1) == everything[1:]
-    await engine.outbox_ack("o1", last_first)
+    await engine.outbox_ack({"o1": last_first})
     assert await engine.outbox_pending("o1") == r2.effects
-    await engine.outbox_ack("o1", r2.effects[-1]["seq"])
-    await engine.outbox_ack("o2", 10**9)
+    await engine.outbox_ack({"o1": r2.effects[-1]["seq"], "o2": 10**9})
     assert await engine.outbox_pending("o1") == []
     assert await engine.orgs_with_outbox() == []
     # Seq keeps growing after a full ack.

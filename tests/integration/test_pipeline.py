@@ -16,9 +16,10 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.integration.pipeline_checker import ModelEngine, Workload, check_pipeline
+from tests.integration.pipeline_checker import Workload, check_pipeline
 from worker.config import Settings
-from worker.runner import _close_engine, make_engine, run_worker
+from worker.engine_memory import MemoryEngine
+from worker.runner import make_engine, run_worker
 
 
 @pytest.fixture
@@ -31,13 +32,13 @@ def pipe_settings(isolated_settings: Settings) -> Settings:
 async def engine(pipe_settings: Settings) -> AsyncIterator[Any]:
     """The production engine on this test's Redis database."""
     if os.environ.get("PIPELINE_TEST_ENGINE") == "model":  # development aid only
-        yield ModelEngine(pipe_settings.tiers)
+        yield MemoryEngine(pipe_settings.tiers)
         return
     built = make_engine(pipe_settings)
     try:
         yield built
     finally:
-        await _close_engine(built)
+        await built.close()
 
 
 async def _pg_fetchval(settings: Settings, sql: str, *args: Any) -> Any:

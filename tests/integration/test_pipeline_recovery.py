@@ -17,9 +17,10 @@ from tests.integration.pipeline_checker import Workload, check_pipeline
 from tests.integration.scenario_harness import CRASH_EXIT, WorkerProcess
 from worker import metrics
 from worker.config import Settings
-from worker.consumer import CRASH_STEPS
+from worker.pipeline import ShutdownIncomplete
+from worker.pipeline.faults import CRASH_STEPS
 from worker.recovery import rebuild
-from worker.runner import _close_engine, make_engine, run_worker
+from worker.runner import make_engine, run_worker
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ async def engine(pipe_settings: Settings) -> AsyncIterator[Any]:
     try:
         yield built
     finally:
-        await _close_engine(built)
+        await built.close()
 
 
 def _story(w: Workload, events: int) -> None:
@@ -242,7 +243,7 @@ class _RedisDown:
         self._inner = inner
         self.attempts = 0
 
-    async def apply(self, org_id: str, items: Any) -> Any:
+    async def apply_rows(self, org_id: str, items: Any, **kw: Any) -> Any:
         self.attempts += 1
         raise ConnectionError("redis is down")
 
@@ -270,7 +271,9 @@ async def test_stop_during_an_outage_exits_within_the_grace_period(
             break
     assert down.attempts >= 3  # it kept retrying
     stop.set()
-    await asyncio.wait_for(task, 10)  # within the grace period (+ client shutdown)
+    # Within the grace period (+ client shutdown), reporting that it could not commit.
+    with pytest.raises(ShutdownIncomplete):
+        await asyncio.wait_for(task, 10)
     assert await _decided(s) == 0
     await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
     await check_pipeline(s, w, engine=engine)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from schemas.decode import readable_ids
 from worker.config import Settings
-from worker.consumer import _crash_plan, _peek_ids, _status
 from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
-from worker.model import Outcome
+from worker.pipeline.classify import Action, Verdict, classify
+from worker.pipeline.faults import crash_plan as _crash_plan
 from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
 
 SETTINGS = Settings()
@@ -152,19 +153,86 @@ def test_engine_rejection_becomes_a_dead_letter_with_the_original_bytes() -> Non
 
 
 def test_ids_of_a_rejected_message_are_read_when_it_is_json() -> None:
-    assert _peek_ids(b'{"event_id": "e1", "org_id": "o", "credits": -1}') == {
+    assert readable_ids(b'{"event_id": "e1", "org_id": "o", "credits": -1}') == {
         "event_id": "e1",
         "org_id": "o",
     }
-    assert _peek_ids(b"{nope") == {}
-    assert _peek_ids(b"[1]") == {}
-    assert _peek_ids(b'{"event_id": ""}') == {}
+    assert readable_ids(b"{nope") == {}
+    assert readable_ids(b"[1]") == {}
+    assert readable_ids(b'{"event_id": ""}') == {}
 
 
-def test_outcomes_read_from_objects_dicts_and_strings() -> None:
-    assert _status(Outcome("unknown", "unknown_member")) == ("unknown", "unknown_member")
-    assert _status({"status": "applied", "code": None}) == ("applied", None)
-    assert _status("duplicate") == ("duplicate", None)
+NOW = 1_000_000
+GRACE = 300_000
+
+
+def _verdict(**kw: object) -> Verdict:
+    args: dict[str, object] = {
+        "is_usage": True,
+        "status": "applied",
+        "code": None,
+        "has_effect": False,
+        "parked_at_ms": None,
+        "now_ms": NOW,
+        "grace_ms": GRACE,
+        "park_room": True,
+    }
+    args.update(kw)
+    return classify(**args)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("case", "kw", "want"),
+    [
+        ("charged", {}, Verdict(Action.CHARGED)),
+        ("charged parked retry", {"parked_at_ms": NOW - 1}, Verdict(Action.CHARGED, unpark=True)),
+        ("duplicate", {"status": "duplicate"}, Verdict(Action.DUPLICATE)),
+        ("replayed", {"status": "replayed"}, Verdict(Action.REPLAYED)),
+        (
+            "unknown member parks",
+            {"status": "unknown", "code": "unknown_member"},
+            Verdict(Action.PARK, "unknown_member"),
+        ),
+        (
+            "lot full: rejected at once",
+            {"status": "unknown", "code": "unknown_org", "park_room": False},
+            Verdict(Action.PIPELINE_REJECTS, "unknown_org"),
+        ),
+        (
+            "parked within grace",
+            {"status": "unknown", "code": "unknown_org", "parked_at_ms": NOW - GRACE + 1},
+            Verdict(Action.STILL_PARKED),
+        ),
+        (
+            "parked past grace",
+            {"status": "unknown", "code": "unknown_org", "parked_at_ms": NOW - GRACE},
+            Verdict(Action.PIPELINE_REJECTS, "unknown_org", unpark=True),
+        ),
+        (
+            "rule rejection with its usage record",
+            {"status": "rejected", "code": "member_removed", "has_effect": True},
+            Verdict(Action.ENGINE_REJECTED, "member_removed"),
+        ),
+        (
+            "rule rejection without a record",
+            {"status": "rejected", "code": "invalid_amount"},
+            Verdict(Action.PIPELINE_REJECTS, "invalid_amount"),
+        ),
+        ("command applied", {"is_usage": False}, Verdict(Action.COMMAND_APPLIED)),
+        (
+            "command for an unknown org",
+            {"is_usage": False, "status": "rejected", "code": "unknown_org"},
+            Verdict(Action.COMMAND_PIPELINE_REJECTS, "unknown_org"),
+        ),
+        (
+            "command rejected by the rules",
+            {"is_usage": False, "status": "rejected", "code": "unknown_tier", "has_effect": True},
+            Verdict(Action.COMMAND_ENGINE_REJECTED, "unknown_tier"),
+        ),
+    ],
+)
+def test_classify(case: str, kw: dict[str, object], want: Verdict) -> None:
+    assert _verdict(**kw) == want, case
 
 
 def test_fault_injection_hook_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,7 +291,7 @@ async def test_reference_cycles_are_collected_while_automatic_gc_is_off(
     import gc
     import weakref
 
-    from worker import consumer
+    from worker.pipeline import pipeline as consumer
 
     class Node:
         peer: Node
@@ -231,7 +299,7 @@ async def test_reference_cycles_are_collected_while_automatic_gc_is_off(
     monkeypatch.setattr(consumer, "GC_INTERVAL_SECONDS", 0.01)
     was_enabled = gc.isenabled()
     gc.disable()
-    collector = asyncio.create_task(consumer._collect_garbage())
+    collector = asyncio.create_task(consumer.collect_garbage())
     try:
         a, b = Node(), Node()
         a.peer, b.peer = b, a

@@ -219,6 +219,7 @@ def test_error_codes_are_stable() -> None:
             "invalid_amount",
             "invalid_command",
             "engine_failed",
+            "storage_failed",
         ]
     )
 

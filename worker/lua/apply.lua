@@ -4,12 +4,14 @@
 --
 -- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 dedupe set (current window),
 --       5 paused zset, 6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset,
---       9 dedupe set (previous window)                             (one hash tag {org_id})
+--       9 dedupe set (previous window), 10 unknown-offset marks set
+--                                                       (one hash tag: the encoded org id)
 -- ARGV: 1 org_id, 2 items (JSON), 3 wall clock ms, 4 dedupe window ms,
 --       5 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance],
 --       6 walk budget (members per call),
 --       7 expected seq (optional): the org's effect seq the caller knows PostgreSQL holds
---         or will hold; a Redis below it lost writes and the call is refused unchanged
+--         or will hold; a Redis below it lost writes and the call is refused unchanged,
+--       8 '1' for a rebuild replay: decided ids are not added to the dedupe window
 -- Returns {meta JSON [consumed, pending, outcomes], effects JSON}, or for a refused call
 -- {meta JSON [-1, the org's seq in Redis (0: unknown org), []], '[]'}.
 --
@@ -22,8 +24,9 @@
 -- outbox until acked. Unfinished org-wide work is recorded in the org hash ('jb') and finished
 -- by the next call, whoever makes it, before any further item is applied.
 
-local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E, K_D1 =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E, K_D1, K_U =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local REPLAY = ARGV[8] == '1' 
 local ORG_ID = ARGV[1]
 local ITEMS = cjson.decode(ARGV[2])
 local NOW = tonumber(ARGV[3])
@@ -112,6 +115,8 @@ local function decode_member(id, s)
   local p = a[22]
   for i = 1, #p, 3 do m.pr[#m.pr + 1] = {g = p[i], r = p[i + 1], e = p[i + 2]} end
   m.sh = a[23] or {}
+  m.lr = a[24] or NULL -- reason and org clock of the member's last signal (its current state
+  m.li = a[25] or 0 -- on the control topic, re-sent as such after a failed publish)
   return m
 end
 
@@ -122,7 +127,7 @@ local function encode_member(m)
   end
   return cjson.encode({m.tier, m.nt, m.act, m.cn, m.ag, m.au, m.bk, m.dr, m.bu, m.pu, m.debt,
     m.ds, m.lim == false and NULL or m.lim, m.pz, m.rs or NULL, m.ms, m.aa, m.ra or NULL,
-    m.inp, m.inq, m.inb, p, m.sh})
+    m.inp, m.inq, m.inb, p, m.sh, m.lr, m.li})
 end
 
 -- Lazy cycle rollover: the org-level counters were reset at cycle end; the member catches up
@@ -228,6 +233,7 @@ end
 
 local function signal(m, sig, reason)
   m.ms = m.ms + 1
+  m.lr, m.li = reason, O.ck
   dirty(m)
   emit({4, 0, m.id, sig, reason, m.ms, O.ck})
 end
@@ -579,7 +585,17 @@ end
 
 local function remember(id)
   SEEN[id] = true
-  NEW_IDS[#NEW_IDS + 1] = id
+  if not REPLAY then NEW_IDS[#NEW_IDS + 1] = id end
+end
+
+-- Offsets of usage for a member that did not exist yet ('u|<source>|<offset>'): the watermark
+-- moves past them, so a replay of such an offset (after a crash, before the pipeline parked
+-- the event durably) must be decided again, not skipped. Kept in their own set, which never
+-- rotates, until decided or until the pipeline's ack of the batch that parked them removes
+-- them (worker/pipeline/commit.py): the decision cannot depend on the dedupe window.
+local NEW_U = {}
+local function mark_unknown(u)
+  if not SEEN[u] then SEEN[u] = true; NEW_U[#NEW_U + 1] = u end
 end
 
 local function mark(src, off)
@@ -596,7 +612,7 @@ local function gate(src, off, key)
   if off >= 0 and W[src] ~= nil and W[src] >= off then
     local u = 'u|' .. src .. '|' .. fmt(off)
     if SEEN[u] == nil then
-      SEEN[u] = seen_in_window({u})[1]
+      SEEN[u] = redis.call('SISMEMBER', K_U, u) == 1
     end
     if not SEEN[u] then return OUT_REPLAYED, nil end
     drop = u
@@ -640,7 +656,7 @@ local function do_usage(it)
     mark(src, off)
     if off >= 0 then
       local u = 'u|' .. src .. '|' .. fmt(off)
-      if not SEEN[u] then remember(u) end
+      mark_unknown(u)
     end
     return {'unknown', 'unknown_member'}
   end
@@ -772,9 +788,10 @@ local function member_add(cmd, ctx, touched)
   end
   local m = {id = mid, tier = tier, nt = tier, act = 1, cn = O.cn, ag = alloc, au = 0, bk = 0,
     dr = 0, bu = 0, pu = 0, debt = 0, ds = 0, lim = 'inherit', pz = 0, rs = false, ms = 0,
-    aa = O.ck, ra = false, inp = 0, inq = 0, inb = 0, pr = {}, sh = {}}
+    aa = O.ck, ra = false, inp = 0, inq = 0, inb = 0, pr = {}, sh = {}, lr = NULL, li = 0}
   if old then
     m.ms, m.ra, m.inp, m.inq, m.inb, m.sh = old.ms, old.ra, old.inp, old.inq, old.inb, old.sh
+    m.lr, m.li = old.lr, old.li
   end
   MEM[mid] = m
   dirty(m)
@@ -1072,10 +1089,8 @@ if EXISTS then
   for i = 1, #NEW_IDS, 1000 do
     redis.call('SADD', K_D, unpack(NEW_IDS, i, math.min(i + 999, #NEW_IDS)))
   end
-  if #UNKNOWN_SEEN_DROP > 0 then
-    redis.call('SREM', K_D, unpack(UNKNOWN_SEEN_DROP))
-    redis.call('SREM', K_D1, unpack(UNKNOWN_SEEN_DROP))
-  end
+  if #NEW_U > 0 then redis.call('SADD', K_U, unpack(NEW_U)) end
+  if #UNKNOWN_SEEN_DROP > 0 then redis.call('SREM', K_U, unpack(UNKNOWN_SEEN_DROP)) end
 end
 local blob = '[]'
 if #E > 0 then

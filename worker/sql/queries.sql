@@ -84,14 +84,26 @@ ON CONFLICT DO NOTHING;
 DELETE FROM parked_events WHERE event_id = ANY($1::text[]);
 
 -- name: parked_for_partitions
--- Oldest first, bounded: the retry loop takes the rest on its next turn.
-SELECT event_id, org_id, member_id, task_id, credits_mc, occurred_at_ms, code, source_topic,
-       source_partition, source_offset, msg_key, msg_value,
-       (extract(epoch FROM parked_at) * 1000)::bigint AS parked_at_ms
-FROM parked_events
-WHERE source_topic = $1 AND source_partition = ANY($2::integer[])
-ORDER BY parked_at, event_id
+-- Oldest first, bounded: the retry loop takes the rest on its next turn. Each partition's
+-- oldest rows come straight from the parked_events_retry index (no sort of the backlog).
+-- "decided": PostgreSQL already holds the event as decided (an outbox drained after a crash
+-- charged it); such a row is only removed, never offered again.
+SELECT p.event_id, p.org_id, p.member_id, p.task_id, p.credits_mc, p.occurred_at_ms, p.code,
+       p.source_topic, p.source_partition, p.source_offset, p.msg_key, p.msg_value,
+       (extract(epoch FROM p.parked_at) * 1000)::bigint AS parked_at_ms,
+       EXISTS (SELECT 1 FROM usage_events u WHERE u.event_id = p.event_id) AS decided
+FROM unnest($2::integer[]) AS part(n)
+CROSS JOIN LATERAL (
+    SELECT * FROM parked_events
+    WHERE source_topic = $1 AND source_partition = part.n
+    ORDER BY parked_at, event_id
+    LIMIT $3
+) AS p
+ORDER BY p.parked_at, p.event_id
 LIMIT $3;
+
+-- name: parked_counts
+SELECT org_id, count(*) AS n FROM parked_events GROUP BY org_id;
 
 -- name: count_parked
 SELECT count(*) FROM parked_events;
@@ -123,6 +135,10 @@ UNION ALL
 SELECT seq, 'command', command_id, NULL, NULL, NULL, NULL, command::text, source
 FROM admin_commands WHERE org_id = $1 AND seq IS NOT NULL
 ORDER BY seq;
+
+-- name: insert_quarantined
+INSERT INTO quarantined_rows (table_name, reason, row_json, source, source_offset)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]);
 
 -- name: known_orgs
 SELECT org_id FROM org_seq ORDER BY org_id;

@@ -1,0 +1,144 @@
+"""The engine contract: what goes into the credit engine, what comes out, and every method the
+pipeline, recovery, the API and the CLI call on it.
+
+Two implementations keep it: ``worker.engine.RedisEngine`` (the Lua scripts, production) and
+``worker.engine_memory.MemoryEngine`` (the pure model with an in-memory outbox: tests, a second
+opinion). Nothing outside them reaches into an engine's client or keys.
+
+Items are for **one org per call**. Amounts are integer millicredits, times epoch milliseconds.
+Effects are dicts with the fields listed in docs/architecture.md, each with the org-wide,
+strictly increasing ``seq`` that also orders it in the org's outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+
+class UsageItem(NamedTuple):
+    """One decoded usage event for the org of the call.
+
+    A named tuple rather than a frozen dataclass: the pipeline makes one per event, and a
+    tuple is built several times faster (and the garbage collector soon stops tracking it).
+    ``source`` is ``"<topic>:<partition>"``, ``offset`` the Kafka offset, or -1 for items that
+    do not come straight from Kafka (parked retries, rebuild replays).
+    """
+
+    event_id: str
+    member_id: str
+    task_id: str
+    credits_mc: int
+    occurred_at_ms: int
+    source: str = ""
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class CommandItem:
+    """One validated admin command (amounts in mc, times in ms) for the org of the call."""
+
+    command: Mapping[str, Any]
+    source: str = ""
+    offset: int = -1
+
+
+Item = UsageItem | CommandItem
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one item: ``status`` is applied/duplicate/replayed/rejected/unknown."""
+
+    status: str
+    code: str | None = None
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    """Outcomes (one per item, in order) and the effects produced, in ``seq`` order."""
+
+    outcomes: list[Outcome]
+    effects: list[dict[str, Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``outcomes, effects = engine.apply(...)``."""
+        return iter((self.outcomes, self.effects))
+
+
+ChargeRow = list[Any]
+"""A compact charge row of ``RedisEngine.apply_rows`` (``worker.engine.CHARGE_FIELDS``)."""
+
+CLAIM_NEW, CLAIM_MINE, CLAIM_TAKEN = 0, 1, 2
+"""Verdicts of :meth:`Engine.claim`: claimed now, claimed before by the same record (a
+replay), claimed by another record (a duplicate)."""
+
+
+class RedisBehind(Exception):
+    """A call refused because the engine holds an older state of the org than expected.
+
+    ``apply(..., expect_seq=n)`` asks the engine to check, before it decides anything, that
+    the org's effect seq is at least ``n`` (what PostgreSQL holds or will hold). A Redis
+    restarted behind its AOF, or emptied, fails the check and is left unchanged.
+    """
+
+    def __init__(self, org_id: str, redis_seq: int, expected: int) -> None:
+        super().__init__(f"redis has org {org_id!r} at seq {redis_seq}, expected {expected}")
+        self.org_id = org_id
+        self.redis_seq = redis_seq
+        self.expected = expected
+
+
+class Engine(Protocol):
+    """Everything the worker calls on a credit engine."""
+
+    async def apply(
+        self,
+        org_id: str,
+        items: Sequence[Item],
+        *,
+        expect_seq: int = 0,
+        replay: bool = False,
+    ) -> ApplyResult:
+        """Apply items of one org atomically and in order (see ``RedisEngine.apply``)."""
+
+    async def apply_rows(
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
+    ) -> tuple[list[Outcome], list[dict[str, Any]], list[ChargeRow]]:
+        """Like ``apply``; one-bucket charges may come back as compact rows (the hot path)."""
+
+    async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
+        """Claim namespaced ids (``e|``/``c|``) for the records carrying them (``CLAIM_*``)."""
+
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Effects not yet acknowledged with ``seq > after_seq``, in seq order."""
+
+    async def outbox_ack(
+        self, acks: Mapping[str, int], unknown_marks: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Drop each org's outbox effects up to its seq; forget the unknown-offset marks of
+        events that PostgreSQL now holds as parked."""
+
+    async def orgs_with_outbox(self) -> list[str]:
+        """Every org that has unacknowledged effects (start-up recovery)."""
+
+    async def last_seqs(self, org_ids: Sequence[str]) -> dict[str, int]:
+        """Each org's last effect seq (0 for an org the engine does not know)."""
+
+    async def reset_org(self, org_id: str) -> None:
+        """Forget everything about one org (before a rebuild replays it)."""
+
+    async def member_signals(
+        self, org_id: str, member_ids: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Each member's current state as its latest ``signal`` effect (without ``seq``)."""
+
+    async def dashboard(self, org_id: str) -> dict[str, Any] | None:
+        """The SPEC section 7 dashboard, or None for an unknown org."""
+
+    async def ping(self) -> None:
+        """Raise unless the engine's store answers."""
+
+    async def close(self) -> None:
+        """Release the engine's connections."""

@@ -1,0 +1,110 @@
+"""What one batch carries through the stages (intake -> apply -> commit), and the counters.
+
+A batch is built by intake from one ``getmany`` (or by a parked-retry turn), gains its engine
+results in the apply stage, and is written out by the commit stage. Each stage owns the fields
+it fills; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from worker.contract import CommandItem, UsageItem
+from worker.ledger import FlushBatch, ParkedEvent
+from worker.publisher import OutMessage, RawSource
+
+
+@dataclass(slots=True)
+class Pending:
+    """One accepted input on its way to the engine."""
+
+    ident: str  # event_id or command_id (is_usage says which namespace)
+    is_usage: bool
+    item: UsageItem | CommandItem
+    raw: RawSource
+    parked: ParkedEvent | None = None
+
+    @property
+    def claim_id(self) -> str:
+        """The namespaced id the claims and the dedupe window use (``e|`` / ``c|``)."""
+        return ("e|" if self.is_usage else "c|") + self.ident
+
+
+@dataclass(slots=True)
+class Malformed:
+    """A record the decoder rejected, with the ids it still names (``readable_ids``)."""
+
+    raw: RawSource
+    is_usage: bool
+    code: str
+    detail: str
+    ids: dict[str, str]
+
+    @property
+    def ident(self) -> str | None:
+        """The id it decides, if readable: ``event_id`` (usage) or ``command_id`` (admin)."""
+        return self.ids.get("event_id" if self.is_usage else "command_id")
+
+    @property
+    def claim_id(self) -> str | None:
+        ident = self.ident
+        if ident is None:
+            return None
+        return ("e|" if self.is_usage else "c|") + ident
+
+
+def claim_of(raw: RawSource) -> str:
+    """The claim a record makes on its id: where it sits in its topic."""
+    return f"{raw.partition}:{raw.offset}"
+
+
+@dataclass(slots=True)
+class Batch:
+    """One fetched batch (or one turn of parked retries) through the stages."""
+
+    number: int
+    kafka_no: int = 0  # 1, 2, ... for fetched batches; 0 for parked-retry turns
+    records: int = 0  # Kafka records (usage + admin) covered by this batch
+    by_org: dict[str, list[Pending]] = field(default_factory=lambda: defaultdict(list))
+    malformed: list[Malformed] = field(default_factory=list)
+    flush: FlushBatch = field(default_factory=FlushBatch)
+    messages: list[OutMessage] = field(default_factory=list)
+    acks: dict[str, int] = field(default_factory=dict)
+    unknown_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    signals: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
+    """Per org, per member: the highest member seq of the signals this batch publishes."""
+    outboxed: int = 0  # effects this batch left in Redis outboxes until its ack
+    parked_ids: set[str] = field(default_factory=set)  # parked events this batch decides
+    commit: dict[TopicPartition, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    wait_publish: Callable[[], Awaitable[Any]] | None = None
+    orgs_with_commands: set[str] = field(default_factory=set)
+    charged_mc: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by bucket
+    is_retry: bool = False
+    applied_at: float = 0.0  # monotonic time the engine results were handed to the producer
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for the shutdown summary line."""
+
+    batches: int = 0
+    records: int = 0
+    charged: int = 0
+    applied_commands: int = 0
+    duplicate: int = 0
+    replayed: int = 0
+    rejected: int = 0
+    parked: int = 0
+    unparked: int = 0
+    published: int = 0
+    dead_letters: int = 0
+    quarantined: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}

@@ -1,0 +1,90 @@
+"""What the pipeline does with each engine outcome: a pure function, testable without services.
+
+The engine says what became of an item (``applied``, ``duplicate``, ``replayed``,
+``rejected`` + code, ``unknown`` + code). The pipeline still has to decide what that means for
+the input record: count it, park it (the org or member may be created soon), dead-letter it
+itself, or leave the dead letter to the effect the engine recorded. :func:`classify` is that
+decision, in one place; ``worker/pipeline/apply.py`` carries it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Action(Enum):
+    """What the pipeline does with one decided (or undecided) input."""
+
+    CHARGED = "charged"  # usage applied: rows come from the engine's effects
+    COMMAND_APPLIED = "command_applied"
+    DUPLICATE = "duplicate"  # counted, nothing else
+    COMMAND_DUPLICATE = "command_duplicate"
+    REPLAYED = "replayed"  # an offset the engine already applied: nothing
+    PARK = "park"  # unknown org/member: wait in the parking lot for the grace period
+    STILL_PARKED = "still_parked"  # a parked retry that is still unknown, within its grace
+    ENGINE_REJECTED = "engine_rejected"  # the engine recorded the rejection: its effect is the DLQ
+    PIPELINE_REJECTS = "pipeline_rejects"  # the pipeline dead-letters and records it itself
+    COMMAND_ENGINE_REJECTED = "command_engine_rejected"
+    COMMAND_PIPELINE_REJECTS = "command_pipeline_rejects"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``action`` for one input; ``code`` for rejections; ``unpark`` deletes its parked row."""
+
+    action: Action
+    code: str | None = None
+    unpark: bool = False
+
+
+def classify(
+    *,
+    is_usage: bool,
+    status: str,
+    code: str | None,
+    has_effect: bool,
+    parked_at_ms: int | None,
+    now_ms: int,
+    grace_ms: int,
+    park_room: bool,
+) -> Verdict:
+    """The pipeline's verdict on one engine outcome.
+
+    ``has_effect``: the engine left a ``usage``/``command`` record for the input (so its
+    decision and dead letter come from the outbox). ``parked_at_ms``: when the input was parked
+    (a retry), None for an input read from Kafka. ``park_room``: the parking lot may take one
+    more event of this org (per-org and total caps).
+    """
+    parked = parked_at_ms is not None
+    if not is_usage:
+        if status == "applied":
+            return Verdict(Action.COMMAND_APPLIED)
+        if status == "duplicate":
+            return Verdict(Action.COMMAND_DUPLICATE)
+        if status == "replayed":
+            return Verdict(Action.REPLAYED)
+        if has_effect:
+            return Verdict(Action.COMMAND_ENGINE_REJECTED, code)
+        # Rejected without a record in the org's outbox (the org does not exist).
+        return Verdict(Action.COMMAND_PIPELINE_REJECTS, code or "rejected")
+    if status == "applied":
+        return Verdict(Action.CHARGED, unpark=parked)
+    if status == "duplicate":
+        return Verdict(Action.DUPLICATE, unpark=parked)
+    if status == "replayed":
+        return Verdict(Action.REPLAYED)
+    if status == "unknown":
+        reason = code or "unknown_org"
+        if not parked:
+            if park_room:
+                return Verdict(Action.PARK, reason)
+            # The parking lot is full for this org (or in all): no wait, rejected at once.
+            return Verdict(Action.PIPELINE_REJECTS, reason)
+        if now_ms - parked_at_ms >= grace_ms:  # type: ignore[operator]
+            return Verdict(Action.PIPELINE_REJECTS, reason, unpark=True)
+        return Verdict(Action.STILL_PARKED)
+    # Rejected by the rules (e.g. member_removed): a usage record usually carries it.
+    if has_effect:
+        return Verdict(Action.ENGINE_REJECTED, code, unpark=parked)
+    return Verdict(Action.PIPELINE_REJECTS, code or "rejected", unpark=parked)
