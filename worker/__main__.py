@@ -12,9 +12,19 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+
+
+def settings_error_line(exc: SettingsError) -> str:
+    """``METERING_<FIELD>: ...`` for pydantic-settings' "error parsing value" (no secret)."""
+    text = str(exc)
+    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else ""
+    cause = exc.__cause__
+    detail = f"not valid JSON ({cause})" if isinstance(cause, ValueError) else text
+    return f"METERING_{field.upper()}: {detail}" if field else detail
 
 
 def check_config(out_json: bool = False) -> int:
@@ -29,6 +39,10 @@ def check_config(out_json: bool = False) -> int:
             field = "_".join(str(p) for p in err["loc"]).upper()
             name = f"METERING_{field}" if field else "(settings)"
             sys.stderr.write(f"  {name}: {err['msg']}\n")
+        return EXIT_CONFIG
+    except SettingsError as exc:
+        # A JSON setting (tiers, api tokens) that is not JSON at all.
+        sys.stderr.write(f"invalid configuration:\n  {settings_error_line(exc)}\n")
         return EXIT_CONFIG
     redacted = settings.redacted()
     if out_json:

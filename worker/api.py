@@ -37,7 +37,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from schemas.ids import is_valid_id
 from worker import metrics
 from worker.constants import MC_PER_CREDIT
 
@@ -159,6 +162,9 @@ def _ledger_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_MAX_SEQ = 2**63 - 1  # a PostgreSQL bigint
+
+
 def encode_cursor(seq: int) -> str:
     """Opaque cursor for the next page (entries with a smaller ``seq``)."""
     return base64.urlsafe_b64encode(_CURSOR_PREFIX + str(seq).encode()).decode().rstrip("=")
@@ -173,7 +179,7 @@ def decode_cursor(cursor: str) -> int:
     if not raw.startswith(_CURSOR_PREFIX):
         raise ValueError("invalid cursor")
     digits = raw[len(_CURSOR_PREFIX) :]
-    if not digits.isdigit() or len(digits) > 19:
+    if not digits.isdigit() or len(digits) > 19 or int(digits) > _MAX_SEQ:
         raise ValueError("invalid cursor")
     return int(digits)
 
@@ -199,7 +205,9 @@ class TokenAuth:
         """The org a token may read (``"*"``: all), ``None`` for a missing or unknown token."""
         if not token:
             return None
-        given = token.encode()
+        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes
+        # (they match no token) rather than fail.
+        given = token.encode("utf-8", "surrogateescape")
         found: str | None = None
         # Compare against every token so the time taken does not reveal which one matched.
         for known, scope in self._tokens:
@@ -236,6 +244,8 @@ def _authorize(request: web.Request, org_id: str, *, allow_query: bool) -> web.R
         return _json_error(401, "unauthorized", "missing or unknown bearer token")
     if scope != "*" and scope != org_id:
         return _json_error(403, "forbidden", "token is not valid for this org")
+    if not is_valid_id(org_id):  # no such org can exist: never sent to a store
+        return _json_error(404, "not_found", "unknown org")
     return None
 
 
@@ -256,9 +266,16 @@ async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None
     if engine is None:
         raise StoreUnavailable("dashboard source not configured")
     try:
-        result = engine.dashboard(org_id)
-        if inspect.isawaitable(result):
-            result = await result
+        try:
+            result = engine.dashboard(org_id)
+            if inspect.isawaitable(result):
+                result = await result
+        except (ConnectionError, OSError, RedisConnectionError, RedisTimeoutError):
+            # A pooled connection that Redis dropped (a restart, a failover) fails once; the
+            # retry gets a fresh one.
+            result = engine.dashboard(org_id)
+            if inspect.isawaitable(result):
+                result = await result
     except Exception as exc:  # Redis down or failing over: a clear 503, not a stack trace
         metrics.ERRORS.labels(stage="api").inc()
         log.warning("dashboard read failed", extra={"org_id": org_id, "error": repr(exc)})
@@ -312,6 +329,8 @@ async def ledger_handler(request: web.Request) -> web.Response:
     except ValueError:
         return _json_error(400, "bad_request", "invalid cursor")
     member_id = request.query.get("member_id") or None
+    if member_id is not None and not is_valid_id(member_id):
+        return _json_error(400, "bad_request", "member_id is not a valid id")
     # One extra row tells whether another page exists without a COUNT query.
     try:
         rows = await ledger.page(org_id, member_id, before, limit + 1)

@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TextIO
 
 import orjson
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from worker.config import Settings
 
@@ -751,6 +752,11 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
             for err in exc.errors()
         )
         sys.stderr.write(f"metering: invalid configuration:\n{problems}\n")
+        return EXIT_USAGE
+    except SettingsError as exc:
+        from worker.__main__ import settings_error_line
+
+        sys.stderr.write(f"metering: invalid configuration:\n  {settings_error_line(exc)}\n")
         return EXIT_USAGE
     if args.check_config and args.command is None:
         return cmd_check_config(args, settings, out)

@@ -6,11 +6,14 @@ with secrets masked.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.ids import is_valid_id
 
 # Ports are deliberately off the well-known ones so the local stack never clashes with a
 # system Redis (6379), PostgreSQL (5432) or Kafka (9092) that may already run on the machine.
@@ -84,6 +87,9 @@ class Settings(BaseSettings):
     # --- Worker loop -------------------------------------------------------------------------
     batch_max_records: int = Field(default=20_000, ge=1)
     batch_timeout_ms: int = Field(default=100, ge=1)
+    batch_target_seconds: float = Field(default=0.25, ge=0.0)
+    """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
+    the latency a deep backlog adds; 0 turns the sizing off (always the maximum)."""
     shutdown_grace_seconds: float = Field(default=25.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=10.0, gt=0)
 
@@ -106,8 +112,30 @@ class Settings(BaseSettings):
         if not v:
             raise ValueError("at least one tier is required")
         for name, credits in v.items():
-            if not name or credits < 0:
-                raise ValueError(f"tier {name!r} must have a name and credits >= 0")
+            if not is_valid_id(name) or credits < 0:
+                raise ValueError(f"tier {name!r} must have a valid id as name and credits >= 0")
+        return v
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_are_a_json_object(cls, v: SecretStr) -> SecretStr:
+        # Checked here, not when the API starts: --check-config must catch it. The message
+        # never echoes the value (it holds secrets).
+        text = v.get_secret_value().strip() or "{}"
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(
+                f'must be JSON, an object {{"token": "org_id" | "*"}} '
+                f"(not valid JSON at character {getattr(exc, 'pos', '?')})"
+            ) from None
+        if not isinstance(parsed, dict):
+            raise ValueError('must be a JSON object {"token": "org_id" | "*"}')
+        for token, scope in parsed.items():
+            if not token or not isinstance(scope, str):
+                raise ValueError('every entry must be "token": "org_id" or "token": "*"')
+            if scope != "*" and not is_valid_id(scope):
+                raise ValueError('a token\'s org must be a valid id or "*"')
         return v
 
     @field_validator("redis_key_prefix")

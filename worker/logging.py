@@ -28,13 +28,25 @@ _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|dsn|auth|credential|api_key|sasl)", re.I)
-# scheme://user:password@host -> scheme://user:**********@host
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?P<tail>@)", re.I)
+# scheme://user:password@host -> scheme://user:**********@host; the password runs to the last
+# "@" of the URL, so one holding an unencoded "@" is masked whole.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s/?#]*(?P<tail>@[^@\s/?#]*)", re.I
+)
+# ?password=x&... and &sslpassword=x in a URL's query string
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&][a-z_]*pass(word)?=)[^&#\s]*", re.I)
+# keyword/value DSNs: host=h password=secret, password='sec ret'
+_KEYWORD_PASSWORD = re.compile(
+    r"(?P<head>(?<![?&\w])[a-z_]*pass(word)?\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'&]+)", re.I
+)
 
 
 def redact_text(text: str) -> str:
-    """Mask passwords embedded in URLs (``redis://:pw@host``, ``postgresql://u:pw@h``)."""
-    return _URL_PASSWORD.sub(rf"\g<head>{MASK}\g<tail>", text)
+    """Mask passwords in URLs (``redis://:pw@host``, ``postgresql://u:p@ss@h``), in their query
+    strings (``?password=pw``) and in keyword DSNs (``password=pw``, ``password='p w'``)."""
+    text = _URL_PASSWORD.sub(rf"\g<head>{MASK}\g<tail>", text)
+    text = _QUERY_PASSWORD.sub(rf"\g<head>{MASK}", text)
+    return _KEYWORD_PASSWORD.sub(rf"\g<head>{MASK}", text)
 
 
 def _clean(key: str, value: Any) -> Any:

@@ -47,6 +47,7 @@ from worker.config import (
     Settings,
 )
 from worker.connections import kafka_client_kwargs
+from worker.logging import redact_text
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_POM = PROJECT_ROOT / "deploy" / "kafka" / "pom.xml"
@@ -1048,11 +1049,7 @@ def _connection_table(settings: Settings, cluster: bool) -> list[tuple[str, str]
 
 
 def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return url
+    return redact_text(url)
 
 
 def _print_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> None:

@@ -132,6 +132,33 @@ async def test_missing_or_unknown_token_is_401(
     assert "alice" not in orjson.dumps(body).decode()
 
 
+async def test_bearer_bytes_that_are_not_text_are_401_not_500(client: TestClient) -> None:
+    # Raw bytes on the wire (an HTTP client library would re-encode them): not UTF-8, UTF-8
+    # that is not ASCII, a cut multi-byte character.
+    import asyncio
+
+    for raw in (b"Bearer \xff\xfe", b"Bearer caf\xc3\xa9", b"Bearer \xe2\x82"):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            b"GET /v1/orgs/acme/credits HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + raw + b"\r\n\r\n"
+        )
+        await writer.drain()
+        reply = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
+        assert b'"unauthorized"' in reply
+
+
+async def test_an_org_id_no_org_can_have_is_404(client: TestClient) -> None:
+    for org in ("a%00b", "%01", "x" * 129):
+        status, body = await get_json(client, f"/v1/orgs/{org}/credits", ADMIN)
+        assert (status, body["error"]) == (404, "not_found"), org
+        status, body = await get_json(client, f"/v1/orgs/{org}/ledger", ADMIN)
+        assert (status, body["error"]) == (404, "not_found"), org
+
+
 async def test_query_token_is_not_accepted_by_the_json_api(client: TestClient) -> None:
     status, _ = await get_json(client, "/v1/orgs/acme/credits?token=tok-acme", {})
     assert status == 401
@@ -310,7 +337,17 @@ async def test_ledger_member_filter_and_org_isolation(
 
 @pytest.mark.parametrize(
     "query",
-    ["limit=0", "limit=1001", "limit=ten", "cursor=not-a-cursor", f"cursor={encode_cursor(5)}x"],
+    [
+        "limit=0",
+        "limit=1001",
+        "limit=ten",
+        "cursor=not-a-cursor",
+        f"cursor={encode_cursor(5)}x",
+        f"cursor={encode_cursor(2**63)}",  # past a PostgreSQL bigint
+        f"cursor={encode_cursor(10**19 - 1)}",
+        "member_id=%00",
+        "member_id=" + "m" * 129,
+    ],
 )
 async def test_ledger_rejects_bad_paging_parameters(client: TestClient, query: str) -> None:
     status, body = await get_json(client, f"/v1/orgs/acme/ledger?{query}", ACME)

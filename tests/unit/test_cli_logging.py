@@ -115,3 +115,28 @@ def test_rediss_url_gives_a_tls_client_with_auth() -> None:
     assert pool.connection_kwargs["username"] == "metering"
     assert pool.connection_kwargs["password"] == "pw"
     assert pool.connection_kwargs["db"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("postgresql://u:p@ss@db:5432/metering", "p@ss"),
+        ("rediss://default:a@b@c@redis:6380/0", "a@b@c"),
+        ("postgresql://db/metering?user=u&password=hunter2&sslmode=require", "hunter2"),
+        ("postgresql://u@db/metering?sslpassword=keypass", "keypass"),
+        ("host=db port=5432 password=hunter2 dbname=metering", "hunter2"),
+        ("host=db password='hunter 2' dbname=metering", "hunter 2"),
+    ],
+)
+def test_passwords_are_masked_in_every_dsn_form(text: str, secret: str) -> None:
+    from worker.logging import MASK, redact_text
+
+    masked = redact_text(text)
+    assert secret not in masked and MASK in masked, masked
+
+
+def test_text_without_passwords_is_left_alone() -> None:
+    from worker.logging import redact_text
+
+    for text in ("http://host:8080/path?email=a@b.com", "org a/b member c", "user@host"):
+        assert redact_text(text) == text

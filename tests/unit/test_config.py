@@ -114,3 +114,28 @@ def test_cross_field_errors_are_reported() -> None:
     proc = run_check_config(METERING_KAFKA_SECURITY_PROTOCOL="SASL_PLAINTEXT")
     assert proc.returncode != 0
     assert "SASL needs" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"METERING_API_TOKENS": "not json"}, "METERING_API_TOKENS: Value error, must be JSON"),
+        ({"METERING_API_TOKENS": "[1, 2]"}, "must be a JSON object"),
+        ({"METERING_API_TOKENS": '{"t": 7}'}, 'every entry must be "token"'),
+        ({"METERING_API_TOKENS": '{"t": "a\\u0000"}'}, "valid id"),
+        ({"METERING_TIERS": '{"pro": '}, "METERING_TIERS: not valid JSON"),
+        ({"METERING_REDIS_KEY_PREFIX": "m{x}"}, "METERING_REDIS_KEY_PREFIX"),
+    ],
+)
+def test_check_config_rejects_bad_json_settings_readably(env: dict[str, str], needle: str) -> None:
+    done = run_check_config(**env)
+    assert done.returncode == 2, done.stdout
+    assert needle in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "configuration OK" not in done.stdout
+
+
+def test_check_config_never_echoes_a_malformed_token_value() -> None:
+    done = run_check_config(METERING_API_TOKENS=f"{{{SECRET}")
+    assert done.returncode == 2
+    assert SECRET not in done.stderr + done.stdout

@@ -80,7 +80,10 @@ def test_kafka_cluster_id_is_a_kafka_uuid() -> None:
 
 
 def test_secrets_are_masked_in_printed_urls() -> None:
-    assert stack._mask_url("postgresql://m:hunter2@db:5432/x") == "postgresql://m:****@db:5432/x"
+    assert (
+        stack._mask_url("postgresql://m:hunter2@db:5432/x") == "postgresql://m:**********@db:5432/x"
+    )
+    assert "p@ss" not in stack._mask_url("postgresql://m:p@ss@db:5432/x?password=p@ss")
     assert stack._mask_url("redis://127.0.0.1:16379/0") == "redis://127.0.0.1:16379/0"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from worker.config import Settings
 from worker.contract import CommandItem, UsageItem
 from worker.ledger import FlushBatch, ParkedEvent
 from worker.publisher import OutMessage, RawSource
@@ -86,7 +87,38 @@ class Batch:
     orgs_with_commands: set[str] = field(default_factory=set)
     charged_mc: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by bucket
     is_retry: bool = False
-    applied_at: float = 0.0  # monotonic time the engine results were handed to the producer
+    fetched_at: float = 0.0  # monotonic times: fetched, decided ids dropped, apply started,
+    intake_at: float = 0.0  # handed to the producer (the latency a pause sees), committed
+    apply_at: float = 0.0
+    applied_at: float = 0.0
+
+
+class BatchSizer:
+    """How many records the next fetch may take: as many as the apply stage handles within
+    ``Settings.batch_target_seconds`` (at most ``batch_max_records``).
+
+    With a shallow queue a fetch returns what is there (a few records, milliseconds of work);
+    with a deep one, batches grow until one takes the target time to apply, which bounds how
+    long a record that just arrived waits behind the batches in flight (about two and a half
+    apply times). The cost per record is a moving average of what batches really took.
+    """
+
+    MIN_RECORDS = 100
+
+    def __init__(self, settings: Settings) -> None:
+        self.max = settings.batch_max_records
+        self.target = settings.batch_target_seconds
+        self.size = self.max
+        self._per_record: float | None = None
+
+    def observe(self, records: int, seconds: float) -> None:
+        """A batch of ``records`` took ``seconds`` to apply."""
+        if records <= 0 or self.target <= 0:
+            return
+        cost = seconds / records
+        self._per_record = cost if self._per_record is None else 0.8 * self._per_record + 0.2 * cost
+        want = int(self.target / self._per_record) if self._per_record > 0 else self.max
+        self.size = max(min(self.MIN_RECORDS, self.max), min(self.max, want))
 
 
 @dataclass(slots=True)

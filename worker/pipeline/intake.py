@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.decode import (
     CommandRecord,
@@ -66,6 +66,41 @@ class Intake:
         self._ledger = ledger
         self._backoff = backoff
         self._tiers = frozenset(settings.tiers)
+        self._turn = 0
+
+    async def fetch(
+        self, consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[Any]]:
+        """Up to ``max_records`` records, every partition with data getting its share.
+
+        ``getmany`` alone drains its buffered partitions in arrival order, so behind a
+        partition holding a flood (say, events of an org that never comes) a partition with
+        one urgent record waits until the flood is drained. Here each assigned partition with
+        data contributes up to ``max_records / partitions`` records first (the start rotates),
+        then the rest fills up; a burst on one partition costs the others one batch at most.
+        """
+        parts = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        if not parts:
+            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        self._turn = (self._turn + 1) % len(parts)
+        parts = parts[self._turn :] + parts[: self._turn]
+        share = max(1, max_records // len(parts))
+        out: dict[TopicPartition, list[Any]] = {}
+        left = max_records
+        for tp in parts:
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=min(share, left))
+            for key, recs in got.items():
+                out[key] = recs
+                left -= len(recs)
+            if left <= 0:
+                return out
+        if out:
+            # Fill the rest of the batch from whatever is buffered (a deep backlog).
+            more = await consumer.getmany(timeout_ms=0, max_records=left)
+            for key, recs in more.items():
+                out[key] = out.get(key, []) + recs
+            return out
+        return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
         """Decode and validate a fetched batch into ``batch``."""

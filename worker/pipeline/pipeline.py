@@ -36,7 +36,7 @@ from worker.contract import Engine
 from worker.ledger import Ledger
 from worker.pipeline.apply import Applier, FlushProgress
 from worker.pipeline.backoff import Backoff, GaveUp
-from worker.pipeline.batch import Batch, Stats
+from worker.pipeline.batch import Batch, BatchSizer, Stats
 from worker.pipeline.commit import Committer
 from worker.pipeline.faults import CrashPoints
 from worker.pipeline.intake import Intake
@@ -108,6 +108,8 @@ class Pipeline:
             stats=self.stats,
         )
         self._apply_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+        self._slot = asyncio.Semaphore(1)  # held from fetching a batch until apply takes it
+        self.sizer = BatchSizer(settings)
         self._commit_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         self._inflight = 0
         self._drained = asyncio.Event()
@@ -172,7 +174,10 @@ class Pipeline:
                     log.exception("fetch stage failed; stopping the worker")
                 self.progress.broken = self.progress.broken or exc
                 self.stop.set()
-            await self._put(self._apply_q, None, force=True)
+            # The end marker waits for room like a batch (the apply stage gives up its retries
+            # at the end of the grace period, so this wait is bounded too).
+            await self._slot.acquire()
+            self._apply_q.put_nowait(None)
             for task in stages:
                 await task
         except asyncio.CancelledError:
@@ -201,35 +206,40 @@ class Pipeline:
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
 
-    async def _put(
-        self, queue: asyncio.Queue[Batch | None], item: Batch | None, *, force: bool = False
-    ) -> bool:
-        """Put ``item`` unless a stop comes first (a full queue means a stage is stuck on an
-        outage: the fetch stage must still notice SIGTERM). ``force`` waits for room anyway,
-        up to the grace period. Returns whether it was put."""
-        if force:
-            while not self.giving_up():
-                try:
-                    queue.put_nowait(item)
-                    return True
-                except asyncio.QueueFull:
-                    await asyncio.sleep(0.05)
-            return False
-        putter = asyncio.ensure_future(queue.put(item))
-        stopper = asyncio.ensure_future(self.stop.wait())
-        await asyncio.wait({putter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if putter.done():
-            return True
-        putter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await putter
+    async def _put_commit(self, item: Batch | None) -> bool:
+        """Hand ``item`` to the commit stage, waiting for room up to the grace period."""
+        while not self.giving_up():
+            try:
+                await asyncio.wait_for(self._commit_q.put(item), timeout=0.5)
+                return True
+            except TimeoutError:
+                continue
         return False
 
     def _done(self) -> bool:
         return self.max_events is not None and self.stats.records >= self.max_events
 
     # --- fetch stage ---------------------------------------------------------------------------
+    async def _take_slot(self) -> bool:
+        """Wait until the apply stage can take the next batch (False: stopping first).
+
+        Fetching only then keeps the batch fresh: a record that arrives while the apply stage
+        is busy goes into the very next batch, instead of waiting behind one fetched earlier.
+        """
+        if self._slot.locked():
+            getter = asyncio.ensure_future(self._slot.acquire())
+            stopper = asyncio.ensure_future(self.stop.wait())
+            await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+                return False
+            return True
+        await self._slot.acquire()
+        return True
+
     async def _fetch_stage(self) -> None:
         assert self.consumer is not None
         consumer = self.consumer
@@ -252,41 +262,49 @@ class Pipeline:
                     final_retry = True  # a full turn that made progress: there may be more
                     continue
                 break
-            try:
-                records = await consumer.getmany(
-                    timeout_ms=self.s.batch_timeout_ms, max_records=self.s.batch_max_records
-                )
-            except Exception as exc:
-                self._fetch_failed(exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), 0.5)
-                continue
-            if self._fetch_failures:
-                log.info("fetching again (%d failures)", self._fetch_failures)
-                self._fetch_failures = 0
-            if self._sync_commits:
-                await self.committer.commit_to_kafka(self._sync_commits)
-                self._sync_commits = {}
-            now = time.monotonic()
-            if records:
-                idle_since = now
-                self._batch_no += 1
-                batch = Batch(number=self._batch_no)
-                await self.intake.decode(batch, records)
-                fetched += batch.records
-                self._kafka_batches += 1
-                batch.kafka_no = self._kafka_batches
-                if not await self._process(batch):
-                    break
-            elif (
-                self.idle_exit_seconds is not None
-                and self._inflight == 0
-                and now - idle_since >= self.idle_exit_seconds
-            ):
-                log.info("idle for %.1f s: stopping (bounded run)", self.idle_exit_seconds)
-                break
             if self.parking.due():
                 await self._retry_parked()
+                continue
+            if not await self._take_slot():
+                break
+            handed = False
+            try:
+                try:
+                    records = await self.intake.fetch(
+                        consumer, timeout_ms=self.s.batch_timeout_ms, max_records=self.sizer.size
+                    )
+                except Exception as exc:
+                    self._fetch_failed(exc)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), 0.5)
+                    continue
+                if self._fetch_failures:
+                    log.info("fetching again (%d failures)", self._fetch_failures)
+                    self._fetch_failures = 0
+                if self._sync_commits:
+                    await self.committer.commit_to_kafka(self._sync_commits)
+                    self._sync_commits = {}
+                now = time.monotonic()
+                if records:
+                    idle_since = now
+                    self._batch_no += 1
+                    batch = Batch(number=self._batch_no, fetched_at=now)
+                    await self.intake.decode(batch, records)
+                    fetched += batch.records
+                    self._kafka_batches += 1
+                    batch.kafka_no = self._kafka_batches
+                    handed = True
+                    await self._process(batch)
+                elif (
+                    self.idle_exit_seconds is not None
+                    and self._inflight == 0
+                    and now - idle_since >= self.idle_exit_seconds
+                ):
+                    log.info("idle for %.1f s: stopping (bounded run)", self.idle_exit_seconds)
+                    break
+            finally:
+                if not handed:
+                    self._slot.release()
 
     def _fetch_failed(self, exc: BaseException) -> None:
         metrics.ERRORS.labels(stage="kafka").inc()
@@ -296,22 +314,22 @@ class Pipeline:
             self._fetch_logged = now
             log.warning("fetch failed (%s: %s); retrying", type(exc).__name__, exc)
 
-    async def _process(self, batch: Batch) -> bool:
-        """The fetch stage's part of a batch, then hand it to the apply stage."""
+    async def _process(self, batch: Batch) -> None:
+        """The fetch stage's part of a batch, then hand it to the apply stage (the caller holds
+        the apply slot; the apply stage releases it when it takes the batch)."""
         self._inflight += 1
         self._drained.clear()
         try:
             if not batch.is_retry:
                 await self.intake.drop_decided(batch)
+            batch.intake_at = time.monotonic()
         except BaseException:
+            self._slot.release()
             self._finish(batch)
             raise
         for ident in batch.parked_ids:
             self._parked_in_flight[ident] = batch.number
-        if not await self._put(self._apply_q, batch):
-            self._finish(batch)  # stopping: never applied, replayed by the next owner
-            return False
-        return True
+        self._apply_q.put_nowait(batch)
 
     async def _retry_parked(self) -> int:
         """Offer parked events of our partitions to the engine again; returns how many were
@@ -321,10 +339,17 @@ class Pipeline:
         partitions = sorted(
             tp.partition for tp in self.consumer.assignment() if tp.topic == self.s.topic_usage
         )
-        batch, offered = await self.parking.retry_batch(
-            partitions, self._batch_no + 1, set(self._parked_in_flight)
-        )
+        if not await self._take_slot():
+            return 0
+        try:
+            batch, offered = await self.parking.retry_batch(
+                partitions, self._batch_no + 1, set(self._parked_in_flight)
+            )
+        except BaseException:
+            self._slot.release()
+            raise
         if batch is None:
+            self._slot.release()
             return offered
         self._batch_no = batch.number
         await self._process(batch)
@@ -335,12 +360,14 @@ class Pipeline:
         """Apply batches through the engine in fetch order and hand them to the commit stage."""
         while True:
             batch = await self._apply_q.get()
+            self._slot.release()
             if batch is None:
-                await self._put(self._commit_q, None, force=True)
+                await self._put_commit(None)
                 return
             if self.progress.broken is not None:
                 self._finish(batch)  # never apply or commit past a failed batch
                 continue
+            batch.apply_at = time.monotonic()
             try:
                 with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
                     await self.applier.apply(batch)
@@ -351,11 +378,13 @@ class Pipeline:
                     lambda batch=batch: self.publisher.send(batch.messages),  # type: ignore[misc]
                 )
                 batch.applied_at = time.monotonic()
+                if not batch.is_retry:
+                    self.sizer.observe(batch.records, batch.applied_at - batch.apply_at)
             except Exception as exc:
                 self._fail(batch, exc, "applying")
                 continue
             self.progress.handed = batch.number
-            if not await self._put(self._commit_q, batch, force=True):
+            if not await self._put_commit(batch):
                 self.progress.broken = self.progress.broken or GaveUp("commit queue")
                 self._finish(batch)
 
@@ -371,6 +400,8 @@ class Pipeline:
             except Exception as exc:
                 self._fail(batch, exc, "committing")
                 continue
+            if log.isEnabledFor(logging.DEBUG):
+                _log_timings(batch)
             self._finish(batch)
 
     def _fail(self, batch: Batch, exc: BaseException, step: str) -> None:
@@ -443,6 +474,26 @@ class Pipeline:
         for tp in tps:
             metrics.forget_lag(tp.topic, tp.partition)
             self.committer.processed.pop((tp.topic, tp.partition), None)
+
+
+def _log_timings(b: Batch) -> None:
+    """One DEBUG line per batch: where its time went (ms from fetch)."""
+    if not b.fetched_at:
+        return
+    now = time.monotonic()
+
+    def ms(t: float) -> str:
+        return f"{(t - b.fetched_at) * 1000:.0f}" if t else "-"
+
+    log.debug(
+        "batch %d: %d records, intake %s ms, apply start %s, handed %s, committed %s",
+        b.number,
+        b.records,
+        ms(b.intake_at),
+        ms(b.apply_at),
+        ms(b.applied_at),
+        ms(now),
+    )
 
 
 def tune_gc() -> None:
