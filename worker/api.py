@@ -661,8 +661,10 @@ async def serve_worker_http(
         return bool(await redis.ping())
 
     async def kafka_ok() -> bool:
+        # Brokers answer and the input topics exist (a worker on deleted topics is not ready).
         cluster = await publisher.producer.client.fetch_all_metadata()
-        return bool(cluster.brokers())
+        topics = cluster.topics()
+        return bool(cluster.brokers()) and {settings.topic_usage, settings.topic_admin} <= topics
 
     try:
         return await start_http(

@@ -35,6 +35,8 @@ from worker.config import Settings
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
+"""``metering worker`` stopped (SIGTERM, a failure) with batches it could not commit."""
 KAFKA_TIMEOUT_SECONDS = 15.0
 
 
@@ -458,9 +460,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         bounds["max_events"] = args.max_events
     if getattr(args, "idle_exit", None) is not None:
         bounds["idle_exit_seconds"] = args.idle_exit
-    result = run_worker(settings, **bounds)
-    if inspect.isawaitable(result):
-        _run_async(result)
+    from worker.pipeline import ShutdownIncomplete
+
+    try:
+        result = run_worker(settings, **bounds)
+        if inspect.isawaitable(result):
+            _run_async(result)
+    except ShutdownIncomplete as exc:
+        # Safe (the next owner replays what was not committed), but an operator should know.
+        sys.stderr.write(f"metering: worker stopped before committing everything: {exc}\n")
+        return EXIT_INCOMPLETE
     return EXIT_OK
 
 

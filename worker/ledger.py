@@ -9,6 +9,7 @@ written in the same transaction as the rows those offsets cover. See docs/delive
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import orjson
 
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
@@ -446,6 +449,17 @@ _REFUSED = (
 """What PostgreSQL (or asyncpg's encoder) raises for a row's content."""
 
 
+def _escaped(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The row with what PostgreSQL text cannot hold written as escapes (U+0000 as the six
+    characters backslash-u-0000, lone surrogates as backslash escapes)."""
+    return tuple(
+        v.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
+        if isinstance(v, str)
+        else v
+        for v in row
+    )
+
+
 def _row_json(row: Sequence[Any]) -> str:
     """A row as ASCII-only JSON (bytes as hex): storable in any text column, whatever it holds."""
     return json.dumps(
@@ -611,6 +625,15 @@ class Ledger:
             offset = row[src[1]] if src else None
             reason = f"{type(exc).__name__}: {exc}"[:500]
             bad.append(Quarantined(table, row, reason, source, offset))
+            # The row's decision still counts: stored with its text escaped if PostgreSQL takes
+            # it so (a decided id must stay decided), the original kept in quarantined_rows.
+            clean = _escaped(row)
+            if clean != row:
+                try:
+                    async with conn.transaction():
+                        await conn.execute(self._q[name], *_columns([clean], width))
+                except _REFUSED as again:
+                    log.error("%s row refused even escaped: %s", table, again)
 
     async def _write(self, conn: asyncpg.Connection, b: FlushBatch, *, fast: bool) -> None:
         q = self._q

@@ -99,6 +99,40 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a library's repeated line through once per ``interval`` seconds.
+
+    aiokafka logs "Topic ... not found in cluster metadata" on every metadata poll (some
+    1,800 lines a second once the input topics are deleted) and a connection error on every
+    retry. Records of loggers outside the worker with the same template and level are passed
+    at most once per interval; the next one says how many were held back. The worker's own
+    loggers already report outages once per interval (``worker/pipeline/backoff.py``).
+    """
+
+    def __init__(self, interval: float = 30.0, prefixes: tuple[str, ...] = ("aiokafka",)) -> None:
+        super().__init__()
+        self.interval = interval
+        self.prefixes = prefixes
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = record.created
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._seen[key] = (last[0], last[1] + 1)
+            return False
+        held = last[1] if last is not None else 0
+        if len(self._seen) > 1_000:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} like it in the last {self.interval:.0f} s)"
+        return True
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever ``sys.stderr`` is at emit time (test runners swap it)."""
 
@@ -133,6 +167,7 @@ def setup_logging(
         if getattr(old, "_metering", False):
             root.removeHandler(old)
     handler._metering = True  # type: ignore[attr-defined]
+    handler.addFilter(RepeatFilter())
     root.addHandler(handler)
     root.setLevel(level)
     # aiokafka logs every connection retry at INFO/ERROR; keep its noise at WARNING.

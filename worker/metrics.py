@@ -196,6 +196,11 @@ ERRORS = Counter(
     registry=REGISTRY,
 )
 
+INPUT_TOPICS_MISSING = Gauge(
+    "metering_input_topics_missing",
+    "Input topics (usage, admin) the broker does not know: nothing can be consumed from them.",
+    registry=REGISTRY,
+)
 QUARANTINED = Counter(
     "metering_quarantined",
     "Records set aside because a store refused their content (a data error, not an outage): "

@@ -33,6 +33,7 @@ from worker.contract import Engine
 from worker.engine import RedisEngine
 from worker.ledger import Ledger, migrate
 from worker.pipeline import Backoff, Pipeline, ShutdownIncomplete
+from worker.pipeline.faults import PoisonedEngine, poisoned_org
 from worker.publisher import OutMessage, Publisher
 from worker.recovery import drain_outboxes, rebuild_behind
 
@@ -131,6 +132,9 @@ async def _run(
         if engine is None:
             engine = make_engine(settings)
             stack.push_async_callback(_bounded_close, "engine", engine.close)
+        if (poison := poisoned_org()) is not None:  # fault injection for the tests only
+            log.error("fault injection: engine calls of org %r fail", poison)
+            engine = PoisonedEngine(engine, poison)
         publisher = Publisher(settings)
         # Health, readiness, /metrics and the read API, up before the slow start-up steps so
         # probes answer during a long drain or rebuild (worker.api.serve_worker_http).
@@ -178,6 +182,8 @@ async def _run(
 
         lag_task = asyncio.create_task(_lag_loop(pipeline, consumer, stop), name="lag")
         stack.push_async_callback(_cancel, lag_task)
+        topics_task = asyncio.create_task(_topics_watch(settings, publisher, stop), name="topics")
+        stack.push_async_callback(_cancel, topics_task)
         if settings.tick_interval_seconds > 0:
             tick_task = asyncio.create_task(
                 _tick_loop(settings, pipeline, ledger, publisher, stop), name="ticks"
@@ -229,6 +235,34 @@ async def _lag_loop(pipeline: Pipeline, consumer: Any, stop: asyncio.Event) -> N
     # 2 s between refreshes keeps every gauge younger than 5 s even when a refresh is slow.
     monitor = LagMonitor(consumer_lag_source(consumer, pipeline.processed_offsets), interval=2.0)
     await monitor.run(stop)
+
+
+TOPICS_CHECK_SECONDS = 5.0
+TOPICS_LOG_SECONDS = 30.0
+
+
+async def _topics_watch(settings: Settings, publisher: Publisher, stop: asyncio.Event) -> None:
+    """Report input topics the broker does not know: a gauge every few seconds, a log line
+    once per ``TOPICS_LOG_SECONDS`` (readiness fails meanwhile: worker.api)."""
+    wanted = {settings.topic_usage, settings.topic_admin}
+    logged = 0.0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=TOPICS_CHECK_SECONDS)
+        try:
+            cluster = await publisher.producer.client.fetch_all_metadata()
+        except Exception as exc:  # the broker is down: the stages report that themselves
+            log.debug("topic check skipped: %s", exc)
+            continue
+        missing = sorted(wanted - cluster.topics())
+        metrics.INPUT_TOPICS_MISSING.set(len(missing))
+        now = time.monotonic()
+        if missing and now - logged >= TOPICS_LOG_SECONDS:
+            logged = now
+            log.error("input topics missing on the broker: %s (nothing is consumed)", missing)
+        elif not missing and logged:
+            logged = 0.0
+            log.info("input topics are back")
 
 
 async def _tick_loop(

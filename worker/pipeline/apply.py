@@ -33,7 +33,13 @@ from worker.config import Settings
 from worker.contract import ChargeRow, Engine, Outcome, RedisBehind
 from worker.engine import expand_charges
 from worker.ledger import Ledger
-from worker.pipeline.backoff import Backoff, DataFailure, is_redis_data_error
+from worker.pipeline.backoff import (
+    DATA_ATTEMPTS,
+    Backoff,
+    DataFailure,
+    GaveUp,
+    is_redis_data_error,
+)
 from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, classify
 from worker.pipeline.intake import command_type_label
@@ -135,7 +141,9 @@ class Applier:
         self.last_seq[org_id] = (await self._engine.last_seqs([org_id]))[org_id]
         metrics.rebuilt("redis_behind")
 
-    async def _call(self, org_id: str, items: list[Any], check: list[bool]) -> tuple[Rows, bool]:
+    async def _call(
+        self, org_id: str, items: list[Any], check: list[bool], *, attempts: int = DATA_ATTEMPTS
+    ) -> tuple[Rows, bool]:
         """One engine call (rebuilding the org first if Redis lost it); ``retried`` says
         whether an attempt failed, so the reply of an earlier attempt may have been lost."""
         retried = False
@@ -154,7 +162,11 @@ class Applier:
         while True:
             try:
                 rows = await self._backoff.retry(
-                    "redis", call, data_error=is_redis_data_error, fatal=(RedisBehind,)
+                    "redis",
+                    call,
+                    data_error=is_redis_data_error,
+                    data_attempts=attempts,
+                    fatal=(RedisBehind,),
                 )
             except RedisBehind as exc:
                 log.warning("%s: rebuilding the org from the ledger", exc)
@@ -192,30 +204,42 @@ class Applier:
         chunk: list[Pending],
         failure: DataFailure,
         check: list[bool],
+        depth: int = 0,
     ) -> None:
         """Find the records of ``chunk`` the engine fails on: halves are tried on their own
         (each half that succeeds is applied as usual), down to single records, which are
         dead-lettered with ``engine_failed`` and recorded as decided."""
-        log.error(
-            "engine call for org %r failed on its data (%s); isolating %d records",
-            org_id,
-            failure.error,
-            len(chunk),
-        )
+        if not depth:
+            log.error(
+                "engine call for org %r failed on its data (%s); isolating %d records",
+                org_id,
+                failure.error,
+                len(chunk),
+            )
+        if self._backoff.giving_up():
+            raise GaveUp("isolating") from failure
         if len(chunk) == 1:
             self._quarantine(batch, org_id, chunk[0], str(failure.error))
             return
         half = len(chunk) // 2
         for part in (chunk[:half], chunk[half:]):
             try:
+                # The error was seen three times already: one attempt per piece.
                 (outcomes, effects, charges), retried = await self._call(
-                    org_id, [p.item for p in part], check
+                    org_id, [p.item for p in part], check, attempts=1
                 )
             except DataFailure as inner:
-                await self._isolate(batch, org_id, part, inner, check)
+                await self._isolate(batch, org_id, part, inner, check, depth + 1)
                 continue
             effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
             self._record(batch, org_id, part, outcomes, effects, charges)
+        if not depth:
+            log.error(
+                "org %r: records the engine fails on are dead-lettered (engine_failed, %d in"
+                " this batch so far)",
+                org_id,
+                batch.counts["quarantined"],
+            )
 
     def _quarantine(self, batch: Batch, org_id: str, p: Pending, reason: str) -> None:
         metrics.QUARANTINED.labels(stage="engine").inc()

@@ -100,17 +100,22 @@ class Backoff:
         self._last_log: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
 
+    def giving_up(self) -> bool:
+        """The worker is stopping and the grace period is over."""
+        return self._giving_up()
+
     async def retry(
         self,
         stage: str,
         func: Callable[[], Awaitable[T]],
         *,
         data_error: Callable[[BaseException], bool] | None = None,
+        data_attempts: int = DATA_ATTEMPTS,
         fatal: tuple[type[BaseException], ...] = (),
     ) -> T:
         """Run ``func`` until it succeeds; between attempts sleep 0.1 s, 0.2 s ... up to max.
 
-        ``data_error(exc)`` true for ``DATA_ATTEMPTS`` attempts in a row raises
+        ``data_error(exc)`` true for ``data_attempts`` attempts in a row raises
         :class:`DataFailure`; exceptions of the ``fatal`` types propagate at once; past the
         stop grace period :class:`GaveUp` is raised (from the last error).
         """
@@ -128,7 +133,7 @@ class Backoff:
                 metrics.WORKER_UP.set(0)
                 if data_error is not None and data_error(exc):
                     data_failures += 1
-                    if data_failures >= DATA_ATTEMPTS:
+                    if data_failures >= data_attempts:
                         raise DataFailure(stage, exc) from exc
                 else:
                     data_failures = 0

@@ -7,8 +7,12 @@ writes of ``worker/pipeline/commit.py`` and ``worker/pipeline/apply.py``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+from typing import Any
+
+from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +45,30 @@ class CrashPoints:
             log.error("fault injection: exiting at %s of batch %d", step, kafka_no)
             logging.shutdown()
             os._exit(137)
+
+
+POISON_ENV = "METERING_FAULT_ENGINE_ORG"
+"""Test-only: engine calls for this org fail with a script error, as corrupt state would."""
+
+
+def poisoned_org() -> str | None:
+    """The org ``METERING_FAULT_ENGINE_ORG`` names, if any."""
+    return os.environ.get(POISON_ENV) or None
+
+
+class PoisonedEngine:
+    """An engine whose calls for one org fail on its data (``ResponseError``): the isolation
+    path of ``worker/pipeline/apply.py`` under test. Everything else is the wrapped engine."""
+
+    def __init__(self, inner: Any, org_id: str) -> None:
+        self._inner = inner
+        self._org = org_id
+
+    async def apply_rows(self, org_id: str, items: Any, *, expect_seq: int = 0) -> Any:
+        if org_id == self._org:
+            await asyncio.sleep(0.05)  # a failing script takes its time too
+            raise ResponseError("ERR user_script:1: fault injection: this org's data is corrupt")
+        return await self._inner.apply_rows(org_id, items, expect_seq=expect_seq)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)

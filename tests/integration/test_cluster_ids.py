@@ -1,0 +1,73 @@
+"""Ids with braces, slashes and colons on the 3-master Redis Cluster: every key of an org keeps
+one slot (the org is encoded inside its hash tag), the rules come out the same, and the whole
+pipeline runs on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pipeline_checker import Workload, check_pipeline
+from redis.asyncio.cluster import RedisCluster
+from test_engine_ops import SCENARIOS, RenamingHarness
+
+from worker.config import Settings
+from worker.constants import org_keys
+from worker.engine import RedisEngine
+from worker.runner import run_worker
+
+HOSTILE = ["}", "{", "}{", "{x}", "a{b}c", "x:y", "a/b", "%7D", "{}/:%"]
+
+
+@pytest.mark.parametrize("prefix", HOSTILE)
+def test_every_key_of_an_org_has_one_non_empty_tag(prefix: str, redis_cluster_url: str) -> None:
+    from redis.cluster import key_slot
+
+    keys = org_keys("m", prefix + "org")
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    # The tag is the encoded org, never empty (an empty tag hashes the whole key).
+    tag = keys[0].split("{", 1)[1].split("}", 1)[0]
+    assert tag
+
+
+async def test_rules_with_hostile_org_ids_on_the_cluster(
+    redis_cluster: RedisCluster, cluster_settings: Settings
+) -> None:
+    engine = RedisEngine(redis_cluster, cluster_settings)
+    for i, (name, scenario) in enumerate(sorted(SCENARIOS.items())):
+        await scenario(RenamingHarness(engine, f"{HOSTILE[i % len(HOSTILE)]}{name}-"))
+    claims = await engine.claim([("e|{a}", "0:1"), ("e|{a}", "0:2"), ("c|{a}", "0:3")])
+    assert claims == [0, 2, 0]
+
+
+@pytest.fixture
+def cluster_pipeline_settings(
+    kafka_topics: Settings, pg_schema: str, cluster_settings: Settings
+) -> Settings:
+    return kafka_topics.model_copy(
+        update={
+            "redis_url": cluster_settings.redis_url,
+            "redis_cluster": True,
+            "redis_key_prefix": cluster_settings.redis_key_prefix,
+            "postgres_schema": pg_schema,
+            "http_port": 0,
+        }
+    )
+
+
+async def test_pipeline_with_hostile_ids_on_the_cluster(
+    cluster_pipeline_settings: Settings, redis_cluster: RedisCluster
+) -> None:
+    s = cluster_pipeline_settings
+    w = Workload(s)
+    for org in HOSTILE:
+        w.org(org, ["c", "b/c", "}", ":"])
+    for org in HOSTILE:
+        for member in ("c", "b/c", "}", ":"):
+            w.usage(org, member, 600_000)  # past the seat: debt and a pause
+    await w.produce()
+    stats = await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30)
+    assert stats["charged"] == len(HOSTILE) * 4, stats
+    engine: Any = RedisEngine(redis_cluster, s)
+    report = await check_pipeline(s, w, engine=engine)
+    assert len(report.charged) == len(HOSTILE) * 4
