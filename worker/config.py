@@ -165,6 +165,12 @@ class Settings(BaseSettings):
             raise ValueError("SASL needs kafka_sasl_mechanism, _username and _password")
         return self
 
+    @property
+    def close_reserve_seconds(self) -> float:
+        """The part of the shutdown grace period kept for closing clients (at most 5 s): the
+        pipeline's retries give up this long before the end of the grace period."""
+        return min(5.0, self.shutdown_grace_seconds / 3)
+
     def namespaced(self, name: str, **overrides: object) -> Settings:
         """A copy whose topics, consumer group, Postgres schema and Redis keys all carry ``name``.
 

@@ -50,16 +50,44 @@ def make_engine(settings: Settings) -> Engine:
     return RedisEngine.from_settings(settings)
 
 
-CLOSE_SECONDS = 5.0
-"""Longest wait for one resource to close at shutdown (a producer with its broker gone, a pool
-with PostgreSQL down): the process exits within the grace period plus this."""
+class ShutdownClock:
+    """When the stop came, and what is left of the grace period: the closes at the end share
+    it (a producer with its broker gone, a pool with PostgreSQL down would otherwise wait)."""
+
+    def __init__(self, settings: Settings, stop: asyncio.Event) -> None:
+        self._grace = settings.shutdown_grace_seconds
+        self._reserve = settings.close_reserve_seconds
+        self._stop = stop
+        self.stopped_at: float | None = None
+
+    def remaining(self) -> float:
+        if self.stopped_at is None:
+            if not self._stop.is_set():
+                return self._reserve  # a normal end (bounded run): the same bound per close
+            self.stopped_at = time.monotonic()
+        return max(0.2, self.stopped_at + self._grace - time.monotonic())
+
+    async def watch(self) -> None:
+        await self._stop.wait()
+        if self.stopped_at is None:
+            self.stopped_at = time.monotonic()
 
 
-async def _bounded_close(name: str, close: Callable[[], Awaitable[Any]]) -> None:
+async def _bounded_close(
+    clock: ShutdownClock, name: str, close: Callable[[], Awaitable[Any]]
+) -> None:
+    limit = clock.remaining()
     try:
-        await asyncio.wait_for(close(), CLOSE_SECONDS)
+        await asyncio.wait_for(close(), limit)
     except TimeoutError:
-        log.warning("closing %s took over %.0f s: abandoned", name, CLOSE_SECONDS)
+        log.warning("closing %s took over %.1f s: abandoned", name, limit)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
+        # A client's own cancelled background task leaking out of its close (aiokafka's
+        # fetcher does when its broker is gone): the close is over either way.
+        log.warning("closing %s was cut short by its own cancelled tasks", name)
     except Exception as exc:
         log.warning("closing %s failed: %s", name, exc)
 
@@ -121,6 +149,25 @@ async def _run(
     engine: Engine | None,
 ) -> dict[str, int]:
     backoff = Backoff(settings, lambda: stop.is_set())
+    clock = ShutdownClock(settings, stop)
+    watcher = asyncio.create_task(clock.watch(), name="shutdown-clock")
+    try:
+        return await _run_with(
+            settings, stop, max_events, idle_exit_seconds, engine, backoff, clock
+        )
+    finally:
+        watcher.cancel()
+
+
+async def _run_with(
+    settings: Settings,
+    stop: asyncio.Event,
+    max_events: int | None,
+    idle_exit_seconds: float | None,
+    engine: Engine | None,
+    backoff: Backoff,
+    clock: ShutdownClock,
+) -> dict[str, int]:
     counters: dict[str, int] = {}
     async with AsyncExitStack() as stack:
         # PostgreSQL may still be starting (or down): keep trying, but let SIGTERM end it.
@@ -128,10 +175,10 @@ async def _run(
         if stop.is_set():
             return counters
         ledger = await Ledger.connect(settings)
-        stack.push_async_callback(_bounded_close, "postgres pool", ledger.close)
+        stack.push_async_callback(_bounded_close, clock, "postgres pool", ledger.close)
         if engine is None:
             engine = make_engine(settings)
-            stack.push_async_callback(_bounded_close, "engine", engine.close)
+            stack.push_async_callback(_bounded_close, clock, "engine", engine.close)
         if (poison := poisoned_org()) is not None:  # fault injection for the tests only
             log.error("fault injection: engine calls of org %r fail", poison)
             engine = PoisonedEngine(engine, poison)
@@ -142,7 +189,7 @@ async def _run(
 
         await serve_worker_http(settings, stack, engine=engine, ledger=ledger, publisher=publisher)
         await _until_stopped(stop, backoff.retry("kafka", publisher.start))
-        stack.push_async_callback(_bounded_close, "producer", publisher.stop)
+        stack.push_async_callback(_bounded_close, clock, "producer", publisher.stop)
         if stop.is_set():
             return counters
 
@@ -176,7 +223,7 @@ async def _run(
         )
         consumer = pipeline.make_consumer()
         await _until_stopped(stop, backoff.retry("kafka", consumer.start))
-        stack.push_async_callback(_bounded_close, "consumer", consumer.stop)
+        stack.push_async_callback(_bounded_close, clock, "consumer", consumer.stop)
         if stop.is_set():
             return counters
 
@@ -199,7 +246,9 @@ async def _run(
             # up at the grace period, and it is cut short a little later if it still waits
             # (what is left is replayed by the next owner, harmlessly).
             try:
-                await asyncio.wait_for(run, timeout=settings.shutdown_grace_seconds + 2.0)
+                await asyncio.wait_for(
+                    run, timeout=clock.remaining() - settings.close_reserve_seconds / 2
+                )
             except TimeoutError:
                 counters.update(pipeline.stats.as_dict())
                 raise ShutdownIncomplete("grace period over with batches in flight") from None

@@ -245,6 +245,33 @@ async def test_dedupe_window_rotates(client: aioredis.Redis, settings: Settings)
     assert await client.scard(keys[3]) == 1 and await client.scard(keys[8]) == 0
 
 
+async def test_an_unknown_member_offset_is_decided_however_late_its_replay(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    # Usage for a member that does not exist yet moves the watermark past its offset; a replay
+    # of that offset (a crash before the event was parked) must be decided, not skipped as
+    # applied, even windows later: the mark is not in the rotating dedupe window.
+    engine = RedisEngine(client, settings)
+    w = settings.dedupe_window_seconds * 1000
+    now = 1000 * w
+    await engine.apply("o", [cmd("org_upsert", T0, billing_anchor_day=1)], now_ms=now)
+    early = UsageItem("ev", "late", "t", C, T0 + 1, "u:0", 5)
+    after = UsageItem("ev2", "late", "t", C, T0 + 2, "u:0", 6)
+    res = await engine.apply("o", [early], now_ms=now)
+    assert res.outcomes[0].status == "unknown"
+    await engine.apply("o", [cmd("member_add", T0, member_id="late", tier="pro")], now_ms=now)
+    assert (await engine.apply("o", [after], now_ms=now)).outcomes[0].status == "applied"
+    res = await engine.apply("o", [early], now_ms=now + 5 * w)  # windows later
+    assert res.outcomes[0].status == "applied"
+    assert (await engine.apply("o", [early], now_ms=now + 5 * w)).outcomes[0].status == "replayed"
+    assert await client.scard(engine.keys("o")[9]) == 0  # decided: the mark is gone
+    # The pipeline drops the mark itself once the event is parked in PostgreSQL.
+    await engine.apply("o", [UsageItem("ev3", "ghost", "t", C, T0 + 3, "u:0", 9)], now_ms=now)
+    assert await client.scard(engine.keys("o")[9]) == 1
+    await engine.outbox_ack({}, {"o": ["u|u:0|9"]})
+    assert await client.scard(engine.keys("o")[9]) == 0
+
+
 async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) -> None:
     engine = RedisEngine(client, settings)
     assert await engine.last_seq("o") == 0

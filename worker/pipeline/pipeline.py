@@ -14,8 +14,9 @@ and the crash notes live with the code that writes (``commit.py``, ``apply.py``)
 docs/delivery.md.
 
 Stopping: ``stop`` (SIGTERM) ends fetching at once; the batches in flight are finished within
-``shutdown_grace_seconds``, after which every retry gives up (``GaveUp``) and the run ends with
-:class:`ShutdownIncomplete`: what was not committed is replayed by the next owner, harmlessly.
+``shutdown_grace_seconds`` (less the few seconds kept for closing the clients), after which every
+retry gives up (``GaveUp``) and the run ends with :class:`ShutdownIncomplete`: what was not
+committed is replayed by the next owner, harmlessly.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class Pipeline:
             return False
         if self._stopped_at is None:
             self._stopped_at = time.monotonic()
-        return time.monotonic() - self._stopped_at > self.s.shutdown_grace_seconds
+        budget = self.s.shutdown_grace_seconds - self.s.close_reserve_seconds
+        return time.monotonic() - self._stopped_at > budget
 
     async def run(self, consumer: AIOKafkaConsumer) -> Stats:
         """Consume until ``stop`` is set (or the bounded run ends); returns the counters."""
