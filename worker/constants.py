@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from schemas.ids import hash_tag_part
 
 MC_PER_CREDIT = 1_000
@@ -41,25 +43,34 @@ DEFAULT_WALK_BUDGET = 250
 KEY_ORG = "o"  # hash: org settings, clock, cycle, pool, counters, watermarks, job state
 KEY_MEMBERS = "m"  # hash: member_id -> msgpack member record
 KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = msgpack list of effects
-KEY_DEDUPE = "d"  # set: "e|<event_id>", "c|<command_id>" (this window)
 KEY_PAUSED = "p"  # zset (score 0): active members currently paused
 KEY_DEPENDENTS = "q"  # zset (score 0): running members that can only pay from the pool
 KEY_DEBTORS = "b"  # zset: members with debt, scored by the org clock when the debt began
 KEY_PROMO_EXPIRY = "e"  # zset: "<member_id>\0<grant_id>" scored by expiry ms
-KEY_DEDUPE_PREVIOUS = "d1"  # set: the dedupe ids of the previous window
 KEY_UNKNOWN = "u"  # set: "u|<source>|<offset>" of usage for a member that did not exist yet
 ORG_KEY_SUFFIXES = (
     KEY_ORG,
     KEY_MEMBERS,
     KEY_OUTBOX,
-    KEY_DEDUPE,
     KEY_PAUSED,
     KEY_DEPENDENTS,
     KEY_DEBTORS,
     KEY_PROMO_EXPIRY,
-    KEY_DEDUPE_PREVIOUS,
     KEY_UNKNOWN,
 )
+
+
+class OrgKeys(NamedTuple):
+    """The engine's keys of one org, in the order the scripts take them in ``KEYS``."""
+
+    org: str
+    members: str
+    outbox: str
+    paused: str
+    dependents: str
+    debtors: str
+    promo_expiry: str
+    unknown: str
 
 
 def org_key(prefix: str, org_id: str, suffix: str) -> str:
@@ -72,10 +83,10 @@ def org_key(prefix: str, org_id: str, suffix: str) -> str:
     return f"{prefix}:{{{hash_tag_part(org_id)}}}:{suffix}"
 
 
-def org_keys(prefix: str, org_id: str) -> list[str]:
-    """The engine's keys of one org, in the order the scripts expect them in ``KEYS``."""
+def org_keys(prefix: str, org_id: str) -> OrgKeys:
+    """The engine's keys of one org (all share the org's hash tag)."""
     tag = f"{prefix}:{{{hash_tag_part(org_id)}}}:"
-    return [tag + suffix for suffix in ORG_KEY_SUFFIXES]
+    return OrgKeys(*(tag + suffix for suffix in ORG_KEY_SUFFIXES))
 
 
 # --- Outcome statuses and engine error codes ----------------------------------------------

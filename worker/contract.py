@@ -94,14 +94,10 @@ class Engine(Protocol):
     """Everything the worker calls on a credit engine."""
 
     async def apply(
-        self,
-        org_id: str,
-        items: Sequence[Item],
-        *,
-        expect_seq: int = 0,
-        replay: bool = False,
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
-        """Apply items of one org atomically and in order (see ``RedisEngine.apply``)."""
+        """Apply items of one org atomically and in order (see ``RedisEngine.apply``); ids are
+        not deduplicated here (``claim`` first), replayed offsets are."""
 
     async def apply_rows(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0

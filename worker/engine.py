@@ -22,16 +22,13 @@ import orjson
 from schemas.ids import unhash_tag_part
 from worker.constants import (
     DEFAULT_WALK_BUDGET,
-    KEY_MEMBERS,
-    KEY_ORG,
     KEY_OUTBOX,
-    KEY_UNKNOWN,
     MAX_AMOUNT_MC,
     MAX_BALANCE_MC,
     MAX_TIER_CREDITS,
     MAX_USAGE_MC,
     MC_PER_CREDIT,
-    ORG_KEY_SUFFIXES,
+    OrgKeys,
     org_keys,
 )
 from worker.contract import (
@@ -135,10 +132,6 @@ CHARGE_FIELDS = (
 effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``ledger_seq + 1``."""
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
-_ORG = ORG_KEY_SUFFIXES.index(KEY_ORG)
-_MEMBERS = ORG_KEY_SUFFIXES.index(KEY_MEMBERS)
-_OUTBOX = ORG_KEY_SUFFIXES.index(KEY_OUTBOX)
-_UNKNOWN = ORG_KEY_SUFFIXES.index(KEY_UNKNOWN)
 
 
 def load_script(name: str) -> str:
@@ -249,7 +242,7 @@ class RedisEngine:
         self._claim = client.register_script(load_script("claim.lua"))
         self.claim_shards = settings.claim_shards
         self._cluster = type(client).__name__ == "RedisCluster"
-        self._keys: dict[str, list[str]] = {}
+        self._keys: dict[str, OrgKeys] = {}
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""
 
@@ -260,7 +253,7 @@ class RedisEngine:
 
         return cls(redis_client(settings), settings)
 
-    def keys(self, org_id: str) -> list[str]:
+    def keys(self, org_id: str) -> OrgKeys:
         """The org's keys in ``KEYS`` order (all share the hash tag ``{org_id}``).
 
         Remembered per org (bounded): the pipeline asks for them on every call.
@@ -273,17 +266,10 @@ class RedisEngine:
         return keys
 
     async def apply(
-        self,
-        org_id: str,
-        items: Sequence[Item],
-        *,
-        now_ms: int | None = None,
-        expect_seq: int = 0,
-        replay: bool = False,
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
         """Apply items of one org in order; one outcome per item plus the effects produced.
 
-        ``now_ms`` is the wall clock used for the dedupe window (defaults to the local clock).
         Calls for different orgs may run concurrently; calls for the same org should not
         overlap when the relative order of their items matters (each call is atomic, but two
         overlapping calls interleave at call boundaries).
@@ -291,21 +277,14 @@ class RedisEngine:
         leaves the org consistent, and a crash between calls leaves the pending work recorded
         in the org hash, where the next call (of any worker) finishes it before anything else.
         With ``expect_seq``, the first call raises :class:`RedisBehind` without changing anything
-        when Redis holds the org at a lower effect seq (or not at all). ``replay`` marks a
-        rebuild replaying recorded decisions: their ids are not loaded into the dedupe window.
+        when Redis holds the org at a lower effect seq (or not at all). Ids are not
+        deduplicated here (a replayed offset is): the pipeline claims them first (:meth:`claim`).
         """
-        outcomes, effects, _ = await self._run(
-            org_id, items, now_ms, None, expect_seq, replay=replay
-        )
+        outcomes, effects, _ = await self._run(org_id, items, None, expect_seq)
         return ApplyResult(outcomes, effects)
 
     async def apply_rows(
-        self,
-        org_id: str,
-        items: Sequence[Item],
-        *,
-        now_ms: int | None = None,
-        expect_seq: int = 0,
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]]]:
         """Like :meth:`apply`, but one-bucket charges stay compact rows (:data:`CHARGE_FIELDS`).
 
@@ -314,21 +293,17 @@ class RedisEngine:
         charge rows instead of two dicts per event.
         """
         charges: list[list[Any]] = []
-        outcomes, effects, _ = await self._run(org_id, items, now_ms, charges, expect_seq)
+        outcomes, effects, _ = await self._run(org_id, items, charges, expect_seq)
         return outcomes, effects, charges
 
     async def _run(
         self,
         org_id: str,
         items: Sequence[Item],
-        now_ms: int | None,
         charges: list[list[Any]] | None,
         expect_seq: int = 0,
-        *,
-        replay: bool = False,
     ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
         keys = self.keys(org_id)
-        now = int(time.time() * 1000) if now_ms is None else now_ms
         encoded = [_encode_item(i) for i in items]
         outcomes: list[Outcome] = []
         effects: list[dict[str, Any]] = []
@@ -336,10 +311,7 @@ class RedisEngine:
         stalls = 0
         while True:
             batch = orjson.dumps(encoded[start:]).decode()
-            args: list[str | int] = [
-                org_id, batch, now, self.window_ms, self._config, self.walk_budget, expect_seq,
-                "1" if replay else "0",
-            ]  # fmt: skip
+            args: list[str | int] = [org_id, batch, self._config, self.walk_budget, expect_seq]
             meta_raw, blob = await self._apply(keys=keys, args=args)
             self.calls += 1
             consumed, pending, outs = orjson.loads(meta_raw)
@@ -387,12 +359,13 @@ class RedisEngine:
             by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
         ttl = 2 * self.window_ms + 60_000
         order = list(by_shard.items())
-        calls: list[tuple[list[str], list[str | int]]] = []
-        for shard, positions in order:
-            args: list[str | int] = [ttl]
-            for i in positions:
-                args.extend(entries[i])
-            calls.append((self.claim_keys(shard, now), args))
+        calls: list[tuple[list[str], list[str | int]]] = [
+            (
+                self.claim_keys(shard, now),
+                [ttl, orjson.dumps([entries[i] for i in positions]).decode()],
+            )
+            for shard, positions in order
+        ]
         replies: list[Any]
         if self._cluster:
             # One call per shard, each routed to the node of its slot.
@@ -404,8 +377,9 @@ class RedisEngine:
             replies = await pipe.execute()
         out = [CLAIM_NEW] * len(entries)
         for (_, positions), reply in zip(order, replies, strict=True):
-            for i, verdict in zip(positions, reply, strict=True):
-                out[i] = int(verdict)
+            verdicts = reply if isinstance(reply, bytes) else str(reply).encode()
+            for i, verdict in zip(positions, verdicts, strict=True):
+                out[i] = verdict - 48  # b"0" -> 0
         return out
 
     async def member_signals(
@@ -417,7 +391,7 @@ class RedisEngine:
         if not member_ids:
             return {}
         ids = list(dict.fromkeys(member_ids))
-        raw = await self.client.hmget(self.keys(org_id)[_MEMBERS], ids)
+        raw = await self.client.hmget(self.keys(org_id).members, ids)
         out: dict[str, dict[str, Any]] = {}
         for mid, rec in zip(ids, raw, strict=True):
             if rec is None:
@@ -445,7 +419,7 @@ class RedisEngine:
         """Each org's last effect seq (0 for an org Redis does not know), one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for org_id in org_ids:
-            pipe.hget(self.keys(org_id)[_ORG], "sq")
+            pipe.hget(self.keys(org_id).org, "sq")
         values = await pipe.execute() if org_ids else []
         return {o: int(_s(v)) if v is not None else 0 for o, v in zip(org_ids, values, strict=True)}
 
@@ -466,7 +440,7 @@ class RedisEngine:
 
     async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         """Effects still in the org's outbox with ``seq > after_seq``, in seq order."""
-        key = self.keys(org_id)[_OUTBOX]
+        key = self.keys(org_id).outbox
         entries = await self.client.xrange(key, min=f"({after_seq}-0", max="+")
         out: list[dict[str, Any]] = []
         for _id, fields in entries or ():
@@ -486,10 +460,10 @@ class RedisEngine:
             return
         pipe = self.client.pipeline(transaction=False)
         for org_id, seq in acks.items():
-            pipe.xtrim(self.keys(org_id)[_OUTBOX], minid=f"{seq + 1}-0", approximate=False)
+            pipe.xtrim(self.keys(org_id).outbox, minid=f"{seq + 1}-0", approximate=False)
         for org_id, marks in (unknown_marks or {}).items():
             if marks:
-                pipe.srem(self.keys(org_id)[_UNKNOWN], *marks)
+                pipe.srem(self.keys(org_id).unknown, *marks)
         await pipe.execute()
 
     async def orgs_with_outbox(self) -> list[str]:
@@ -508,11 +482,11 @@ class RedisEngine:
     async def load_org(self, org_id: str) -> Org | None:
         """The org as the model's ``Org`` (members rolled to the current cycle), or None."""
         keys = self.keys(org_id)
-        raw_org = await self.client.hgetall(keys[_ORG])
+        raw_org = await self.client.hgetall(keys.org)
         h = {_s(k): _s(v) for k, v in raw_org.items()}
         if "ex" not in h:
             return None
-        raw_members = await self.client.hgetall(keys[_MEMBERS])
+        raw_members = await self.client.hgetall(keys.members)
 
         def num(name: str) -> int:
             return int(h.get(name, "0"))
@@ -553,7 +527,7 @@ class RedisEngine:
 
     async def counters(self, org_id: str) -> dict[str, int]:
         """The org's running totals kept for O(1) cycle ends (tests compare them to sums)."""
-        raw = await self.client.hmget(self.keys(org_id)[_ORG], ["at", "bt", "dt", "nt"])
+        raw = await self.client.hmget(self.keys(org_id).org, ["at", "bt", "dt", "nt"])
         names = ("alloc_left", "blocks", "debts", "next_alloc")
         return {n: int(_s(v)) if v is not None else 0 for n, v in zip(names, raw, strict=True)}
 

@@ -33,12 +33,7 @@ class MemoryEngine:
         self.claims: dict[str, str] = {}
 
     async def apply(
-        self,
-        org_id: str,
-        items: Sequence[Item],
-        *,
-        expect_seq: int = 0,
-        replay: bool = False,
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
         org = self.model.orgs.get(org_id)
         have = org.seq if org is not None else 0

@@ -22,7 +22,6 @@ from typing import Any, TypeGuard
 from schemas.ids import derived_id
 from worker.constants import (
     APPLIED,
-    DUPLICATE,
     E_BALANCE_OVERFLOW,
     E_DUPLICATE_GRANT,
     E_INVALID_AMOUNT,
@@ -213,7 +212,6 @@ class Org:
     invoice_extra: int = 0
     seq: int = 0
     watermarks: dict[str, int] = field(default_factory=dict)
-    seen: set[str] = field(default_factory=set)
     unknown_seen: set[tuple[str, int]] = field(default_factory=set)
     members: dict[str, Member] = field(default_factory=dict)
 
@@ -591,17 +589,17 @@ class Model:
 
     # --- items -------------------------------------------------------------------------------
 
-    def _gate(self, org: Org, item: Item, dedupe_key: str) -> Outcome | None:
-        """Replay and duplicate checks; None when the item must be decided."""
+    def _gate(self, org: Org, item: Item) -> Outcome | None:
+        """The replay check (an offset already applied); None when the item must be decided.
+
+        Ids are not deduplicated here: "decided once" is the pipeline's (global claims and
+        PostgreSQL's unique keys, before the engine sees an item)."""
         if (
             item.offset >= 0
             and org.watermarks.get(item.source, -1) >= item.offset
             and (item.source, item.offset) not in org.unknown_seen
         ):
             return Outcome(REPLAYED)
-        if dedupe_key in org.seen:
-            self._mark(org, item)
-            return Outcome(DUPLICATE)
         return None
 
     def _mark(self, org: Org, item: Item) -> None:
@@ -627,12 +625,11 @@ class Model:
             if item.offset >= 0:
                 org.unknown_seen.add((item.source, item.offset))
             return Outcome(UNKNOWN, E_UNKNOWN_MEMBER)
-        gate = self._gate(org, item, "e|" + item.event_id)
+        gate = self._gate(org, item)
         if gate is not None:
             return gate
         self._advance(org, item.occurred_at_ms)
         self._mark(org, item)
-        org.seen.add("e|" + item.event_id)
         c = item.credits_mc
         late = item.occurred_at_ms < org.cstart
         ctx = _Ctx("usage", item.event_id, item.task_id, late)
@@ -691,7 +688,6 @@ class Model:
             org = Org(org_id=org_id, anchor=day, clock=at, cstart=start, cend=end, last_act=at)
             self.orgs[org_id] = org
             self._mark(org, item)
-            org.seen.add("c|" + cid)
             self._emit(
                 org,
                 "command",
@@ -704,13 +700,12 @@ class Model:
                 offset=item.offset,
             )
             return Outcome(APPLIED)
-        gate = self._gate(org, item, "c|" + cid)
+        gate = self._gate(org, item)
         if gate is not None:
             return gate
         if isinstance(at, int):
             self._advance(org, at)
         self._mark(org, item)
-        org.seen.add("c|" + cid)
         ctx = _Ctx("admin", cid)
         code, reason = self._dispatch(org, cmd, ctx)
         status = REJECTED if code is not None and code != E_UNKNOWN_REQUEST else APPLIED

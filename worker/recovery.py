@@ -100,7 +100,7 @@ async def rebuild_org(
     done = 0
     for start in range(0, len(items), REPLAY_CHUNK):
         chunk = items[start : start + REPLAY_CHUNK]
-        result = await engine.apply(org_id, chunk, replay=True)
+        result = await engine.apply(org_id, chunk)
         for e in result.effects:
             top = max(top, int(e["seq"]))
         done += len(chunk)

@@ -276,12 +276,12 @@ async def check_org(engine: RedisEngine, model: Model, org_id: str, log: list[An
         "next_alloc": sum(TIERS[m.next_tier] * C for m in active),
     }
     keys = engine.keys(org_id)
-    paused = set(await engine.client.zrange(keys[4], 0, -1))
-    debtors = await engine.client.zrange(keys[6], 0, -1)
+    paused = set(await engine.client.zrange(keys.paused, 0, -1))
+    debtors = await engine.client.zrange(keys.debtors, 0, -1)
     assert paused == {m.member_id for m in active if m.paused}
     by_age = sorted((m for m in active if m.debt), key=lambda m: (m.dsince, m.member_id.encode()))
     assert debtors == [m.member_id for m in by_age]
-    assert not await engine.client.hget(keys[0], "jb")  # no chunked work left behind
+    assert not await engine.client.hget(keys.org, "jb")  # no chunked work left behind
 
 
 @settings(

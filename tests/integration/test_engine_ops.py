@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,8 +20,15 @@ from redis.asyncio.cluster import RedisCluster
 from unit.test_model_rules import SCENARIOS, cmd, use
 
 from worker.config import Settings
-from worker.engine import RedisBehind, RedisEngine, decode_effects
-from worker.model import CommandItem, Item, UsageItem, to_ms
+from worker.engine import (
+    CLAIM_MINE,
+    CLAIM_NEW,
+    CLAIM_TAKEN,
+    RedisBehind,
+    RedisEngine,
+    decode_effects,
+)
+from worker.model import Item, UsageItem, to_ms
 
 C = 1000
 T0 = to_ms(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
@@ -62,18 +70,7 @@ async def test_replaying_any_prefix_changes_nothing(
         for cut in {1, len(items) // 2, len(items)}:
             prefix = items[:cut]
             res = await engine.apply(real, prefix)
-            assert {o.status for o in res.outcomes} <= {"replayed", "duplicate"}
-            assert res.effects == []
-            # Without Kafka offsets (parked retries, rebuild feeds) the dedupe window catches
-            # them: still nothing changes.
-            stripped = [
-                UsageItem(i.event_id, i.member_id, i.task_id, i.credits_mc, i.occurred_at_ms)
-                if isinstance(i, UsageItem)
-                else CommandItem(i.command)
-                for i in prefix
-            ]
-            res = await engine.apply(real, stripped)
-            assert {o.status for o in res.outcomes} == {"duplicate"}
+            assert {o.status for o in res.outcomes} == {"replayed"}
             assert res.effects == []
         assert await engine.state_view(real) == before
         assert await engine.outbox_pending(real) == outbox
@@ -153,13 +150,13 @@ async def test_ten_thousand_members_pool_dry_and_cycle_end(
     for i in range(0, n, 1000):
         await engine.apply("big", [use(m, 500 * C, T0 + 1000) for m in ids[i : i + 1000]])
     keys = engine.keys("big")
-    assert await client.zcard(keys[5]) == n and await client.zcard(keys[4]) == 0
+    assert await client.zcard(keys.dependents) == n and await client.zcard(keys.paused) == 0
     engine.durations.clear()
     # One member drains the pool: every other member is paused, in bounded chunks.
     res = await engine.apply("big", [use(ids[0], 1000 * C, T0 + 2000)])
     pauses = [e for e in res.effects if e["kind"] == "signal" and e["signal"] == "pause"]
     assert len(pauses) == n and {e["reason"] for e in pauses} == {"pool_exhausted"}
-    assert await client.zcard(keys[4]) == n
+    assert await client.zcard(keys.paused) == n
     dry_calls, dry_max = len(engine.durations), max(engine.durations)
     # The bound that keeps Redis responsive is structural: no call walks more members than
     # its budget (wall-clock figures are printed below and recorded in docs/engine.md).
@@ -173,7 +170,7 @@ async def test_ten_thousand_members_pool_dry_and_cycle_end(
     resumes = [e for e in res.effects if e["kind"] == "signal" and e["signal"] == "resume"]
     assert len(resumes) == n and {e["reason"] for e in resumes} == {"cycle_reset"}
     assert [e["negative_balance_mc"] for e in res.effects if e["kind"] == "invoice"] == [0]
-    assert await client.zcard(keys[4]) == 0
+    assert await client.zcard(keys.paused) == 0
     end_max = max(engine.durations)
     assert len(engine.durations) >= n // engine.walk_budget
     assert max(engine.signals) <= engine.walk_budget
@@ -221,28 +218,24 @@ async def test_scripts_on_redis_cluster(
     assert res.outcomes[0].status == "applied"
 
 
-async def test_dedupe_window_rotates(client: aioredis.Redis, settings: Settings) -> None:
+async def test_claims_window_rotates(client: aioredis.Redis, settings: Settings) -> None:
+    # An id is claimed for the record that carries it for one to two windows of wall clock;
+    # after that PostgreSQL's unique keys are what keep it decided once, ever.
     engine = RedisEngine(client, settings)
     w = settings.dedupe_window_seconds * 1000
     now = 1000 * w  # the start of a window
-    await engine.apply(
-        "o",
-        [cmd("org_upsert", T0, billing_anchor_day=1),
-         cmd("member_add", T0, member_id="a", tier="pro")],
-        now_ms=now,
-    )  # fmt: skip
-    event = UsageItem("ev", "a", "t", C, T0 + 1)
-    assert (await engine.apply("o", [event], now_ms=now + 10)).outcomes[0].status == "applied"
-    # Remembered for at least one full window, across a rotation.
+    assert await engine.claim([("e|ev", "0:1")], now_ms=now + 10) == [CLAIM_NEW]
     for later in (now + w - 1, now + w, now + 2 * w - 1):
-        res = await engine.apply("o", [event], now_ms=later)
-        assert res.outcomes[0].status == "duplicate", later
-    # Two windows on, Redis has forgotten it: the Postgres check of the pipeline is what keeps
-    # an event_id decided once, ever.
-    res = await engine.apply("o", [event], now_ms=now + 2 * w)
-    assert res.outcomes[0].status == "applied"
-    keys = engine.keys("o")
-    assert await client.scard(keys[3]) == 1 and await client.scard(keys[8]) == 0
+        assert await engine.claim([("e|ev", "1:7")], now_ms=later) == [CLAIM_TAKEN], later
+        assert await engine.claim([("e|ev", "0:1")], now_ms=later) == [CLAIM_MINE], later
+    # Events and commands are separate namespaces; within one call the first record wins.
+    assert await engine.claim(
+        [("c|ev", "0:1"), ("e|x", "0:2"), ("e|x", "0:3")], now_ms=now + 10
+    ) == [CLAIM_NEW, CLAIM_NEW, CLAIM_TAKEN]
+    assert await engine.claim([("e|ev", "1:7")], now_ms=now + 2 * w) == [CLAIM_NEW]
+    # Each window's hash expires on its own (no key grows without bound).
+    ttl = await client.pttl(engine.claim_keys(zlib.crc32(b"e|ev") % engine.claim_shards, now)[0])
+    assert 0 < ttl <= 2 * w + 60_000
 
 
 async def test_an_unknown_member_offset_is_decided_however_late_its_replay(
@@ -250,26 +243,24 @@ async def test_an_unknown_member_offset_is_decided_however_late_its_replay(
 ) -> None:
     # Usage for a member that does not exist yet moves the watermark past its offset; a replay
     # of that offset (a crash before the event was parked) must be decided, not skipped as
-    # applied, even windows later: the mark is not in the rotating dedupe window.
+    # applied, however late it comes: the mark lives in a set that never rotates.
     engine = RedisEngine(client, settings)
-    w = settings.dedupe_window_seconds * 1000
-    now = 1000 * w
-    await engine.apply("o", [cmd("org_upsert", T0, billing_anchor_day=1)], now_ms=now)
+    await engine.apply("o", [cmd("org_upsert", T0, billing_anchor_day=1)])
     early = UsageItem("ev", "late", "t", C, T0 + 1, "u:0", 5)
     after = UsageItem("ev2", "late", "t", C, T0 + 2, "u:0", 6)
-    res = await engine.apply("o", [early], now_ms=now)
+    res = await engine.apply("o", [early])
     assert res.outcomes[0].status == "unknown"
-    await engine.apply("o", [cmd("member_add", T0, member_id="late", tier="pro")], now_ms=now)
-    assert (await engine.apply("o", [after], now_ms=now)).outcomes[0].status == "applied"
-    res = await engine.apply("o", [early], now_ms=now + 5 * w)  # windows later
+    await engine.apply("o", [cmd("member_add", T0, member_id="late", tier="pro")])
+    assert (await engine.apply("o", [after])).outcomes[0].status == "applied"
+    res = await engine.apply("o", [early])  # the replay
     assert res.outcomes[0].status == "applied"
-    assert (await engine.apply("o", [early], now_ms=now + 5 * w)).outcomes[0].status == "replayed"
-    assert await client.scard(engine.keys("o")[9]) == 0  # decided: the mark is gone
+    assert (await engine.apply("o", [early])).outcomes[0].status == "replayed"
+    assert await client.scard(engine.keys("o").unknown) == 0  # decided: the mark is gone
     # The pipeline drops the mark itself once the event is parked in PostgreSQL.
-    await engine.apply("o", [UsageItem("ev3", "ghost", "t", C, T0 + 3, "u:0", 9)], now_ms=now)
-    assert await client.scard(engine.keys("o")[9]) == 1
+    await engine.apply("o", [UsageItem("ev3", "ghost", "t", C, T0 + 3, "u:0", 9)])
+    assert await client.scard(engine.keys("o").unknown) == 1
     await engine.outbox_ack({}, {"o": ["u|u:0|9"]})
-    assert await client.scard(engine.keys("o")[9]) == 0
+    assert await client.scard(engine.keys("o").unknown) == 0
 
 
 async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) -> None:
@@ -325,13 +316,13 @@ async def test_pending_work_is_finished_by_the_next_caller(
     meta, _ = await first._apply(
         keys=first.keys("o"),
         args=["o", orjson.dumps([[2, orjson.dumps(tick.command).decode(), "", -1]]).decode(),
-              0, first.window_ms, first._config, first.walk_budget],
+              first._config, first.walk_budget],
     )  # fmt: skip
     consumed, pending, _outs = orjson.loads(meta)
     # The tick is not consumed yet (its due moments are unfinished; it would be redelivered),
     # but the cycle has closed and the work is recorded.
     assert (consumed, pending) == (0, 1)
-    assert int(await client.hget(first.keys("o")[0], "cs")) == tick.command["at_ms"]
+    assert int(await client.hget(first.keys("o").org, "cs")) == tick.command["at_ms"]
     # Another worker applies a new event: the queued resumes come first, then the event.
     second = RedisEngine(client, settings)
     res = await second.apply(
@@ -339,7 +330,7 @@ async def test_pending_work_is_finished_by_the_next_caller(
     )
     kinds = [e["kind"] for e in res.effects]
     assert kinds.count("signal") == 60 - 10 and kinds[-2:] == ["ledger", "usage"]
-    assert await client.zcard(second.keys("o")[4]) == 0
+    assert await client.zcard(second.keys("o").paused) == 0
 
 
 async def test_many_grants_expiring_at_one_instant(

@@ -2,16 +2,14 @@
 -- continue any pending org-wide work (the same script with no items is the "drain" call).
 -- Loaded after lib_*.lua (concatenated by worker/engine.py).
 --
--- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 dedupe set (current window),
---       5 paused zset, 6 pool-dependents zset, 7 debtors zset, 8 promo expiry zset,
---       9 dedupe set (previous window), 10 unknown-offset marks set
+-- KEYS: 1 org hash, 2 member hash, 3 outbox stream, 4 paused zset, 5 pool-dependents zset,
+--       6 debtors zset, 7 promo expiry zset, 8 unknown-offset marks set
 --                                                       (one hash tag: the encoded org id)
--- ARGV: 1 org_id, 2 items (JSON), 3 wall clock ms, 4 dedupe window ms,
---       5 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance],
---       6 walk budget (members per call),
---       7 expected seq (optional): the org's effect seq the caller knows PostgreSQL holds
---         or will hold; a Redis below it lost writes and the call is refused unchanged,
---       8 '1' for a rebuild replay: decided ids are not added to the dedupe window
+-- ARGV: 1 org_id, 2 items (JSON),
+--       3 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance],
+--       4 walk budget (members per call),
+--       5 expected seq (optional): the org's effect seq the caller knows PostgreSQL holds
+--         or will hold; a Redis below it lost writes and the call is refused unchanged
 -- Returns {meta JSON [consumed, pending, outcomes], effects JSON}, or for a refused call
 -- {meta JSON [-1, the org's seq in Redis (0: unknown org), []], '[]'}.
 --
@@ -19,22 +17,19 @@
 -- Redis has no rollback, so every input is validated before its item's first write and no
 -- error path exists after it (the loader adds a '#!lua' shebang, so Redis refuses the whole
 -- call at its start when out of memory under maxmemory-policy noeviction). Member sets are updated as
--- members are evaluated; the org and member hashes, the dedupe ids and the one outbox entry
+-- members are evaluated; the org and member hashes, the unknown-offset marks and the one outbox entry
 -- are written at the end. A worker crash after the call loses nothing: the effects wait in the
 -- outbox until acked. Unfinished org-wide work is recorded in the org hash ('jb') and finished
 -- by the next call, whoever makes it, before any further item is applied.
 
-local K_O, K_M, K_X, K_D, K_P, K_Q, K_B, K_E, K_D1, K_U =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local REPLAY = ARGV[8] == '1' 
+local K_O, K_M, K_X, K_P, K_Q, K_B, K_E, K_U =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local ORG_ID = ARGV[1]
 local ITEMS = cjson.decode(ARGV[2])
-local NOW = tonumber(ARGV[3])
-local WINDOW = tonumber(ARGV[4])
-local CFG = cjson.decode(ARGV[5])
+local CFG = cjson.decode(ARGV[3])
 local TIERS, BLOCK = CFG[1], CFG[2]
 local MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC = CFG[3], CFG[4], CFG[5]
-local BUDGET = tonumber(ARGV[6])
+local BUDGET = tonumber(ARGV[4])
 local NULL = cjson.null
 local INACTIVITY_MONTHS = 12
 local YEAR_MS = 365 * 86400000
@@ -64,7 +59,7 @@ end
 -- Org state: read once, written once (changed fields only)
 -- ---------------------------------------------------------------------------------------
 local NUM_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're',
-  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np', 'wb'}
+  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np'}
 local O, W, TL, JOBS = {}, {}, {}, {}
 local ODIRTY, WDIRTY, TLDIRTY = {}, {}, {}
 local EXISTS = false
@@ -90,7 +85,7 @@ local JOBS_DIRTY = false
 
 -- Redis behind PostgreSQL (restarted behind its AOF, emptied): decide nothing on stale state.
 -- Nothing has been written yet; the caller rebuilds the org from the ledger and calls again.
-local EXPECT = tonumber(ARGV[7]) or 0
+local EXPECT = tonumber(ARGV[5]) or 0
 if EXPECT > 0 and (not EXISTS or O.sq < EXPECT) then
   return {cjson.encode({-1, EXISTS and O.sq or 0, {}}), '[]'}
 end
@@ -538,54 +533,13 @@ local function advance(t)
 end
 
 -- ---------------------------------------------------------------------------------------
--- Idempotency: per-source offset watermark, then the dedupe window
+-- Idempotency: the per-source offset watermark. Ids are deduplicated before the engine is
+-- called (the global claims, worker/lua/claim.lua, and PostgreSQL's unique keys): a copy of
+-- a decided id never reaches this script.
 -- ---------------------------------------------------------------------------------------
--- The dedupe window is two plain sets rotated every WINDOW ms of wall clock: an id stays
--- between one and two windows, and adding one costs a set insert instead of a sorted-set one.
-if EXISTS then
-  local bucket = math.floor(NOW / WINDOW)
-  if bucket > O.wb then
-    if bucket == O.wb + 1 then
-      redis.call('UNLINK', K_D1)
-      if redis.call('EXISTS', K_D) == 1 then redis.call('RENAME', K_D, K_D1) end
-    else
-      redis.call('UNLINK', K_D, K_D1)
-    end
-    S('wb', bucket)
-  end
-end
-local function seen_in_window(ids)
-  local a = redis.call('SMISMEMBER', K_D, unpack(ids))
-  local b = redis.call('SMISMEMBER', K_D1, unpack(ids))
-  local out = {}
-  for j = 1, #ids do out[j] = (a[j] == 1 or b[j] == 1) end
-  return out
-end
-local SEEN = {}      -- dedupe ids known to exist (prefetched or added by this call)
-local NEW_IDS = {}   -- ids to add to the window at the end
-do
-  local keys = {}
-  for _, it in ipairs(ITEMS) do
-    if it[1] == 1 then keys[#keys + 1] = 'e|' .. it[2]
-    else
-      local c = cjson.decode(it[2])
-      it.cmd = c
-      keys[#keys + 1] = 'c|' .. tostring(c.command_id)
-    end
-  end
-  if EXISTS and #keys > 0 then
-    for i = 1, #keys, 1000 do
-      local part = {}
-      for j = i, math.min(i + 999, #keys) do part[#part + 1] = keys[j] end
-      local found = seen_in_window(part)
-      for j = 1, #part do if found[j] then SEEN[part[j]] = true end end
-    end
-  end
-end
-
-local function remember(id)
-  SEEN[id] = true
-  if not REPLAY then NEW_IDS[#NEW_IDS + 1] = id end
+local SEEN = {}      -- unknown-offset marks known to exist (looked up or added by this call)
+for _, it in ipairs(ITEMS) do
+  if it[1] ~= 1 then it.cmd = cjson.decode(it[2]) end
 end
 
 -- Offsets of usage for a member that did not exist yet ('u|<source>|<offset>'): the watermark
@@ -603,26 +557,20 @@ local function mark(src, off)
 end
 
 local UNKNOWN_SEEN_DROP = {}
-local OUT_APPLIED, OUT_DUPLICATE, OUT_REPLAYED = {'applied', NULL}, {'duplicate', NULL},
-  {'replayed', NULL}
--- Returns the outcome when the item is not to be decided, else nil and, for a replayed offset
--- that was unknown when first seen, its dedupe entry (dropped once the item is decided).
-local function gate(src, off, key)
-  local drop = nil
+local OUT_APPLIED, OUT_REPLAYED = {'applied', NULL}, {'replayed', NULL}
+-- Returns the outcome when the item is not to be decided (a replay of an applied offset), else
+-- nil and, for a replayed offset that was unknown when first seen, its mark (dropped once the
+-- item is decided).
+local function gate(src, off)
   if off >= 0 and W[src] ~= nil and W[src] >= off then
     local u = 'u|' .. src .. '|' .. fmt(off)
     if SEEN[u] == nil then
       SEEN[u] = redis.call('SISMEMBER', K_U, u) == 1
     end
     if not SEEN[u] then return OUT_REPLAYED, nil end
-    drop = u
+    return nil, u
   end
-  if SEEN[key] then
-    mark(src, off)
-    if drop then SEEN[drop] = false; UNKNOWN_SEEN_DROP[#UNKNOWN_SEEN_DROP + 1] = drop end
-    return OUT_DUPLICATE, nil
-  end
-  return nil, drop
+  return nil, nil
 end
 
 local function decided(drop)
@@ -660,14 +608,12 @@ local function do_usage(it)
     end
     return {'unknown', 'unknown_member'}
   end
-  local key = 'e|' .. eid
-  local g, drop = gate(src, off, key)
+  local g, drop = gate(src, off)
   if g then return g end
   if not advance(occ) then return INTERRUPTED end
   decided(drop)
   m = get(mid)
   mark(src, off)
-  remember(key)
   local late = occ < O.cs
   local ctx = ctx_of('usage', eid, task, late)
   local avail = pool_available()
@@ -1009,24 +955,20 @@ local function do_command(it)
     for _, f in ipairs(NUM_FIELDS) do O[f] = 0; ODIRTY[f] = true end
     O.rp = ''; ODIRTY.rp = true
     O.an, O.ck, O.cs, O.ce, O.la = day, at, s, e, at
-    O.wb = math.floor(NOW / WINDOW)
     EXISTS = true
     ODIRTY.ex = true
     O.ex = 1
     mark(src, off)
-    remember('c|' .. cid)
     emit({3, 0, cid, typ, 'applied', NULL, raw, src, off})
     return {'applied', NULL}
   end
-  local key = 'c|' .. cid
-  local g, drop = gate(src, off, key)
+  local g, drop = gate(src, off)
   if g then return g end
   if type(cmd.at_ms) == 'number' then
     if not advance(cmd.at_ms) then return INTERRUPTED end
   end
   decided(drop)
   mark(src, off)
-  remember(key)
   local ctx = ctx_of('admin', cid)
   local avail = pool_available()
   local touched = {}
@@ -1086,9 +1028,6 @@ if EXISTS then
     end
   end
   if #margs > 0 then redis.call('HSET', K_M, unpack(margs)) end
-  for i = 1, #NEW_IDS, 1000 do
-    redis.call('SADD', K_D, unpack(NEW_IDS, i, math.min(i + 999, #NEW_IDS)))
-  end
   if #NEW_U > 0 then redis.call('SADD', K_U, unpack(NEW_U)) end
   if #UNKNOWN_SEEN_DROP > 0 then redis.call('SREM', K_U, unpack(UNKNOWN_SEEN_DROP)) end
 end
