@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # --- Worker loop -------------------------------------------------------------------------
     batch_max_records: int = Field(default=20_000, ge=1)
     batch_timeout_ms: int = Field(default=100, ge=1)
-    batch_target_seconds: float = Field(default=0.25, ge=0.0)
+    batch_target_seconds: float = Field(default=1.0, ge=0.0)
     """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
     the latency a deep backlog adds; 0 turns the sizing off (always the maximum)."""
     shutdown_grace_seconds: float = Field(default=25.0, gt=0)

@@ -133,7 +133,6 @@ effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 
 
-
 def load_script(name: str) -> str:
     """One stand-alone script of ``lua/`` (flagged with the ``#!lua`` shebang, see below)."""
     text = (resources.files("worker") / "lua" / name).read_text(encoding="utf-8")
