@@ -400,6 +400,27 @@ class FlushBatch:
             )
         )
 
+    def merge(self, other: FlushBatch) -> None:
+        """Add ``other``'s rows after this batch's (a later batch of the same stage), so that
+        several batches commit in one transaction."""
+        self.ledger.extend(other.ledger)
+        self.usage.extend(other.usage)
+        self.commands.extend(other.commands)
+        self.invoices.extend(other.invoices)
+        self.notifications.extend(other.notifications)
+        self.refills.extend(other.refills)
+        for key, row in other.signals.items():
+            prev = self.signals.get(key)
+            if prev is None or row[5] > prev[5]:
+                self.signals[key] = row
+        self.parked_add.extend(other.parked_add)
+        self.parked_del.extend(other.parked_del)
+        for org, seq in other.org_seq.items():
+            if seq > self.org_seq.get(org, 0):
+                self.org_seq[org] = seq
+        for (topic, partition), off in other.offsets.items():
+            self.set_offset(topic, partition, off)
+
     def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
         key = (topic, partition)
         if next_offset > self.offsets.get(key, -1):

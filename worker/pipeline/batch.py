@@ -87,6 +87,7 @@ class Batch:
     orgs_with_commands: set[str] = field(default_factory=set)
     charged_mc: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by bucket
     is_retry: bool = False
+    oldest_ms: int = 0  # Kafka timestamp of the batch's oldest record (how long it waited)
     fetched_at: float = 0.0  # monotonic times: fetched, decided ids dropped, apply started,
     intake_at: float = 0.0  # handed to the producer (the latency a pause sees), committed
     apply_at: float = 0.0

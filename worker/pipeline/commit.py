@@ -3,7 +3,8 @@
 1. **Kafka acks** of the effect messages and dead letters the apply stage handed over (on an
    error everything is sent again: copies are harmless, a gap is not), then the members whose
    signals went out are read back and any newer state is published after them, so the
-   compacted control topic ends on each member's current state.
+   compacted control topic ends on each member's current state. The batches the apply stage
+   handed over meanwhile are committed together (a group commit) in the steps below.
 2. **One PostgreSQL transaction**: ledger rows, decided ids (``usage_events``,
    ``admin_commands``, rejections included), invoices, notifications, refill requests, last
    signals, parked events added and removed, ``org_seq`` and ``consumer_offsets``: the offsets
@@ -43,7 +44,7 @@ from aiokafka.structs import OffsetAndMetadata
 from worker import metrics
 from worker.config import Settings
 from worker.contract import Engine
-from worker.ledger import Ledger, Quarantined
+from worker.ledger import FlushBatch, Ledger, Quarantined
 from worker.pipeline.apply import Applier, FlushProgress
 from worker.pipeline.backoff import Backoff, DataFailure, is_pg_data_error
 from worker.pipeline.batch import Batch, Stats
@@ -85,87 +86,116 @@ class Committer:
         self.processed: dict[tuple[str, int], int] = {}  # next offset flushed, for lag
         self.retry_decided = 0  # events the last parked-retry turn charged or dead-lettered
 
-    async def flush(self, batch: Batch) -> None:
-        """Steps 1-4 of the module docstring for one batch."""
+    async def flush(self, batches: list[Batch]) -> None:
+        """Steps 1-4 of the module docstring for consecutive batches, in one transaction.
+
+        Whatever the apply stage handed over while the last commit ran is committed together
+        (a group commit): the commit stage's fixed costs (the fsync, the outbox ack, the Kafka
+        commit) are paid once, so it keeps up with small live batches and never holds the apply
+        stage (and a pause) back.
+        """
         started = time.perf_counter()
-        await self._await_publish(batch)
-        self._crash.reached("after_publish", batch.kafka_no)
-        with metrics.timed(metrics.PG_FLUSH_SECONDS):
-            try:
-                await self._backoff.retry(
-                    "postgres",
-                    lambda: self._ledger.write(batch.flush),
-                    data_error=is_pg_data_error,
-                )
-            except DataFailure as failure:
-                await self._write_isolated(batch, failure)
-        self._applier.flushed(batch.flush.org_seq)
-        self._crash.reached("after_pg_commit", batch.kafka_no)
-        if batch.acks or batch.unknown_marks:
-            await self._backoff.retry(
-                "redis", lambda: self._engine.outbox_ack(batch.acks, batch.unknown_marks)
-            )
-        metrics.OUTBOX_DEPTH.dec(batch.outboxed)
-        self._crash.reached("before_offset_commit", batch.kafka_no)
-        if batch.commit:
-            await self.commit_to_kafka(batch.commit)
-        for (topic, partition), off in batch.flush.offsets.items():
-            self.processed[(topic, partition)] = off
-        self._account(batch)
-        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        metrics.WORKER_UP.set(1)
-        if batch.flush.parked_add:
-            # Read back by the retry turn only once committed: raise the flag again now.
-            self._parking.hint = True
-        if batch.orgs_with_commands and self._parking.hint:
-            self._parking.retry_soon = True
-
-    async def _await_publish(self, batch: Batch) -> None:
-        """Kafka's acks for the batch's messages, then the members' current states."""
-        if batch.wait_publish is not None:
-            wait = batch.wait_publish
-
-            async def publish() -> None:
-                nonlocal wait
-                try:
-                    await wait()
-                except Exception:
-                    # Resend everything: the idempotent producer and the consumers' seq dedupe
-                    # make a second copy harmless, a missing one is not. An older signal may
-                    # now land after a newer one: the read-back below fixes that.
-                    wait = await self._publisher.send(batch.messages)
-                    raise
-
-            await self._backoff.retry("publish", publish)
-        if batch.signals:
-            publisher, engine, signals = self._publisher, self._engine, batch.signals
+        last = batches[-1]
+        signals: dict[str, dict[str, int]] = {}
+        for batch in batches:
+            await self._await_publish(batch)
+            for org, members in batch.signals.items():
+                mine = signals.setdefault(org, {})
+                for mid, seq in members.items():
+                    mine[mid] = max(mine.get(mid, 0), seq)
+        if signals:
+            publisher, engine = self._publisher, self._engine
             await self._backoff.retry(
                 "publish", lambda: publisher.ensure_current_signals(engine, signals)
             )
+        self._crash.reached("after_publish", last.kafka_no)
+        flush = batches[0].flush
+        if len(batches) > 1:
+            flush = FlushBatch()
+            for batch in batches:
+                flush.merge(batch.flush)
+        with metrics.timed(metrics.PG_FLUSH_SECONDS):
+            try:
+                await self._backoff.retry(
+                    "postgres", lambda: self._ledger.write(flush), data_error=is_pg_data_error
+                )
+            except DataFailure as failure:
+                await self._write_isolated(batches, flush, failure)
+        self._applier.flushed(flush.org_seq)
+        self._crash.reached("after_pg_commit", last.kafka_no)
+        acks: dict[str, int] = {}
+        marks: dict[str, list[str]] = {}
+        commit: dict[TopicPartition, int] = {}
+        for batch in batches:
+            for org, seq in batch.acks.items():
+                acks[org] = max(acks.get(org, 0), seq)
+            for org, org_marks in batch.unknown_marks.items():
+                marks.setdefault(org, []).extend(org_marks)
+            for tp, off in batch.commit.items():
+                commit[tp] = max(commit.get(tp, 0), off)
+        if acks or marks:
+            await self._backoff.retry("redis", lambda: self._engine.outbox_ack(acks, marks))
+        metrics.OUTBOX_DEPTH.dec(sum(b.outboxed for b in batches))
+        self._crash.reached("before_offset_commit", last.kafka_no)
+        if commit:
+            await self.commit_to_kafka(commit)
+        for (topic, partition), off in flush.offsets.items():
+            self.processed[(topic, partition)] = off
+        for batch in batches:
+            self._account(batch)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        metrics.WORKER_UP.set(1)
+        if flush.parked_add:
+            # Read back by the retry turn only once committed: raise the flag again now.
+            self._parking.hint = True
+        if any(b.orgs_with_commands for b in batches) and self._parking.hint:
+            self._parking.retry_soon = True
 
-    async def _write_isolated(self, batch: Batch, failure: DataFailure) -> None:
-        """PostgreSQL refused the batch for its content: set the refused rows aside, dead-letter
-        their inputs with ``storage_failed``, commit the rest (module docstring, step 2)."""
-        log.error("postgres refused batch %d for its content (%s): isolating", batch.number,
-                  failure.error)  # fmt: skip
-        bad = await self._backoff.retry(
-            "postgres", lambda: self._ledger.write_isolated(batch.flush)
-        )
+    async def _await_publish(self, batch: Batch) -> None:
+        """Kafka's acks for the batch's messages (on an error everything is sent again)."""
+        if batch.wait_publish is None:
+            return
+        wait = batch.wait_publish
+
+        async def publish() -> None:
+            nonlocal wait
+            try:
+                await wait()
+            except Exception:
+                # Resend everything: the idempotent producer and the consumers' seq dedupe
+                # make a second copy harmless, a missing one is not. An older signal may now
+                # land after a newer one: the read-back of the current states fixes that.
+                wait = await self._publisher.send(batch.messages)
+                raise
+
+        await self._backoff.retry("publish", publish)
+
+    async def _write_isolated(
+        self, batches: list[Batch], flush: FlushBatch, failure: DataFailure
+    ) -> None:
+        """PostgreSQL refused the batches for their content: set the refused rows aside,
+        dead-letter their inputs with ``storage_failed``, commit the rest (step 2)."""
+        log.error("postgres refused batch %d for its content (%s): isolating",
+                  batches[-1].number, failure.error)  # fmt: skip
+        bad = await self._backoff.retry("postgres", lambda: self._ledger.write_isolated(flush))
         if not bad:
             return
         metrics.QUARANTINED.labels(stage="postgres").inc(len(bad))
         self.stats.quarantined += len(bad)
-        letters = self._storage_dead_letters(batch, bad)
+        letters = self._storage_dead_letters(batches, bad)
         for q in bad:
             log.error("row set aside in quarantined_rows: %s (%s)", q.table, q.reason)
         if letters:
             await self._backoff.retry("publish", lambda: self._publisher.publish(letters))
 
-    def _storage_dead_letters(self, batch: Batch, bad: list[Quarantined]) -> list[OutMessage]:
+    def _storage_dead_letters(
+        self, batches: list[Batch], bad: list[Quarantined]
+    ) -> list[OutMessage]:
         raws: dict[tuple[str, int], RawSource] = {}
-        for ps in batch.by_org.values():
-            for p in ps:
-                raws[(f"{p.raw.topic}:{p.raw.partition}", p.raw.offset)] = p.raw
+        for batch in batches:
+            for ps in batch.by_org.values():
+                for p in ps:
+                    raws[(f"{p.raw.topic}:{p.raw.partition}", p.raw.offset)] = p.raw
         out: list[OutMessage] = []
         for q in bad:
             if q.source is None or q.offset is None:

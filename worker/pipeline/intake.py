@@ -117,6 +117,9 @@ class Intake:
             is_usage = tp.topic == s.topic_usage
             source = f"{tp.topic}:{tp.partition}"
             next_offset = recs[-1].offset + 1
+            first_ts = recs[0].timestamp
+            if first_ts and (not batch.oldest_ms or first_ts < batch.oldest_ms):
+                batch.oldest_ms = first_ts
             batch.flush.set_offset(tp.topic, tp.partition, next_offset)
             batch.commit[tp] = next_offset
             batch.records += len(recs)

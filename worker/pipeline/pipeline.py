@@ -50,6 +50,9 @@ GC_INTERVAL_SECONDS = 30.0
 """Seconds between two explicit garbage collections (automatic collection is off, see
 ``tune_gc``)."""
 
+FETCH_MAX_WAIT_MS = 10
+"""How long the broker may hold a fetch request open waiting for data."""
+
 FETCH_FAILURE_LOG_SECONDS = 30.0
 """At most one "fetch failed" line in this interval (the count of the others is in it)."""
 
@@ -111,7 +114,7 @@ class Pipeline:
         self._apply_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self._slot = asyncio.Semaphore(1)  # held from fetching a batch until apply takes it
         self.sizer = BatchSizer(settings)
-        self._commit_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        self._commit_q = CommitQueue(max(settings.batch_max_records * 2, 1))
         self._inflight = 0
         self._drained = asyncio.Event()
         self._drained.set()
@@ -133,6 +136,11 @@ class Pipeline:
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
+            # aiokafka keeps one fetch request per broker in flight: one that holds only idle
+            # partitions (an admin topic with nothing new) would make the busy ones wait the
+            # broker's whole wait time (500 ms by default). Short waits keep a record that
+            # arrives a few milliseconds from being fetched.
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
 
     def processed_offsets(self) -> dict[tuple[str, int], int]:
@@ -211,11 +219,8 @@ class Pipeline:
     async def _put_commit(self, item: Batch | None) -> bool:
         """Hand ``item`` to the commit stage, waiting for room up to the grace period."""
         while not self.giving_up():
-            try:
-                await asyncio.wait_for(self._commit_q.put(item), timeout=0.5)
+            if await self._commit_q.put(item, wait_seconds=0.5):
                 return True
-            except TimeoutError:
-                continue
         return False
 
     def _done(self) -> bool:
@@ -393,18 +398,23 @@ class Pipeline:
     # --- commit stage --------------------------------------------------------------------------
     async def _commit_stage(self) -> None:
         while True:
-            batch = await self._commit_q.get()
-            if batch is None:
+            batches, ended = await self._commit_q.take_all()
+            if batches:
+                try:
+                    if self.progress.broken is None:
+                        await self.committer.flush(batches)
+                except Exception as exc:
+                    for batch in batches:
+                        self._fail(batch, exc, "committing")
+                else:
+                    for batch in batches:
+                        if log.isEnabledFor(logging.DEBUG):
+                            _log_timings(batch)
+                        self._finish(batch)
+                finally:
+                    self._commit_q.done(batches)
+            if ended:
                 return
-            try:
-                if self.progress.broken is None:
-                    await self.committer.flush(batch)
-            except Exception as exc:
-                self._fail(batch, exc, "committing")
-                continue
-            if log.isEnabledFor(logging.DEBUG):
-                _log_timings(batch)
-            self._finish(batch)
 
     def _fail(self, batch: Batch, exc: BaseException, step: str) -> None:
         # Never commit a later batch past one that failed: its offsets would skip the failed
@@ -478,6 +488,59 @@ class Pipeline:
             self.committer.processed.pop((tp.topic, tp.partition), None)
 
 
+class CommitQueue:
+    """Batches applied and waiting for the commit stage, bounded by their records.
+
+    The commit stage takes everything that waits at once (a group commit), so many small
+    batches of live traffic cost one PostgreSQL transaction; the bound (twice the largest
+    batch) keeps what a backlog can pile up in memory in check, and stops the apply stage only
+    then.
+    """
+
+    def __init__(self, max_records: int) -> None:
+        self._max = max_records
+        self._items: list[Batch] = []
+        self._records = 0
+        self._in_commit = 0
+        self._ended = False
+        self._changed = asyncio.Event()
+
+    async def put(self, item: Batch | None, *, wait_seconds: float) -> bool:
+        """Queue ``item`` (None: no more batches) once there is room; False if there was none
+        within ``wait_seconds``."""
+        deadline = time.monotonic() + wait_seconds
+        if item is not None:
+            while self._items and self._records + self._in_commit + item.records > self._max:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+            self._items.append(item)
+            self._records += item.records
+        else:
+            self._ended = True
+        self._changed.set()
+        return True
+
+    async def take_all(self) -> tuple[list[Batch], bool]:
+        """Every waiting batch (at least one unless the end came), and whether it ended."""
+        while not self._items and not self._ended:
+            self._changed.clear()
+            await self._changed.wait()
+        items, self._items = self._items, []
+        self._records = 0
+        self._in_commit = sum(b.records for b in items)
+        ended = self._ended and not self._items
+        return items, ended
+
+    def done(self, items: list[Batch]) -> None:
+        """The commit stage finished ``items``: their room is free again."""
+        self._in_commit = 0
+        self._changed.set()
+
+
 def _log_timings(b: Batch) -> None:
     """One DEBUG line per batch: where its time went (ms from fetch)."""
     if not b.fetched_at:
@@ -487,10 +550,13 @@ def _log_timings(b: Batch) -> None:
     def ms(t: float) -> str:
         return f"{(t - b.fetched_at) * 1000:.0f}" if t else "-"
 
+    age = time.time() * 1000 - (time.monotonic() - b.fetched_at) * 1000 - b.oldest_ms
     log.debug(
-        "batch %d: %d records, intake %s ms, apply start %s, handed %s, committed %s",
+        "batch %d: %d records (oldest waited %.0f ms), intake %s ms, apply start %s, handed %s,"
+        " committed %s",
         b.number,
         b.records,
+        age if b.oldest_ms else 0.0,
         ms(b.intake_at),
         ms(b.apply_at),
         ms(b.applied_at),

@@ -1,0 +1,404 @@
+"""Latency benchmark (``make bench-latency``): how fast a member who can no longer pay is paused,
+under live traffic at a steady rate.
+
+Workload (flags change every number): ``--orgs`` orgs x ``--members`` ``pro`` members, empty
+pools; each member gets 6 usage events of 100 credits, 100 ms apart, starting at a random moment
+of the run, produced at the overall ``--rate`` (events/s). The org's cycle starts today, so a
+member's allocation is just under 500 credits and its 5th event is the one that exhausts it: the
+worker must publish a ``pause`` (``pool_exhausted``) for every member.
+
+Measured in one run, against the worker as a subprocess (already running, setup applied):
+
+- **pause latency**: the ``pause`` record's broker timestamp on the control topic (created with
+  ``message.timestamp.type=LogAppendTime``, so the broker's own clock) minus the 5th event's
+  ``occurred_at``, which is set when the event is handed to the producer;
+- **commit latency**: ``usage_events.decided_at`` (PostgreSQL's clock at the commit of the
+  event's batch) minus ``occurred_at``, for every event;
+- **broker floor**: a probe message every 10 ms through a topic of its own, produced and consumed
+  by this process the way the worker does (idempotent producer, ``getmany`` consumer): what any
+  consumer of the usage topic pays before the worker does anything.
+
+Prints p50/p90/p99/max of each and writes the latency section of ``BENCHMARKS.md``. All clocks are
+this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from bench.e2e import (
+    _free_port,
+    _worker_env,
+    all_topics,
+    bench_settings,
+    delete_redis_keys,
+    drop_schema,
+    end_offsets,
+    log,
+)
+from bench.workload import Commands
+from worker.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_MD = ROOT / "BENCHMARKS.md"
+SECTION_START = "<!-- bench.latency:start -->"
+SECTION_END = "<!-- bench.latency:end -->"
+
+EVENTS_PER_MEMBER = 6
+EVENT_CREDITS = 100
+EVENT_GAP_S = 0.1
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of ``values`` (seconds), as milliseconds."""
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p90": float("nan"), "p99": float("nan"),
+                "max": float("nan")}  # fmt: skip
+    xs = sorted(values)
+
+    def at(q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+    return {"n": len(xs), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": xs[-1] * 1000}
+
+
+@dataclass
+class Run:
+    rate: float
+    orgs: int
+    members: int
+    pauses: list[float] = field(default_factory=list)
+    commits: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)
+    missing: int = 0
+    produced: int = 0
+    produce_seconds: float = 0.0
+
+
+async def create_topics(s: Settings, probe: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        new = []
+        for name in all_topics(s):
+            config = {"message.timestamp.type": os.environ.get("BENCH_TS", "LogAppendTime")}
+            if name == s.topic_control:
+                config["cleanup.policy"] = "compact"
+            new.append(NewTopic(name, s.topic_partitions, 1, topic_configs=config))
+        new.append(NewTopic(probe, 1, 1))
+        await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def delete_topics(s: Settings, probe: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([*all_topics(s), probe])
+    finally:
+        await admin.close()
+
+
+def setup(orgs: int, members: int) -> list[tuple[bytes, bytes]]:
+    """Orgs whose cycle starts today (anchor = today's day), ``pro`` members, no pool."""
+    now = datetime.now(UTC)
+    at = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    cmds = Commands(f"lat{uuid.uuid4().hex[:6]}")
+    out = []
+    for o in range(orgs):
+        org = f"org{o:05d}"
+        out.append(cmds.org_upsert(org, at, anchor_day=now.day))
+        for m in range(members):
+            out.append(cmds.member_add(org, f"m{m:02d}", "pro", at))
+    return [(msg.key, msg.value) for msg in out]
+
+
+async def wait_committed(s: Settings, topic: str, timeout: float) -> None:
+    targets = await end_offsets(s.kafka_bootstrap, topic)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = await admin.list_consumer_group_offsets(s.consumer_group)
+            if all(got.get(tp) and got[tp].offset >= end for tp, end in targets.items() if end):
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    raise TimeoutError(f"{topic} not committed after {timeout} s")
+
+
+async def probe_floor(bootstrap: str, topic: str, stop: asyncio.Event, out: list[float]) -> None:
+    """A message every 10 ms, produced and consumed like the worker does: the broker's floor."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=True, acks="all", linger_ms=0
+    )
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    await consumer.seek_to_end(tp)
+
+    async def receive() -> None:
+        while not stop.is_set():
+            got = await consumer.getmany(timeout_ms=100)
+            now = time.time()
+            for recs in got.values():
+                for r in recs:
+                    out.append(now - float(r.value))
+
+    receiver = asyncio.create_task(receive())
+    try:
+        while not stop.is_set():
+            await producer.send(topic, str(time.time()).encode())
+            await asyncio.sleep(0.01)
+    finally:
+        await asyncio.sleep(0.3)
+        receiver.cancel()
+        await producer.stop()
+        await consumer.stop()
+
+
+async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str], float]:
+    """Produce every member's 6 events at the run's rate; returns each member's 5th event's
+    ``occurred_at`` (epoch seconds)."""
+    rng = random.Random(seed)
+    members = [(f"org{o:05d}", f"m{m:02d}") for o in range(run.orgs) for m in range(run.members)]
+    total = len(members) * EVENTS_PER_MEMBER
+    span = max(1.0, total / run.rate - EVENTS_PER_MEMBER * EVENT_GAP_S)
+    schedule: list[tuple[float, str, str, int]] = []
+    for org, member in members:
+        start = rng.random() * span
+        for k in range(EVENTS_PER_MEMBER):
+            schedule.append((start + k * EVENT_GAP_S, org, member, k))
+    schedule.sort()
+    producer = AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap, enable_idempotence=True, acks="all", linger_ms=1
+    )
+    await producer.start()
+    fifth: dict[tuple[str, str], float] = {}
+    t0 = time.monotonic()
+    futures = []
+    try:
+        i = 0
+        while i < len(schedule):
+            now = time.monotonic() - t0
+            due = schedule[i][0]
+            if due > now:
+                await asyncio.sleep(min(due - now, 0.005))
+                continue
+            while i < len(schedule) and schedule[i][0] <= time.monotonic() - t0:
+                _, org, member, k = schedule[i]
+                wall = time.time()
+                occurred = datetime.fromtimestamp(wall, UTC)
+                value = orjson.dumps(
+                    {
+                        "event_id": f"{org}-{member}-{k}-{seed}",
+                        "org_id": org,
+                        "member_id": member,
+                        "task_id": "t",
+                        "credits": EVENT_CREDITS,
+                        "occurred_at": occurred.strftime("%Y-%m-%dT%H:%M:%S.")
+                        + f"{occurred.microsecond // 1000:03d}Z",
+                    }
+                )
+                if k == 4:
+                    fifth[(org, member)] = int(wall * 1000) / 1000
+                futures.append(await producer.send(s.topic_usage, value, key=org.encode()))
+                i += 1
+            if len(futures) > 5_000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    run.produced = len(schedule)
+    run.produce_seconds = time.monotonic() - t0
+    return fifth
+
+
+async def read_pauses(s: Settings, want: int, timeout: float) -> dict[tuple[str, str], float]:
+    """First ``pause`` record per member on the control topic: its broker timestamp."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: dict[tuple[str, str], float] = {}
+    try:
+        parts = [TopicPartition(s.topic_control, p) for p in range(s.topic_partitions)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        deadline = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < deadline:
+            got = await consumer.getmany(timeout_ms=500)
+            for recs in got.values():
+                for r in recs:
+                    v = orjson.loads(r.value)
+                    key = (v["org_id"], v["member_id"])
+                    if v["signal"] == "pause" and key not in out:
+                        out[key] = r.timestamp / 1000
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def commit_latencies(s: Settings) -> list[float]:
+    import asyncpg
+
+    conn = await asyncpg.connect(
+        s.postgres_dsn.get_secret_value(), server_settings={"search_path": s.postgres_schema}
+    )
+    try:
+        rows = await conn.fetch(
+            "SELECT extract(epoch FROM decided_at) - occurred_at_ms / 1000.0 AS lag"
+            " FROM usage_events WHERE status = 'charged'"
+        )
+    finally:
+        await conn.close()
+    return [float(r["lag"]) for r in rows]
+
+
+async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
+    """Fresh topics, schema and keys; the worker as a subprocess; one steady-rate run."""
+    run_id = uuid.uuid4().hex[:6]
+    s = bench_settings(base, f"lat{run_id}")
+    probe = f"bench-lat{run_id}.probe"
+    run = Run(rate, orgs, members)
+    await create_topics(s, probe)
+    proc = None
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+        await producer.start()
+        try:
+            for key, value in setup(orgs, members):
+                await producer.send(s.topic_admin, value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        env = _worker_env(s, _free_port())
+        # BENCH_WORKER_LOG=DEBUG BENCH_WORKER_LOG_FILE=worker.log: the worker's per-batch lines.
+        log_file = os.environ.get("BENCH_WORKER_LOG_FILE")
+        out: Any = open(log_file, "ab") if log_file else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker", "worker", env=env, cwd=ROOT,
+            stdout=out, stderr=asyncio.subprocess.STDOUT if log_file else out,
+        )  # fmt: skip
+        log(f"rate {rate:,.0f}/s, {orgs:,} orgs x {members}: worker applies the setup ...")
+        await wait_committed(s, s.topic_admin, 300)
+        await asyncio.sleep(1.0)
+        stop = asyncio.Event()
+        floor = asyncio.create_task(probe_floor(s.kafka_bootstrap, probe, stop, run.floor))
+        total = orgs * members * EVENTS_PER_MEMBER
+        log(f"  producing {total:,} events at {rate:,.0f}/s ({total / rate:.0f} s) ...")
+        fifth = await produce_usage(s, run, seed=int(run_id, 16))
+        stop.set()
+        await floor
+        pauses = await read_pauses(s, len(fifth), timeout=30)
+        for key, t in fifth.items():
+            got = pauses.get(key)
+            if got is None:
+                run.missing += 1
+            else:
+                run.pauses.append(got - t)
+        await wait_committed(s, s.topic_usage, 120)
+        run.commits = await commit_latencies(s)
+        log(
+            f"  pause p99 {percentiles(run.pauses)['p99']:.1f} ms over {len(run.pauses):,},"
+            f" {run.missing} missing; floor p99 {percentiles(run.floor)['p99']:.1f} ms"
+        )
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+        await delete_topics(s, probe)
+        await drop_schema(s)
+        await delete_redis_keys(s)
+    return run
+
+
+def render(runs: list[Run], argv: list[str]) -> str:
+    head = (
+        f"Command: `python -m bench.latency {' '.join(argv)}`".rstrip()
+        + f". Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on this machine, the worker, broker,"
+        " Redis and PostgreSQL of the local stack sharing its cores.\n\n"
+    )
+    lines = [
+        "| rate (events/s) | orgs x members | measure | n | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        for name, values in (
+            ("pause (broker time - occurred_at)", r.pauses),
+            ("commit (PostgreSQL - occurred_at)", r.commits),
+            ("broker floor (produce -> consume)", r.floor),
+        ):
+            p = percentiles(values)
+            lines.append(
+                f"| {r.rate:,.0f} | {r.orgs:,} x {r.members} | {name} | {p['n']:,} |"
+                f" {p['p50']:.1f} | {p['p90']:.1f} | {p['p99']:.1f} | {p['max']:.1f} |"
+            )
+        if r.missing:
+            lines.append(f"| {r.rate:,.0f} | | pauses missing after 30 s | {r.missing} | | | | |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_markdown(text: str) -> None:
+    section = f"{SECTION_START}\n## Pause latency (`make bench-latency`)\n\n{text}{SECTION_END}"
+    md = BENCH_MD.read_text(encoding="utf-8")
+    if SECTION_START in md:
+        before, rest = md.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1]
+        md = before + section + after
+    else:
+        md = md.rstrip() + "\n\n" + section + "\n"
+    BENCH_MD.write_text(md, encoding="utf-8")
+
+
+async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
+    base = Settings()
+    runs = []
+    for rate in args.rate:
+        runs.append(await one_run(base, rate, args.orgs, args.members))
+    text = render(runs, argv)
+    print("\n" + text)
+    if args.write_md:
+        write_markdown(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--rate", type=float, action="append", help="events/s (repeatable)")
+    p.add_argument("--orgs", type=int, default=1_000)
+    p.add_argument("--members", type=int, default=10)
+    p.add_argument("--no-write", dest="write_md", action="store_false")
+    args = p.parse_args(argv)
+    args.rate = args.rate or [2_000.0]
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_async(args, argv))
+    return uvloop.run(main_async(args, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
