@@ -128,12 +128,12 @@ def setup(orgs: int, members: int) -> list[tuple[bytes, bytes]]:
     return [(msg.key, msg.value) for msg in out]
 
 
-async def wait_committed(s: Settings, topic: str, timeout: float) -> None:
+async def wait_committed(s: Settings, topic: str, within: float) -> None:
     targets = await end_offsets(s.kafka_bootstrap, topic)
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             got = await admin.list_consumer_group_offsets(s.consumer_group)
             if all(got.get(tp) and got[tp].offset >= end for tp, end in targets.items() if end):
@@ -141,7 +141,7 @@ async def wait_committed(s: Settings, topic: str, timeout: float) -> None:
             await asyncio.sleep(0.2)
     finally:
         await admin.close()
-    raise TimeoutError(f"{topic} not committed after {timeout} s")
+    raise TimeoutError(f"{topic} not committed after {within} s")
 
 
 async def probe_floor(bootstrap: str, topic: str, stop: asyncio.Event, out: list[float]) -> None:
@@ -234,7 +234,7 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
     return fifth
 
 
-async def read_pauses(s: Settings, want: int, timeout: float) -> dict[tuple[str, str], float]:
+async def read_pauses(s: Settings, want: int, within: float) -> dict[tuple[str, str], float]:
     """First ``pause`` record per member on the control topic: its broker timestamp."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
@@ -243,7 +243,7 @@ async def read_pauses(s: Settings, want: int, timeout: float) -> dict[tuple[str,
         parts = [TopicPartition(s.topic_control, p) for p in range(s.topic_partitions)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         while len(out) < want and time.monotonic() < deadline:
             got = await consumer.getmany(timeout_ms=500)
             for recs in got.values():
@@ -293,7 +293,11 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
         env = _worker_env(s, _free_port())
         # BENCH_WORKER_LOG=DEBUG BENCH_WORKER_LOG_FILE=worker.log: the worker's per-batch lines.
         log_file = os.environ.get("BENCH_WORKER_LOG_FILE")
-        out: Any = open(log_file, "ab") if log_file else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        out: Any = (
+            open(log_file, "ab")  # noqa: SIM115, ASYNC230 (once, before the run)
+            if log_file
+            else asyncio.subprocess.DEVNULL
+        )
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "worker", "worker", env=env, cwd=ROOT,
             stdout=out, stderr=asyncio.subprocess.STDOUT if log_file else out,
@@ -308,7 +312,7 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
         fifth = await produce_usage(s, run, seed=int(run_id, 16))
         stop.set()
         await floor
-        pauses = await read_pauses(s, len(fifth), timeout=30)
+        pauses = await read_pauses(s, len(fifth), within=30)
         for key, t in fifth.items():
             got = pauses.get(key)
             if got is None:

@@ -21,26 +21,27 @@ import uuid
 import asyncpg
 
 from worker.config import Settings
+from worker.effects import Charge
 from worker.ledger import FlushBatch, Ledger, migrate, quote_schema
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
 
 def charge_batch(first: int, size: int, orgs: int, seqs: dict[str, int]) -> FlushBatch:
-    """One batch of ``size`` one-bucket charges (``worker.engine.CHARGE_FIELDS`` rows)."""
+    """One batch of ``size`` one-bucket charges (compact ``Charge`` effects)."""
     batch = FlushBatch()
-    by_org: dict[str, list[list[object]]] = {}
+    charges: list[Charge] = []
     for n in range(first, first + size):
         org = f"org{n * 7919 % orgs:05d}"
         seq = seqs.get(org, 0) + 1
         seqs[org] = seq + 1  # the usage row takes seq + 1
         member = f"m{n % 20:03d}"
-        by_org.setdefault(org, []).append(
-            ["c", seq, "allocation", None, f"e{n:09d}", member, f"t{n % 20:03d}", 12_500,
-             T0 + n, 0, "credits.usage.v1:0", n, T0, T0 + n]
+        charges.append(
+            Charge(seq, org, "allocation", None, f"e{n:09d}", member, f"t{n % 20:03d}", 12_500,
+                   T0 + n, False, "credits.usage.v1:0", n, T0, T0 + n)
         )  # fmt: skip
-    for org, rows in by_org.items():
-        batch.add_charges(org, rows)
+    charges.sort(key=lambda c: c.org_id)
+    batch.add_effects(charges)
     batch.set_offset("credits.usage.v1", 0, first + size)
     return batch
 

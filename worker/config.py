@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr(f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0")
     redis_cluster: bool = False
     redis_key_prefix: str = "m"
+    redis_shards: int = Field(default=16, ge=1, le=16384)
+    """Virtual shards the orgs' keys are spread over (hash tags ``{s0}``..): one engine call
+    applies many orgs of one shard. Fixed for a deployment's data: changing it means
+    ``metering rebuild`` (docs/engine.md, "Key layout")."""
 
     # --- PostgreSQL --------------------------------------------------------------------------
     postgres_dsn: SecretStr = SecretStr(

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import NamedTuple
-
-from schemas.ids import hash_tag_part
 
 MC_PER_CREDIT = 1_000
 """Amounts are integer millicredits everywhere inside the worker (1 credit = 1,000 mc)."""
@@ -39,10 +38,14 @@ INACTIVITY_MONTHS = 12
 DEFAULT_WALK_BUDGET = 250
 """Member records one engine script call may visit for org-wide work before it yields."""
 
-# --- Redis key layout (all keys of one org share the hash tag ``{<encoded org_id>}``) -------
+# --- Redis key layout ---------------------------------------------------------------------
+# Every key of an org is ``<prefix>:{s<shard>}:<suffix>:<org_id>``: the hash tag names one of a
+# fixed number of virtual shards (``redis_shards``), not the org, so one script call can apply
+# many orgs (every org of a shard is in one Redis Cluster slot). The org id follows the tag as
+# plain data: Redis Cluster hashes only the first ``{...}``, so any character of an id is safe.
 KEY_ORG = "o"  # hash: org settings, clock, cycle, pool, counters, watermarks, job state
-KEY_MEMBERS = "m"  # hash: member_id -> msgpack member record
-KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = msgpack list of effects
+KEY_MEMBERS = "m"  # hash: member_id -> JSON member record (worker/layout.py MEMBER_FIELDS)
+KEY_OUTBOX = "x"  # stream: entry id <last seq>-0, field "e" = JSON list of effect rows
 KEY_PAUSED = "p"  # zset (score 0): active members currently paused
 KEY_DEPENDENTS = "q"  # zset (score 0): running members that can only pay from the pool
 KEY_DEBTORS = "b"  # zset: members with debt, scored by the org clock when the debt began
@@ -73,20 +76,33 @@ class OrgKeys(NamedTuple):
     unknown: str
 
 
-def org_key(prefix: str, org_id: str, suffix: str) -> str:
-    """One key of an org: ``<prefix>:{<org>}:<suffix>``, the org id encoded inside the hash tag.
-
-    Redis Cluster hashes what lies between the first ``{`` and the next ``}``; the org id is
-    percent-encoded there (:func:`schemas.ids.hash_tag_part`), so an id such as ``}a`` or
-    ``a{b}`` still gives every key of the org the same, non-empty tag.
-    """
-    return f"{prefix}:{{{hash_tag_part(org_id)}}}:{suffix}"
+def shard_of(org_id: str, shards: int) -> int:
+    """The org's virtual shard: CRC-32 of its UTF-8 bytes modulo ``shards``."""
+    return zlib.crc32(org_id.encode("utf-8", "surrogatepass")) % shards
 
 
-def org_keys(prefix: str, org_id: str) -> OrgKeys:
-    """The engine's keys of one org (all share the org's hash tag)."""
-    tag = f"{prefix}:{{{hash_tag_part(org_id)}}}:"
-    return OrgKeys(*(tag + suffix for suffix in ORG_KEY_SUFFIXES))
+def shard_tag(prefix: str, shard: int) -> str:
+    """``<prefix>:{s<shard>}:``, the start of every key of the shard's orgs."""
+    return f"{prefix}:{{s{shard}}}:"
+
+
+def org_keys(prefix: str, org_id: str, shards: int) -> OrgKeys:
+    """The engine's keys of one org (all share its shard's hash tag)."""
+    tag = shard_tag(prefix, shard_of(org_id, shards))
+    return OrgKeys(*(f"{tag}{suffix}:{org_id}" for suffix in ORG_KEY_SUFFIXES))
+
+
+def org_of_key(prefix: str, key: str, suffix: str) -> str | None:
+    """The org id of one of its keys (``None`` when ``key`` is not such a key)."""
+    head = f"{prefix}:{{s"
+    if not key.startswith(head):
+        return None
+    close = key.find("}:", len(head))
+    if close < 0 or not key[len(head) : close].isdigit():
+        return None
+    rest = key[close + 2 :]
+    lead = suffix + ":"
+    return rest[len(lead) :] if rest.startswith(lead) else None
 
 
 # --- Outcome statuses and engine error codes ----------------------------------------------

@@ -5,9 +5,11 @@ Two implementations keep it: ``worker.engine.RedisEngine`` (the Lua scripts, pro
 ``worker.engine_memory.MemoryEngine`` (the pure model with an in-memory outbox: tests, a second
 opinion). Nothing outside them reaches into an engine's client or keys.
 
-Items are for **one org per call**. Amounts are integer millicredits, times epoch milliseconds.
-Effects are dicts with the fields listed in docs/architecture.md, each with the org-wide,
-strictly increasing ``seq`` that also orders it in the org's outbox.
+One call applies the items of many orgs (``apply_many``), each org's items atomically and in
+order, orgs independent of one another. Amounts are integer millicredits, times epoch
+milliseconds. Effects are the typed values of ``worker.effects`` (a tagged union of msgspec
+Structs), each with the org-wide, strictly increasing ``seq`` that also orders it in the org's
+outbox.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
+
+from worker.effects import Effect, Signal
 
 
 class UsageItem(NamedTuple):
@@ -60,15 +64,42 @@ class ApplyResult:
     """Outcomes (one per item, in order) and the effects produced, in ``seq`` order."""
 
     outcomes: list[Outcome]
-    effects: list[dict[str, Any]]
+    effects: list[Effect]
 
     def __iter__(self) -> Iterator[Any]:
         """Unpacks as ``outcomes, effects = engine.apply(...)``."""
         return iter((self.outcomes, self.effects))
 
+    @property
+    def dicts(self) -> list[dict[str, Any]]:
+        """The effects as plain dicts, charges expanded (what ``worker.model`` returns)."""
+        from worker.effects import as_dicts
 
-ChargeRow = list[Any]
-"""A compact charge row of ``RedisEngine.apply_rows`` (``worker.engine.CHARGE_FIELDS``)."""
+        return as_dicts(self.effects)
+
+
+class OrgCall(NamedTuple):
+    """One org's part of an ``apply_many`` call.
+
+    ``expect_seq`` (0: no check) is the org's effect seq that PostgreSQL holds or will hold:
+    an engine holding the org at a lower seq (or not at all) refuses the org unchanged.
+    """
+
+    org_id: str
+    items: Sequence[Item]
+    expect_seq: int = 0
+
+
+@dataclass(slots=True)
+class OrgResult:
+    """What ``apply_many`` did for one org: outcomes and effects as in :class:`ApplyResult`
+    (one-bucket charges stay compact ``Charge`` effects), or ``behind`` when it refused."""
+
+    org_id: str
+    outcomes: list[Outcome]
+    effects: list[Effect]
+    behind: RedisBehind | None = None
+
 
 CLAIM_NEW, CLAIM_MINE, CLAIM_TAKEN = 0, 1, 2
 """Verdicts of :meth:`Engine.claim`: claimed now, claimed before by the same record (a
@@ -93,22 +124,29 @@ class RedisBehind(Exception):
 class Engine(Protocol):
     """Everything the worker calls on a credit engine."""
 
+    async def apply_many(self, calls: Sequence[OrgCall]) -> list[OrgResult]:
+        """Apply the items of several orgs (one :class:`OrgCall` per org, no org twice); one
+        result per call, in order. Each org's items are applied atomically and in order; ids
+        are not deduplicated here (``claim`` first), replayed offsets are. On an error nothing
+        is returned, although orgs of the calls that reached the store may have been applied:
+        applying the same calls again is safe (their offsets come back ``replayed`` and their
+        effects wait in the outbox, ``outbox_pending``)."""
+
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
-        """Apply items of one org atomically and in order (see ``RedisEngine.apply``); ids are
-        not deduplicated here (``claim`` first), replayed offsets are."""
-
-    async def apply_rows(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
-    ) -> tuple[list[Outcome], list[dict[str, Any]], list[ChargeRow]]:
-        """Like ``apply``; one-bucket charges may come back as compact rows (the hot path)."""
+        """``apply_many`` for one org, charges expanded; raises :class:`RedisBehind` when the
+        engine refused the org."""
 
     async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
         """Claim namespaced ids (``e|``/``c|``) for the records carrying them (``CLAIM_*``)."""
 
-    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
-        """Effects not yet acknowledged with ``seq > after_seq``, in seq order."""
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[Effect]:
+        """Effects not yet acknowledged with ``seq > after_seq``, in seq order (charges
+        expanded)."""
+
+    async def outbox_pending_many(self, after: Mapping[str, int]) -> dict[str, list[Effect]]:
+        """``outbox_pending`` of several orgs (org -> after_seq), in one round trip."""
 
     async def outbox_ack(
         self, acks: Mapping[str, int], unknown_marks: Mapping[str, Sequence[str]] | None = None
@@ -125,10 +163,8 @@ class Engine(Protocol):
     async def reset_org(self, org_id: str) -> None:
         """Forget everything about one org (before a rebuild replays it)."""
 
-    async def member_signals(
-        self, org_id: str, member_ids: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
-        """Each member's current state as its latest ``signal`` effect (without ``seq``)."""
+    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
+        """Each member's current state as its latest ``signal`` (``seq`` 0: a re-send)."""
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The SPEC section 7 dashboard, or None for an unknown org."""

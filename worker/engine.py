@@ -1,11 +1,13 @@
 """RedisEngine: the production credit engine, a typed wrapper over the Lua scripts.
 
-One ``apply`` call runs a batch of items of ONE org atomically in Redis (``worker/lua/apply.lua``)
-and returns one outcome per item and the effects produced; the same effects stay in the org's
-outbox stream until ``outbox_ack``. Org-wide work (cycle end, pool running dry, funding after
-debt) is chunked inside Redis; ``apply`` keeps calling the script until every item is applied
-and no chunked work is left, so the caller sees one call. Key layout, memory figures and the
-dedupe design are in ``docs/engine.md``.
+One ``apply_many`` call applies the items of many orgs: the orgs are grouped by virtual shard
+(every key of a shard's orgs shares one hash tag, ``worker/constants.py``), and each group is
+one run of ``worker/lua/apply.lua``, which applies every org of the group in turn, each
+atomically and in order, and returns per org its outcomes and effects; the same effects stay
+in the org's outbox stream until ``outbox_ack``. Org-wide work (cycle end, pool running dry,
+funding after debt) is chunked inside Redis; ``apply_many`` keeps calling the script until
+every item is applied and no chunked work is left, so the caller sees one call. Key layout,
+memory figures and the call sizes are in ``docs/engine.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from schemas.ids import unhash_tag_part
+from worker import layout
 from worker.constants import (
     DEFAULT_WALK_BUDGET,
     KEY_OUTBOX,
@@ -30,6 +32,8 @@ from worker.constants import (
     MC_PER_CREDIT,
     OrgKeys,
     org_keys,
+    org_of_key,
+    shard_of,
 )
 from worker.contract import (
     CLAIM_MINE,
@@ -38,10 +42,13 @@ from worker.contract import (
     ApplyResult,
     CommandItem,
     Item,
+    OrgCall,
+    OrgResult,
     Outcome,
     RedisBehind,
     UsageItem,
 )
+from worker.effects import Effect, Signal, decode_blob, expanded
 from worker.model import Grant, Member, Org, dashboard_view, roll_member, state_view
 
 if TYPE_CHECKING:
@@ -57,6 +64,8 @@ __all__ = [
     "ApplyResult",
     "CommandItem",
     "Item",
+    "OrgCall",
+    "OrgResult",
     "Outcome",
     "RedisBehind",
     "RedisEngine",
@@ -64,73 +73,33 @@ __all__ = [
     "load_apply_script",
 ]
 
-
-def _ledger(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "ledger", "seq": r[1], "org_id": org, "member_id": r[2],
-            "source_kind": r[3], "source_id": r[4], "task_id": r[5], "movement": r[6],
-            "bucket": r[7], "grant_id": r[8], "amount_mc": r[9], "cycle_start_ms": r[10],
-            "late": r[11], "at_ms": r[12]}  # fmt: skip
-
-
-def _usage(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "usage", "seq": r[1], "org_id": org, "event_id": r[2], "member_id": r[3],
-            "task_id": r[4], "credits_mc": r[5], "occurred_at_ms": r[6], "status": r[7],
-            "code": r[8], "late": r[9], "source": r[10], "offset": r[11]}  # fmt: skip
-
-
-def _command(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "command", "seq": r[1], "org_id": org, "command_id": r[2], "type": r[3],
-            "status": r[4], "code": r[5], "command": orjson.loads(r[6]), "source": r[7],
-            "offset": r[8]}  # fmt: skip
-
-
-def _signal(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "signal", "seq": r[1], "org_id": org, "member_id": r[2], "signal": r[3],
-            "reason": r[4], "member_seq": r[5], "issued_at_ms": r[6]}  # fmt: skip
-
-
-def _notification(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "notification", "seq": r[1], "org_id": org, "type": r[2],
-            "member_id": r[3], "detail": r[4], "at_ms": r[5]}  # fmt: skip
-
-
-def _refill_request(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "refill_request", "seq": r[1], "org_id": org, "request_id": r[2],
-            "credits_mc": r[3], "amount_usd_cents": r[4], "at_ms": r[5]}  # fmt: skip
-
-
-def _invoice(r: list[Any], org: str) -> dict[str, Any]:
-    return {"kind": "invoice", "seq": r[1], "org_id": org, "cycle_start_ms": r[2],
-            "cycle_end_ms": r[3], "negative_balance_mc": r[4],
-            "amount_usd_cents": r[5]}  # fmt: skip
-
-
-def _charge(r: list[Any], org: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    # One row for the common charge: a usage event paid by one bucket (ledger seq, usage seq+1).
-    ledger = {"kind": "ledger", "seq": r[1], "org_id": org, "member_id": r[5],
-              "source_kind": "usage", "source_id": r[4], "task_id": r[6], "movement": "charge",
-              "bucket": r[2], "grant_id": r[3], "amount_mc": -r[7], "cycle_start_ms": r[12],
-              "late": r[9], "at_ms": r[13]}  # fmt: skip
-    usage = {"kind": "usage", "seq": r[1] + 1, "org_id": org, "event_id": r[4],
-             "member_id": r[5], "task_id": r[6], "credits_mc": r[7], "occurred_at_ms": r[8],
-             "status": "charged", "code": None, "late": r[9], "source": r[10],
-             "offset": r[11]}  # fmt: skip
-    return ledger, usage
-
-
-# Effects travel from the script as positional JSON arrays (row[0] = kind code, row[1] = seq).
-_DECODERS = (None, _ledger, _usage, _command, _signal, _notification, _refill_request, _invoice)
-_CHARGE = 8
 KEY_CACHE_MAX = 100_000
 """Orgs whose key names are remembered (about 1.5 KB each)."""
 
-CHARGE_FIELDS = (
-    "kind", "ledger_seq", "bucket", "grant_id", "event_id", "member_id", "task_id",
-    "credits_mc", "occurred_at_ms", "late", "source", "offset", "cycle_start_ms", "at_ms",
-)  # fmt: skip
-"""Positions in a compact charge row: a usage event paid by one bucket, whose ``ledger``
-effect has seq ``ledger_seq`` and whose ``usage`` effect (status ``charged``) ``ledger_seq + 1``."""
+CALL_MAX_ORGS = 200
+"""Orgs per script call at most (with their items: the time one call holds Redis)."""
+
+CALL_MAX_ITEMS = 500
+"""Items per script call at most (NOTES: ~500 debits per call keeps a call near 1-2 ms)."""
+
+CALL_CONCURRENCY = 8
+"""Script calls in flight at once (NOTES: a few calls in flight keep Redis busy while the
+worker encodes the next ones)."""
+
+APPLY_LIBRARIES = (
+    "lib_layout.lua",
+    "lib_calendar.lua",
+    "lib_state.lua",
+    "lib_effects.lua",
+    "lib_rules.lua",
+    "lib_jobs.lua",
+    "lib_due.lua",
+    "lib_items.lua",
+)
+"""The apply script's libraries, in dependency order (Redis Lua has no ``require``)."""
+
 _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
+_MP = {name: layout.member_index(name) for name in layout.MEMBER_FIELDS}
 
 
 def load_script(name: str) -> str:
@@ -140,20 +109,15 @@ def load_script(name: str) -> str:
 
 
 def load_apply_script() -> str:
-    """The apply script: ``lua/lib_*.lua`` (shared helpers) followed by ``lua/apply.lua``.
+    """The apply script: the libraries of :data:`APPLY_LIBRARIES`, then ``lua/apply.lua``.
 
-    Redis Lua has no ``require``; the helpers are concatenated in front (flat in ``lua/`` so
-    the package data glob ``lua/*.lua`` ships them).
+    Flat in ``lua/`` so the package data glob ``lua/*.lua`` ships them.
     """
     root = resources.files("worker") / "lua"
-    lib = sorted(
-        (p for p in root.iterdir() if p.name.startswith("lib_") and p.name.endswith(".lua")),
-        key=lambda p: p.name,
-    )
     # The shebang makes it a flagged script (Redis 7): refused at its start when Redis is out
     # of memory, never half-way through its writes.
     parts = ["#!lua"]
-    parts += [p.read_text(encoding="utf-8") for p in lib]
+    parts += [(root / name).read_text(encoding="utf-8") for name in APPLY_LIBRARIES]
     parts.append((root / "apply.lua").read_text(encoding="utf-8"))
     return "\n".join(parts)
 
@@ -162,40 +126,9 @@ def _encode_item(item: Item) -> tuple[Any, ...]:
     if isinstance(item, UsageItem):
         # UsageItem's fields are in the script's order: event_id, member_id, task_id,
         # credits_mc, occurred_at_ms, source, offset (tests/unit/test_engine_encoding.py).
-        return (1, *item)
-    return (2, orjson.dumps(dict(item.command)).decode(), item.source, item.offset)
-
-
-def decode_effects(
-    org_id: str, raw: Any, charges: list[list[Any]] | None = None
-) -> list[dict[str, Any]]:
-    """Effect dicts (``docs/architecture.md`` fields) from the scripts' positional JSON.
-
-    With ``charges``, compact charge rows (see :data:`CHARGE_FIELDS`) are appended there as they
-    came instead of being expanded into their ``ledger`` and ``usage`` dicts.
-    """
-    rows = orjson.loads(raw) if isinstance(raw, str | bytes) else raw
-    if not rows:
-        return []
-    dec = _DECODERS
-    out: list[dict[str, Any]] = []
-    for r in rows:
-        if r[0] == _CHARGE:
-            if charges is None:
-                out.extend(_charge(r, org_id))
-            else:
-                charges.append(r)
-        else:
-            out.append(dec[r[0]](r, org_id))  # type: ignore[misc]
-    return out
-
-
-def expand_charges(org_id: str, charges: Sequence[list[Any]]) -> list[dict[str, Any]]:
-    """The ``ledger`` and ``usage`` effect dicts of compact charge rows, in seq order."""
-    out: list[dict[str, Any]] = []
-    for r in charges:
-        out.extend(_charge(r, org_id))
-    return out
+        return (layout.ITEM_USAGE, *item)
+    command = orjson.dumps(dict(item.command)).decode()
+    return (layout.ITEM_COMMAND, command, item.source, item.offset)
 
 
 def _outcomes(rows: list[list[Any]]) -> list[Outcome]:
@@ -240,6 +173,7 @@ class RedisEngine:
         self._apply = client.register_script(load_apply_script())
         self._claim = client.register_script(load_script("claim.lua"))
         self.claim_shards = settings.claim_shards
+        self.shards = settings.redis_shards
         self._cluster = type(client).__name__ == "RedisCluster"
         self._keys: dict[str, OrgKeys] = {}
         self.calls = 0
@@ -253,7 +187,7 @@ class RedisEngine:
         return cls(redis_client(settings), settings)
 
     def keys(self, org_id: str) -> OrgKeys:
-        """The org's keys in ``KEYS`` order (all share the hash tag ``{org_id}``).
+        """The org's keys in ``KEYS`` order (all share its shard's hash tag).
 
         Remembered per org (bounded): the pipeline asks for them on every call.
         """
@@ -261,74 +195,133 @@ class RedisEngine:
         if keys is None:
             if len(self._keys) >= KEY_CACHE_MAX:
                 self._keys.clear()
-            keys = self._keys[org_id] = org_keys(self.prefix, org_id)
+            keys = self._keys[org_id] = org_keys(self.prefix, org_id, self.shards)
         return keys
+
+    def shard(self, org_id: str) -> int:
+        """The org's virtual shard (its keys' hash tag)."""
+        return shard_of(org_id, self.shards)
 
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
-        """Apply items of one org in order; one outcome per item plus the effects produced.
+        """Apply items of one org in order; one outcome per item plus the effects produced
+        (charges expanded). Raises :class:`RedisBehind`, having changed nothing, when Redis
+        holds the org below ``expect_seq``. See :meth:`apply_many`."""
+        (result,) = await self.apply_many([OrgCall(org_id, items, expect_seq)])
+        if result.behind is not None:
+            raise result.behind
+        return ApplyResult(result.outcomes, expanded(result.effects))
 
-        Calls for different orgs may run concurrently; calls for the same org should not
-        overlap when the relative order of their items matters (each call is atomic, but two
-        overlapping calls interleave at call boundaries).
-        Several script calls happen when org-wide work is chunked; each call is atomic and
-        leaves the org consistent, and a crash between calls leaves the pending work recorded
-        in the org hash, where the next call (of any worker) finishes it before anything else.
-        With ``expect_seq``, the first call raises :class:`RedisBehind` without changing anything
-        when Redis holds the org at a lower effect seq (or not at all). Ids are not
-        deduplicated here (a replayed offset is): the pipeline claims them first (:meth:`claim`).
+    async def drain(self, org_id: str) -> ApplyResult:
+        """Finish any chunked org-wide work of the org (apply with no items)."""
+        return await self.apply(org_id, [])
+
+    async def apply_many(self, calls: Sequence[OrgCall]) -> list[OrgResult]:
+        """Apply the items of several orgs; one :class:`OrgResult` per call, in order.
+
+        The orgs are grouped by shard, and each group is packed into script calls of at most
+        :data:`CALL_MAX_ORGS` orgs and :data:`CALL_MAX_ITEMS` items, :data:`CALL_CONCURRENCY`
+        in flight. Each org's items are applied atomically per script call and in order; an
+        org whose items did not fit, or whose org-wide work is pending, goes into the next
+        round until everything is applied (each call leaves the org consistent; pending work
+        is recorded in the org hash and finished by the next call of any worker before any
+        other item). Calls for the same org must not overlap (each call is atomic, but two
+        overlapping calls interleave at call boundaries); one ``apply_many`` never has an org
+        twice. With ``expect_seq``, an org's first call refuses it unchanged when Redis holds
+        it at a lower effect seq (or not at all): its result has ``behind`` set. Ids are not
+        deduplicated here (a replayed offset is): the pipeline claims them first
+        (:meth:`claim`). On an error the exception propagates: orgs of script calls that did
+        run are applied, and applying the same calls again is safe (docs/delivery.md).
         """
-        outcomes, effects, _ = await self._run(org_id, items, None, expect_seq)
-        return ApplyResult(outcomes, effects)
+        n = len(calls)
+        results = [OrgResult(c.org_id, [], []) for c in calls]
+        encoded = [[_encode_item(i) for i in c.items] for c in calls]
+        start = [0] * n
+        expect = [c.expect_seq for c in calls]
+        stalls = [0] * n
+        todo = list(range(n))
+        sem = asyncio.Semaphore(CALL_CONCURRENCY)
 
-    async def apply_rows(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
-    ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]]]:
-        """Like :meth:`apply`, but one-bucket charges stay compact rows (:data:`CHARGE_FIELDS`).
+        async def run(group: list[int]) -> tuple[list[int], Any]:
+            async with sem:
+                return group, await self._call_group(group, calls, encoded, start, expect)
 
-        Returns ``(outcomes, effects, charges)``: ``effects`` holds every other effect; each
-        list is in seq order on its own. The pipeline builds PostgreSQL rows straight from the
-        charge rows instead of two dicts per event.
-        """
-        charges: list[list[Any]] = []
-        outcomes, effects, _ = await self._run(org_id, items, charges, expect_seq)
-        return outcomes, effects, charges
+        while todo:
+            groups = self._pack(todo, calls, encoded, start)
+            if len(groups) == 1:
+                replies = [await run(groups[0])]
+            else:
+                replies = await asyncio.gather(*(run(g) for g in groups))
+            todo = []
+            for group, reply in replies:
+                meta = orjson.loads(reply[0])
+                for j, idx in enumerate(group):
+                    consumed, pending, outs = meta[j]
+                    res = results[idx]
+                    if consumed < 0:  # refused unchanged: Redis is behind expect_seq
+                        res.behind = RedisBehind(res.org_id, int(pending), expect[idx])
+                        continue
+                    expect[idx] = 0  # later calls of a chunked apply follow our own writes
+                    if consumed:
+                        res.outcomes.extend(_outcomes(outs[:consumed]))
+                    res.effects.extend(decode_blob(res.org_id, reply[j + 1]))
+                    start[idx] += consumed
+                    if start[idx] >= len(encoded[idx]) and not pending:
+                        continue
+                    # Every call with a budget of at least one member makes progress for some
+                    # org; an org that consumed nothing twice with nothing pending is broken.
+                    stalls[idx] = stalls[idx] + 1 if consumed == 0 and not pending else 0
+                    if stalls[idx] > 1:
+                        raise RuntimeError(f"engine made no progress on org {res.org_id!r}")
+                    todo.append(idx)
+        return results
 
-    async def _run(
+    def _pack(
         self,
-        org_id: str,
-        items: Sequence[Item],
-        charges: list[list[Any]] | None,
-        expect_seq: int = 0,
-    ) -> tuple[list[Outcome], list[dict[str, Any]], list[list[Any]] | None]:
-        keys = self.keys(org_id)
-        encoded = [_encode_item(i) for i in items]
-        outcomes: list[Outcome] = []
-        effects: list[dict[str, Any]] = []
-        start = 0
-        stalls = 0
-        while True:
-            batch = orjson.dumps(encoded[start:]).decode()
-            args: list[str | int] = [org_id, batch, self._config, self.walk_budget, expect_seq]
-            meta_raw, blob = await self._apply(keys=keys, args=args)
-            self.calls += 1
-            consumed, pending, outs = orjson.loads(meta_raw)
-            if consumed < 0:  # refused unchanged: Redis is behind expect_seq
-                raise RedisBehind(org_id, int(pending), expect_seq)
-            expect_seq = 0  # later calls of a chunked apply follow our own writes
-            if isinstance(outs, dict):  # cjson writes an empty table as {}
-                outs = []
-            outcomes.extend(_outcomes(outs[:consumed]))
-            effects.extend(decode_effects(org_id, blob, charges))
-            start += consumed
-            if start >= len(encoded) and not pending:
-                return outcomes, effects, charges
-            # Every call with a budget of at least one member makes progress, so a call that
-            # consumed nothing and reports nothing pending means the script is broken.
-            stalls = stalls + 1 if consumed == 0 and not pending else 0
-            if stalls > 1:
-                raise RuntimeError(f"engine made no progress on org {org_id!r}")
+        todo: list[int],
+        calls: Sequence[OrgCall],
+        encoded: list[list[tuple[Any, ...]]],
+        start: list[int],
+    ) -> list[list[int]]:
+        """Script calls for the orgs of ``todo``: one shard each, bounded in orgs and items."""
+        by_shard: dict[int, list[int]] = {}
+        for idx in todo:
+            by_shard.setdefault(self.shard(calls[idx].org_id), []).append(idx)
+        groups: list[list[int]] = []
+        for members in by_shard.values():
+            group: list[int] = []
+            size = 0
+            for idx in members:
+                left = min(len(encoded[idx]) - start[idx], CALL_MAX_ITEMS)
+                if group and (len(group) >= CALL_MAX_ORGS or size + left > CALL_MAX_ITEMS):
+                    groups.append(group)
+                    group, size = [], 0
+                group.append(idx)
+                size += left
+            if group:
+                groups.append(group)
+        return groups
+
+    async def _call_group(
+        self,
+        group: list[int],
+        calls: Sequence[OrgCall],
+        encoded: list[list[tuple[Any, ...]]],
+        start: list[int],
+        expect: list[int],
+    ) -> Any:
+        keys: list[str] = []
+        spec: list[Any] = []
+        for idx in group:
+            org_id = calls[idx].org_id
+            keys.extend(self.keys(org_id))
+            s = start[idx]
+            spec.append((org_id, encoded[idx][s : s + CALL_MAX_ITEMS], expect[idx]))
+        args: list[str | int] = [orjson.dumps(spec).decode(), self._config, self.walk_budget]
+        reply = await self._apply(keys=keys, args=args)
+        self.calls += 1
+        return reply
 
     # --- claims: decided once, across orgs and workers ----------------------------------------
 
@@ -381,34 +374,26 @@ class RedisEngine:
                 out[i] = verdict - 48  # b"0" -> 0
         return out
 
-    async def member_signals(
-        self, org_id: str, member_ids: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
-        """The current state of members as their latest signal (``kind="signal"`` effect dicts
-        without ``seq``), for members that have had one; re-sent after a failed publish so the
-        compacted control topic ends on the current state."""
+    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
+        """The current state of members as their latest signal (``seq`` 0: a re-send), for
+        members that have had one; re-sent after a failed publish so the compacted control
+        topic ends on the current state."""
         if not member_ids:
             return {}
         ids = list(dict.fromkeys(member_ids))
         raw = await self.client.hmget(self.keys(org_id).members, ids)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, Signal] = {}
+        mp = _MP
         for mid, rec in zip(ids, raw, strict=True):
             if rec is None:
                 continue
             a = orjson.loads(rec)
-            mseq = a[15]
-            if not mseq or len(a) < 25 or a[23] is None:
+            mseq = a[mp["ms"]]
+            if not mseq or a[mp["lr"]] is None:
                 continue
-            out[mid] = {
-                "kind": "signal", "org_id": org_id, "member_id": mid,
-                "signal": "pause" if a[13] == 1 else "resume", "reason": a[23],
-                "member_seq": mseq, "issued_at_ms": a[24],
-            }  # fmt: skip
+            signal = "pause" if a[mp["pz"]] == 1 else "resume"
+            out[mid] = Signal(0, org_id, mid, signal, a[mp["lr"]], mseq, a[mp["li"]])
         return out
-
-    async def drain(self, org_id: str) -> ApplyResult:
-        """Finish any chunked org-wide work of the org (apply with no items)."""
-        return await self.apply(org_id, [])
 
     async def last_seq(self, org_id: str) -> int:
         """The org's last effect seq (0 when Redis does not know the org)."""
@@ -437,14 +422,27 @@ class RedisEngine:
 
     # --- outbox ----------------------------------------------------------------------------
 
-    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[Effect]:
         """Effects still in the org's outbox with ``seq > after_seq``, in seq order."""
-        key = self.keys(org_id).outbox
-        entries = await self.client.xrange(key, min=f"({after_seq}-0", max="+")
-        out: list[dict[str, Any]] = []
-        for _id, fields in entries or ():
-            blob = (fields or {}).get("e") or (fields or {}).get(b"e")
-            out.extend(e for e in decode_effects(org_id, blob) if e["seq"] > after_seq)
+        return (await self.outbox_pending_many({org_id: after_seq}))[org_id]
+
+    async def outbox_pending_many(self, after: Mapping[str, int]) -> dict[str, list[Effect]]:
+        """``outbox_pending`` of several orgs (org -> after_seq), one pipelined round trip."""
+        orgs = list(after)
+        if not orgs:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for org_id in orgs:
+            pipe.xrange(self.keys(org_id).outbox, min=f"({after[org_id]}-0", max="+")
+        replies = await pipe.execute()
+        out: dict[str, list[Effect]] = {}
+        for org_id, entries in zip(orgs, replies, strict=True):
+            floor = after[org_id]
+            effects: list[Effect] = []
+            for _id, fields in entries or ():
+                blob = (fields or {}).get("e") or (fields or {}).get(b"e")
+                effects.extend(e for e in expanded(decode_blob(org_id, blob)) if e.seq > floor)
+            out[org_id] = effects
         return out
 
     async def outbox_ack(
@@ -467,13 +465,13 @@ class RedisEngine:
 
     async def orgs_with_outbox(self) -> list[str]:
         """Orgs with unacked effects (SCAN over every node; startup recovery only)."""
-        suffix = f"}}:{KEY_OUTBOX}"
-        head = f"{self.prefix}:{{"
         found: set[str] = set()
-        async for raw in self.client.scan_iter(match=f"{head}*{suffix}", count=1000):
+        pattern = f"{self.prefix}:{{s*}}:{KEY_OUTBOX}:*"
+        async for raw in self.client.scan_iter(match=pattern, count=1000):
             key = _s(raw)
-            if key.startswith(head) and key.endswith(suffix) and await self.client.xlen(key) > 0:
-                found.add(unhash_tag_part(key[len(head) : -len(suffix)]))
+            org_id = org_of_key(self.prefix, key, KEY_OUTBOX)
+            if org_id is not None and await self.client.xlen(key) > 0:
+                found.add(org_id)
         return sorted(found)
 
     # --- views -----------------------------------------------------------------------------
@@ -504,21 +502,23 @@ class RedisEngine:
                 org.watermarks[k[2:]] = int(v)
             elif k.startswith("t:"):
                 org.tier_limits[k[2:]] = None if v == "none" else int(v)
+        mp = _MP
         for mid_raw, rec in raw_members.items():
             mid = _s(mid_raw)
             a = orjson.loads(rec)
-            promos = a[21] if isinstance(a[21], list) else []
-            seats = a[22] if len(a) > 22 and isinstance(a[22], list) else []
+            promos = a[mp["pr"]]
+            seats = a[mp["sh"]]
             m = Member(
-                member_id=mid, tier=a[0], next_tier=a[1], active=a[2] == 1, cycle_no=a[3],
-                ag=a[4], au=a[5], bk=a[6], dr=a[7], bu=a[8], pu=a[9], debt=a[10], dsince=a[11],
-                limit=a[12], paused=a[13] == 1, reason=a[14], mseq=a[15], added_at=a[16],
-                removed_at=a[17],
+                member_id=mid, tier=a[mp["tier"]], next_tier=a[mp["nt"]],
+                active=a[mp["act"]] == 1, cycle_no=a[mp["cn"]], ag=a[mp["ag"]], au=a[mp["au"]],
+                bk=a[mp["bk"]], dr=a[mp["dr"]], bu=a[mp["bu"]], pu=a[mp["pu"]],
+                debt=a[mp["debt"]], dsince=a[mp["ds"]], limit=a[mp["lim"]],
+                paused=a[mp["pz"]] == 1, reason=a[mp["rs"]], mseq=a[mp["ms"]],
+                added_at=a[mp["aa"]], removed_at=a[mp["ra"]],
                 promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
                         for i in range(0, len(promos), 3)],
                 seats=[(seats[i], seats[i + 1]) for i in range(0, len(seats), 2)],
-                last_reason=a[23] if len(a) > 23 else None,
-                last_at=a[24] if len(a) > 24 else 0,
+                last_reason=a[mp["lr"]], last_at=a[mp["li"]],
             )  # fmt: skip
             roll_member(m, org.cycle_no, self.tiers_mc)
             org.members[mid] = m

@@ -16,11 +16,12 @@ from worker.contract import (
     CLAIM_NEW,
     CLAIM_TAKEN,
     ApplyResult,
-    ChargeRow,
     Item,
-    Outcome,
+    OrgCall,
+    OrgResult,
     RedisBehind,
 )
+from worker.effects import Effect, Signal, from_dict
 from worker.model import Model
 
 
@@ -29,8 +30,19 @@ class MemoryEngine:
 
     def __init__(self, tiers: Mapping[str, int] | None = None, block_credits: int = 500) -> None:
         self.model = Model(tiers, block_credits)
-        self.outbox: dict[str, list[dict[str, Any]]] = {}
+        self.outbox: dict[str, list[Effect]] = {}
         self.claims: dict[str, str] = {}
+
+    async def apply_many(self, calls: Sequence[OrgCall]) -> list[OrgResult]:
+        out: list[OrgResult] = []
+        for org_id, items, expect_seq in calls:
+            try:
+                result = await self.apply(org_id, items, expect_seq=expect_seq)
+            except RedisBehind as behind:
+                out.append(OrgResult(org_id, [], [], behind))
+                continue
+            out.append(OrgResult(org_id, result.outcomes, result.effects))
+        return out
 
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
@@ -40,14 +52,9 @@ class MemoryEngine:
         if expect_seq > 0 and have < expect_seq:
             raise RedisBehind(org_id, have, expect_seq)
         result = self.model.apply(org_id, items)
-        self.outbox.setdefault(org_id, []).extend(dict(e) for e in result.effects)
-        return result
-
-    async def apply_rows(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
-    ) -> tuple[list[Outcome], list[dict[str, Any]], list[ChargeRow]]:
-        result = await self.apply(org_id, items, expect_seq=expect_seq)
-        return result.outcomes, result.effects, []
+        effects: list[Effect] = [from_dict(e) for e in result.effects]
+        self.outbox.setdefault(org_id, []).extend(effects)
+        return ApplyResult(result.outcomes, effects)
 
     async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
         out: list[int] = []
@@ -60,14 +67,17 @@ class MemoryEngine:
                 out.append(CLAIM_MINE if have == claim else CLAIM_TAKEN)
         return out
 
-    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
-        return [dict(e) for e in self.outbox.get(org_id, []) if e["seq"] > after_seq]
+    async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[Effect]:
+        return [e for e in self.outbox.get(org_id, []) if e.seq > after_seq]
+
+    async def outbox_pending_many(self, after: Mapping[str, int]) -> dict[str, list[Effect]]:
+        return {org_id: await self.outbox_pending(org_id, seq) for org_id, seq in after.items()}
 
     async def outbox_ack(
         self, acks: Mapping[str, int], unknown_marks: Mapping[str, Sequence[str]] | None = None
     ) -> None:
         for org_id, upto in acks.items():
-            self.outbox[org_id] = [e for e in self.outbox.get(org_id, []) if e["seq"] > upto]
+            self.outbox[org_id] = [e for e in self.outbox.get(org_id, []) if e.seq > upto]
         for org_id, marks in (unknown_marks or {}).items():
             org = self.model.orgs.get(org_id)
             if org is None:
@@ -86,26 +96,17 @@ class MemoryEngine:
         self.model.orgs.pop(org_id, None)
         self.outbox.pop(org_id, None)
 
-    async def member_signals(
-        self, org_id: str, member_ids: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
+    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
         org = self.model.orgs.get(org_id)
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, Signal] = {}
         if org is None:
             return out
         for mid in member_ids:
             m = org.members.get(mid)
             if m is None or not m.mseq or m.last_reason is None:
                 continue
-            out[mid] = {
-                "kind": "signal",
-                "org_id": org_id,
-                "member_id": mid,
-                "signal": "pause" if m.paused else "resume",
-                "reason": m.last_reason,
-                "member_seq": m.mseq,
-                "issued_at_ms": m.last_at,
-            }
+            signal = "pause" if m.paused else "resume"
+            out[mid] = Signal(0, org_id, mid, signal, m.last_reason, m.mseq, m.last_at)
         return out
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:

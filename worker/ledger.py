@@ -21,6 +21,7 @@ import orjson
 
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
+from worker.effects import Effect
 
 log = logging.getLogger(__name__)
 
@@ -159,19 +160,6 @@ COMMAND_COLUMNS = (
 )
 
 
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _opt_str(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
-def _source_offset(effect: Mapping[str, Any]) -> int | None:
-    offset = _opt_int(effect.get("offset"))
-    return None if offset is None or offset < 0 else offset
-
-
 @dataclass(slots=True)
 class FlushBatch:
     """Everything one batch writes to PostgreSQL, in one transaction."""
@@ -203,145 +191,50 @@ class FlushBatch:
             or self.offsets
         )
 
-    def add_effects(self, org_id: str, effects: Iterable[Mapping[str, Any]]) -> None:
-        """Turn engine effects (docs/architecture.md) into rows.
-
-        Ledger and usage effects are one or two per event: their rows are built with plain
-        lookups (the engine's values already have the column types; COPY checks them).
-        """
-        top = self.org_seq.get(org_id, 0)
-        ledger = self.ledger
-        usage = self.usage
-        for e in effects:
-            seq = e["seq"]
-            if seq > top:
-                top = seq
-            kind = e["kind"]
-            if kind == "ledger":
-                g = e.get
-                ledger.append(
-                    (
-                        org_id,
-                        seq,
-                        g("member_id"),
-                        g("source_kind") or "system",
-                        g("source_id"),
-                        g("task_id"),
-                        g("movement") or "",
-                        g("bucket"),
-                        g("grant_id"),
-                        g("amount_mc") or 0,
-                        g("cycle_start_ms"),
-                        bool(g("late")),
-                        g("at_ms"),
-                    )
-                )
-            elif kind == "usage":
-                g = e.get
-                offset = g("offset")
-                usage.append(
-                    (
-                        e["event_id"],
-                        org_id,
-                        seq,
-                        g("member_id"),
-                        g("task_id"),
-                        g("credits_mc"),
-                        g("occurred_at_ms"),
-                        g("status") or "charged",
-                        g("code"),
-                        bool(g("late")),
-                        g("source"),
-                        offset if offset is not None and offset >= 0 else None,
-                    )
-                )
-            elif kind == "command":
-                command = e.get("command") or {}
-                self.commands.append(
-                    (
-                        str(e["command_id"]),
-                        org_id,
-                        seq,
-                        str(e.get("type") or command.get("type") or ""),
-                        str(e.get("status") or "applied"),
-                        _opt_str(e.get("code")),
-                        orjson.dumps(command).decode(),
-                        _opt_str(e.get("source")),
-                        _source_offset(e),
-                    )
-                )
-            elif kind == "signal":
-                member_id = str(e["member_id"])
-                row = (
-                    org_id,
-                    member_id,
-                    seq,
-                    str(e["signal"]),
-                    str(e.get("reason") or ""),
-                    int(e.get("member_seq") or 0),
-                    int(e.get("issued_at_ms") or 0),
-                )
-                prev = self.signals.get((org_id, member_id))
-                if prev is None or row[5] > prev[5]:
-                    self.signals[(org_id, member_id)] = row
-            elif kind == "notification":
-                self.notifications.append(
-                    (
-                        org_id,
-                        seq,
-                        str(e.get("type") or ""),
-                        _opt_str(e.get("member_id")),
-                        orjson.dumps(e.get("detail") or {}).decode(),
-                        int(e.get("at_ms") or 0),
-                    )
-                )
-            elif kind == "refill_request":
-                self.refills.append(
-                    (
-                        org_id,
-                        seq,
-                        str(e["request_id"]),
-                        int(e.get("credits_mc") or 0),
-                        int(e.get("amount_usd_cents") or 0),
-                        int(e.get("at_ms") or 0),
-                    )
-                )
-            elif kind == "invoice":
-                self.invoices.append(
-                    (
-                        org_id,
-                        seq,
-                        int(e.get("cycle_start_ms") or 0),
-                        int(e.get("cycle_end_ms") or 0),
-                        int(e.get("negative_balance_mc") or 0),
-                        int(e.get("amount_usd_cents") or 0),
-                    )
-                )
-        if top:
-            self.org_seq[org_id] = top
-
-    def add_charges(self, org_id: str, charges: Iterable[Sequence[Any]]) -> None:
-        """Rows of compact charge rows (``worker.engine.CHARGE_FIELDS``): one ledger row and one
-        usage row per event, the same rows ``add_effects`` makes from their two effect dicts."""
-        top = self.org_seq.get(org_id, 0)
+    def add_effects(self, effects: Iterable[Effect]) -> None:
+        """Turn engine effects into rows (each effect knows its row, ``worker/effects.py``);
+        a ``Charge`` is two rows, ledger and usage. Raises the org's ``org_seq`` to the
+        highest seq seen."""
+        lists: dict[str | None, list[tuple[Any, ...]]] = {
+            "ledger": self.ledger,
+            "usage": self.usage,
+            "commands": self.commands,
+            "invoices": self.invoices,
+            "notifications": self.notifications,
+            "refills": self.refills,
+        }
         ledger = self.ledger.append
         usage = self.usage.append
-        for r in charges:
-            seq = r[1]
-            late = bool(r[9])
-            offset = r[11]
-            ledger(
-                (org_id, seq, r[5], "usage", r[4], r[6], "charge", r[2], r[3], -r[7], r[12],
-                 late, r[13])
-            )  # fmt: skip
-            usage(
-                (r[4], org_id, seq + 1, r[5], r[6], r[7], r[8], "charged", None, late, r[10],
-                 offset if offset is not None and offset >= 0 else None)
-            )  # fmt: skip
-            if seq + 1 > top:
-                top = seq + 1
-        if top:
-            self.org_seq[org_id] = top
+        org_seq = self.org_seq
+        org: str | None = None
+        top = 0
+        for e in effects:
+            if e.org_id != org:
+                if org is not None and top > org_seq.get(org, 0):
+                    org_seq[org] = top
+                org = e.org_id
+                top = org_seq.get(org, 0)
+            table = e.TABLE
+            if table == "charge":
+                row_l, row_u = e.rows()  # type: ignore[attr-defined]
+                ledger(row_l)
+                usage(row_u)
+                seq = e.seq + 1
+            elif table == "signals":
+                # Only the member's latest signal is kept (the table holds current states).
+                row = e.row()
+                key = (e.org_id, row[1])
+                prev = self.signals.get(key)
+                if prev is None or row[5] > prev[5]:
+                    self.signals[key] = row
+                seq = e.seq
+            else:
+                lists[table].append(e.row())
+                seq = e.seq
+            if seq > top:
+                top = seq
+        if org is not None and top > org_seq.get(org, 0):
+            org_seq[org] = top
 
     def add_rejected_usage(
         self,

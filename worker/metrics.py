@@ -9,7 +9,7 @@ elsewhere, so one ``/metrics`` scrape shows the whole process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 
 from prometheus_client import (
@@ -249,40 +249,6 @@ def count_rejected(reason: str, n: int = 1) -> None:
     """Count rejected usage events: both the outcome total and the per-reason counter."""
     EVENTS.labels(outcome="rejected").inc(n)
     EVENTS_REJECTED.labels(reason=reason).inc(n)
-
-
-def count_effect(effect: Mapping[str, object]) -> None:
-    """Count one engine effect (see the engine contract in docs/architecture.md).
-
-    Covers ``ledger`` usage debits by bucket, ``signal``, ``notification``,
-    ``refill_request`` and ``invoice``; other kinds are ignored.
-    """
-    kind = effect.get("kind")
-    if kind == "ledger":
-        if effect.get("source_kind") == "usage":
-            amount = effect.get("amount_mc")
-            if isinstance(amount, int) and amount < 0:
-                CREDITS_CHARGED.labels(bucket=str(effect.get("bucket") or "unknown")).inc(-amount)
-    elif kind == "signal":
-        SIGNALS.labels(signal=str(effect.get("signal")), reason=str(effect.get("reason"))).inc()
-    elif kind == "notification":
-        NOTIFICATIONS.labels(type=str(effect.get("type"))).inc()
-    elif kind == "refill_request":
-        REFILL_REQUESTS.inc()
-    elif kind == "invoice":
-        INVOICES.inc()
-    elif kind == "command":
-        COMMANDS.labels(type=str(effect.get("type")), status=str(effect.get("status"))).inc()
-        if effect.get("type") == "refill_result" and effect.get("status") == "applied":
-            command = effect.get("command")
-            if isinstance(command, Mapping) and command.get("status") == "failed":
-                REFILL_FAILURES.inc()
-
-
-def count_effects(effects: Sequence[Mapping[str, object]]) -> None:
-    """Count every effect of one ``apply`` result."""
-    for effect in effects:
-        count_effect(effect)
 
 
 def charge(bucket: str, amount_mc: int) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import calendar
 import datetime as dt
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
@@ -44,7 +44,7 @@ from worker.constants import (
     REPLAYED,
     UNKNOWN,
 )
-from worker.contract import ApplyResult, CommandItem, Item, Outcome, UsageItem
+from worker.contract import CommandItem, Item, Outcome, UsageItem
 
 INHERIT = "inherit"
 Limit = int | None | str
@@ -231,6 +231,19 @@ class _Ctx:
     late: bool = False
 
 
+@dataclass(slots=True)
+class ModelResult:
+    """Outcomes (one per item, in order) and the effects produced as plain dicts (``kind``
+    and the fields of ``worker/effects.py``), in ``seq`` order."""
+
+    outcomes: list[Outcome]
+    effects: list[dict[str, Any]]
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``outcomes, effects = model.apply(...)``."""
+        return iter((self.outcomes, self.effects))
+
+
 class Model:
     """Reference implementation of the rules; one instance holds many orgs."""
 
@@ -246,12 +259,12 @@ class Model:
 
     # --- public API --------------------------------------------------------------------------
 
-    def apply(self, org_id: str, items: Sequence[Item]) -> ApplyResult:
+    def apply(self, org_id: str, items: Sequence[Item]) -> ModelResult:
         """Apply items of one org in order; returns outcomes and the effects produced."""
         self._effects = []
         outcomes = [self._apply_one(org_id, item) for item in items]
         effects, self._effects = self._effects, []
-        return ApplyResult(outcomes, effects)
+        return ModelResult(outcomes, effects)
 
     def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The admin dashboard JSON of SPEC section 7, or None for an unknown org."""

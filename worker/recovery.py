@@ -25,6 +25,7 @@ import orjson
 from worker import metrics
 from worker.config import Settings
 from worker.contract import CommandItem, Engine, UsageItem
+from worker.effects import Signal, last_seq
 from worker.engine import RedisEngine
 from worker.ledger import FlushBatch, Ledger, migrate
 from worker.publisher import Publisher
@@ -50,19 +51,19 @@ async def drain_outboxes(engine: Engine, ledger: Ledger, publisher: Publisher) -
         effects = await engine.outbox_pending(org_id, 0)
         if not effects:
             continue
-        await publisher.publish(publisher.encoder.messages(org_id, effects, None))
+        await publisher.publish(publisher.encoder.messages(effects, None))
         signals: dict[str, int] = {}
         for e in effects:
-            if e["kind"] == "signal":
-                mid = str(e["member_id"])
-                signals[mid] = max(signals.get(mid, 0), int(e["member_seq"]))
+            if isinstance(e, Signal):
+                signals[e.member_id] = max(signals.get(e.member_id, 0), e.member_seq)
         if signals:
             await publisher.ensure_current_signals(engine, {org_id: signals})
         flush = FlushBatch()
-        flush.add_effects(org_id, effects)
+        flush.add_effects(effects)
         await ledger.write_safe(flush)
-        await engine.outbox_ack({org_id: max(int(e["seq"]) for e in effects)})
-        metrics.count_effects(effects)
+        await engine.outbox_ack({org_id: max(last_seq(e) for e in effects)})
+        for e in effects:
+            e.count()
         total += len(effects)
     return total
 
@@ -102,14 +103,14 @@ async def rebuild_org(
         chunk = items[start : start + REPLAY_CHUNK]
         result = await engine.apply(org_id, chunk)
         for e in result.effects:
-            top = max(top, int(e["seq"]))
+            top = max(top, last_seq(e))
         done += len(chunk)
         if progress is not None and len(items) > REPLAY_CHUNK:
             progress(f"  {org_id}: {done}/{len(items)} decisions replayed")
     # Everything the replay produced is already in PostgreSQL (it is what PostgreSQL recorded).
     pending = await engine.outbox_pending(org_id, 0)
     if pending:
-        top = max(top, *(int(e["seq"]) for e in pending))
+        top = max(top, *(last_seq(e) for e in pending))
     if top:
         await engine.outbox_ack({org_id: top})
     return len(items)

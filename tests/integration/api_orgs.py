@@ -96,5 +96,5 @@ async def build_redis_engine(
     for org_id, items in (("acme", acme_items()), ("globex", globex_items())):
         result = await engine.apply(org_id, items)
         assert all(o.status == "applied" for o in result.outcomes), result.outcomes
-        effects[org_id] = result.effects
+        effects[org_id] = result.dicts
     return engine, effects

@@ -18,6 +18,7 @@ from worker import metrics
 from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor, format_mc
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
+from worker.effects import from_dict
 from worker.engine import RedisEngine
 from worker.ledger import FlushBatch, Ledger, migrate
 from worker.model import Model
@@ -70,7 +71,7 @@ async def stores(
     try:
         batch = FlushBatch()
         for org_id, org_effects in effects.items():
-            batch.add_effects(org_id, org_effects)
+            batch.add_effects(from_dict({"org_id": org_id, **e}) for e in org_effects)
         await ledger.write(batch)
     finally:
         await ledger.close()

@@ -12,7 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 from test_engine_ops import SCENARIOS, RenamingHarness
 
 from worker.config import Settings
-from worker.constants import org_keys
+from worker.constants import org_keys, org_of_key, shard_of
 from worker.engine import RedisEngine
 from worker.runner import run_worker
 
@@ -23,11 +23,14 @@ HOSTILE = ["}", "{", "}{", "{x}", "a{b}c", "x:y", "a/b", "%7D", "{}/:%"]
 def test_every_key_of_an_org_has_one_non_empty_tag(prefix: str, redis_cluster_url: str) -> None:
     from redis.cluster import key_slot
 
-    keys = org_keys("m", prefix + "org")
+    org_id = prefix + "org"
+    keys = org_keys("m", org_id, 16)
     assert len({key_slot(k.encode()) for k in keys}) == 1
-    # The tag is the encoded org, never empty (an empty tag hashes the whole key).
+    # The tag is the org's shard, whatever the id holds (the id follows it as data).
     tag = keys[0].split("{", 1)[1].split("}", 1)[0]
-    assert tag
+    assert tag == f"s{shard_of(org_id, 16)}"
+    assert all(k.endswith(":" + org_id) for k in keys)
+    assert {org_of_key("m", k, k.split("}:", 1)[1][0]) for k in keys} == {org_id}
 
 
 async def test_rules_with_hostile_org_ids_on_the_cluster(

@@ -22,8 +22,17 @@ from hypothesis import strategies as st
 
 from schemas.ids import derived_id
 from worker.config import Settings
+from worker.effects import as_dicts
 from worker.engine import RedisEngine
-from worker.model import CommandItem, Item, Model, UsageItem, check_invariants, to_ms
+from worker.model import (
+    CommandItem,
+    Item,
+    Model,
+    ModelResult,
+    UsageItem,
+    check_invariants,
+    to_ms,
+)
 
 TIERS = {"pro": 500, "max": 15_000, "free": 0}
 MEMBERS = ["m0", "m1", "m2", "m3", "ghost"]
@@ -300,7 +309,8 @@ async def test_engine_matches_model(diff_engine: RedisEngine, batches: Any) -> N
         real = f"r{run}-{org_id}"
         # Refill ids are derived from the org id; the model sees the same org id as the engine.
         items = [_rename(i, org_id, real) for i in items]
-        got = await engine.apply(real, items)
+        result = await engine.apply(real, items)
+        got = ModelResult(result.outcomes, result.dicts)
         want = model.apply(real, items)
         assert got.outcomes == want.outcomes
         g_members, g_other = split_effects(got.effects)
@@ -313,7 +323,7 @@ async def test_engine_matches_model(diff_engine: RedisEngine, batches: Any) -> N
         if real in model.orgs:
             await check_org(engine, model, real, logs[real])
     for real, log in logs.items():
-        assert await engine.outbox_pending(real) == log
+        assert as_dicts(await engine.outbox_pending(real)) == log
 
 
 def _rename(item: Item, org_id: str, real: str) -> Item:

@@ -20,13 +20,14 @@ from redis.asyncio.cluster import RedisCluster
 from unit.test_model_rules import SCENARIOS, cmd, use
 
 from worker.config import Settings
+from worker.effects import Charge, decode_blob
 from worker.engine import (
     CLAIM_MINE,
     CLAIM_NEW,
     CLAIM_TAKEN,
+    OrgCall,
     RedisBehind,
     RedisEngine,
-    decode_effects,
 )
 from worker.model import Item, UsageItem, to_ms
 
@@ -93,17 +94,17 @@ async def test_outbox_pending_ack_and_discovery(client: aioredis.Redis, settings
     assert await engine.orgs_with_outbox() == ["o1", "o2"]
     everything = r1.effects + r2.effects
     assert await engine.outbox_pending("o1") == everything
-    last_first = r1.effects[-1]["seq"]
+    last_first = r1.effects[-1].seq
     assert await engine.outbox_pending("o1", after_seq=last_first) == r2.effects
     assert await engine.outbox_pending("o1", after_seq=1) == everything[1:]
     await engine.outbox_ack({"o1": last_first})
     assert await engine.outbox_pending("o1") == r2.effects
-    await engine.outbox_ack({"o1": r2.effects[-1]["seq"], "o2": 10**9})
+    await engine.outbox_ack({"o1": r2.effects[-1].seq, "o2": 10**9})
     assert await engine.outbox_pending("o1") == []
     assert await engine.orgs_with_outbox() == []
     # Seq keeps growing after a full ack.
     r3 = await engine.apply("o1", [cmd("tick", T0)])
-    assert r3.effects[0]["seq"] == r2.effects[-1]["seq"] + 1
+    assert r3.effects[0].seq == r2.effects[-1].seq + 1
 
 
 class TimedEngine(RedisEngine):
@@ -124,8 +125,15 @@ class TimedEngine(RedisEngine):
                 reply = await inner(keys=keys, args=args)
             finally:
                 self.durations.append(time.perf_counter() - t)
-            effects = decode_effects(str(args[0]), reply[1])
-            self.signals.append(sum(1 for e in effects if e["kind"] == "signal"))
+            org_ids = [group[0] for group in orjson.loads(args[0])]
+            self.signals.append(
+                sum(
+                    1
+                    for org_id, blob in zip(org_ids, reply[1:], strict=True)
+                    for e in decode_blob(org_id, blob)
+                    if e.kind == "signal"
+                )
+            )
             return reply
 
         self._apply = timed  # type: ignore[assignment]
@@ -154,8 +162,8 @@ async def test_ten_thousand_members_pool_dry_and_cycle_end(
     engine.durations.clear()
     # One member drains the pool: every other member is paused, in bounded chunks.
     res = await engine.apply("big", [use(ids[0], 1000 * C, T0 + 2000)])
-    pauses = [e for e in res.effects if e["kind"] == "signal" and e["signal"] == "pause"]
-    assert len(pauses) == n and {e["reason"] for e in pauses} == {"pool_exhausted"}
+    pauses = [e for e in res.effects if e.kind == "signal" and e.signal == "pause"]
+    assert len(pauses) == n and {e.reason for e in pauses} == {"pool_exhausted"}
     assert await client.zcard(keys.paused) == n
     dry_calls, dry_max = len(engine.durations), max(engine.durations)
     # The bound that keeps Redis responsive is structural: no call walks more members than
@@ -167,9 +175,9 @@ async def test_ten_thousand_members_pool_dry_and_cycle_end(
     engine.durations.clear()
     engine.signals.clear()
     res = await engine.apply("big", [cmd("tick", to_ms(dt.datetime(2026, 2, 1, tzinfo=dt.UTC)))])
-    resumes = [e for e in res.effects if e["kind"] == "signal" and e["signal"] == "resume"]
-    assert len(resumes) == n and {e["reason"] for e in resumes} == {"cycle_reset"}
-    assert [e["negative_balance_mc"] for e in res.effects if e["kind"] == "invoice"] == [0]
+    resumes = [e for e in res.effects if e.kind == "signal" and e.signal == "resume"]
+    assert len(resumes) == n and {e.reason for e in resumes} == {"cycle_reset"}
+    assert [e.negative_balance_mc for e in res.effects if e.kind == "invoice"] == [0]
     assert await client.zcard(keys.paused) == 0
     end_max = max(engine.durations)
     assert len(engine.durations) >= n // engine.walk_budget
@@ -267,10 +275,10 @@ async def test_last_seq_and_reset(client: aioredis.Redis, settings: Settings) ->
     engine = RedisEngine(client, settings)
     assert await engine.last_seq("o") == 0
     res = await engine.apply("o", [cmd("org_upsert", T0, billing_anchor_day=1), cmd("tick", T0)])
-    assert await engine.last_seq("o") == res.effects[-1]["seq"] == 2
+    assert await engine.last_seq("o") == res.effects[-1].seq == 2
     await engine.reset_org("o")
     assert await engine.last_seq("o") == 0 and await engine.dashboard("o") is None
-    assert await client.keys("*{o}*") == []
+    assert await client.keys("*:o") == []
 
 
 async def test_a_call_expecting_a_later_seq_is_refused_unchanged(
@@ -286,17 +294,21 @@ async def test_a_call_expecting_a_later_seq_is_refused_unchanged(
     seq = await engine.last_seq("o")
     usage = [UsageItem("e1", "a", "t", 5 * C, T0 + 1000, "usage:0", 7)]
     before = (await engine.state_view("o"), await engine.outbox_pending("o"))
+    [refused] = await engine.apply_many([OrgCall("o", usage, seq + 1)])
+    assert refused.behind is not None and refused.outcomes == [] == refused.effects
+    assert (refused.behind.redis_seq, refused.behind.expected) == (seq, seq + 1)
     with pytest.raises(RedisBehind) as refused:
-        await engine.apply_rows("o", usage, expect_seq=seq + 1)
+        await engine.apply("o", usage, expect_seq=seq + 1)
     assert (refused.value.redis_seq, refused.value.expected) == (seq, seq + 1)
     assert (await engine.state_view("o"), await engine.outbox_pending("o")) == before
     # An org Redis does not know at all is behind too; nothing is created.
     with pytest.raises(RedisBehind) as unknown:
         await engine.apply("lost", usage, expect_seq=3)
-    assert unknown.value.redis_seq == 0 and await client.keys("*{lost}*") == []
+    assert unknown.value.redis_seq == 0 and await client.keys("*:lost") == []
     # At (or past) the expected seq the call goes through and charges the event once.
-    outcomes, _, charges = await engine.apply_rows("o", usage, expect_seq=seq)
-    assert [o.status for o in outcomes] == ["applied"] and len(charges) == 1
+    [done] = await engine.apply_many([OrgCall("o", usage, seq)])
+    assert [o.status for o in done.outcomes] == ["applied"]
+    assert [type(e) for e in done.effects] == [Charge]  # one bucket paid it: one compact row
 
 
 async def test_pending_work_is_finished_by_the_next_caller(
@@ -313,12 +325,11 @@ async def test_pending_work_is_finished_by_the_next_caller(
     # One raw script call (a worker that dies right after it): the cycle end starts, most of
     # the resumes are still queued in Redis.
     tick = cmd("tick", to_ms(dt.datetime(2026, 2, 1, tzinfo=dt.UTC)))
+    spec = [["o", [[2, orjson.dumps(tick.command).decode(), "", -1]], 0]]
     meta, _ = await first._apply(
-        keys=first.keys("o"),
-        args=["o", orjson.dumps([[2, orjson.dumps(tick.command).decode(), "", -1]]).decode(),
-              first._config, first.walk_budget],
-    )  # fmt: skip
-    consumed, pending, _outs = orjson.loads(meta)
+        keys=first.keys("o"), args=[orjson.dumps(spec).decode(), first._config, first.walk_budget]
+    )
+    [(consumed, pending, _outs)] = orjson.loads(meta)
     # The tick is not consumed yet (its due moments are unfinished; it would be redelivered),
     # but the cycle has closed and the work is recorded.
     assert (consumed, pending) == (0, 1)
@@ -328,7 +339,7 @@ async def test_pending_work_is_finished_by_the_next_caller(
     res = await second.apply(
         "o", [use("m000", 1 * C, to_ms(dt.datetime(2026, 2, 2, tzinfo=dt.UTC)))]
     )
-    kinds = [e["kind"] for e in res.effects]
+    kinds = [e.kind for e in res.effects]
     assert kinds.count("signal") == 60 - 10 and kinds[-2:] == ["ledger", "usage"]
     assert await client.zcard(second.keys("o").paused) == 0
 
@@ -348,7 +359,7 @@ async def test_many_grants_expiring_at_one_instant(
     )  # fmt: skip
     calls = engine.calls
     res = await engine.apply("o", [cmd("tick", exp)])
-    expired = [e for e in res.effects if e["kind"] == "ledger" and e["movement"] == "expire"]
+    expired = [e for e in res.effects if e.kind == "ledger" and e.movement == "expire"]
     assert len(expired) == 40 and res.outcomes[0].status == "applied"
     assert engine.calls - calls >= 40 // 3
 
@@ -369,7 +380,7 @@ async def test_works_with_a_bytes_client(redis_url: str, settings: Settings) -> 
         assert await engine.orgs_with_outbox() == ["o"]
         dash = await engine.dashboard("o")
         assert dash is not None and dash["members"][0]["used"] == "20"
-        assert await engine.last_seq("o") == res.effects[-1]["seq"]
+        assert await engine.last_seq("o") == res.effects[-1].seq
     finally:
         await client.aclose()
 

@@ -15,7 +15,7 @@ from unit.test_model_rules import SCENARIOS
 
 from worker.config import Settings
 from worker.engine import RedisEngine
-from worker.model import ApplyResult, Item, Model, check_invariants
+from worker.model import Item, Model, ModelResult, check_invariants
 
 
 class EngineHarness:
@@ -26,8 +26,9 @@ class EngineHarness:
         self.model = Model()
         self.effects: dict[str, list[dict[str, Any]]] = {}
 
-    async def run(self, org: str, *items: Item) -> ApplyResult:
-        got = await self.engine.apply(org, list(items))
+    async def run(self, org: str, *items: Item) -> ModelResult:
+        result = await self.engine.apply(org, list(items))
+        got = ModelResult(result.outcomes, result.dicts)
         want = self.model.apply(org, list(items))
         assert got.outcomes == want.outcomes
         assert got.effects == want.effects

@@ -243,7 +243,7 @@ class _RedisDown:
         self._inner = inner
         self.attempts = 0
 
-    async def apply_rows(self, org_id: str, items: Any, **kw: Any) -> Any:
+    async def apply_many(self, calls: Any) -> Any:
         self.attempts += 1
         raise ConnectionError("redis is down")
 

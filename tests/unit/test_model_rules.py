@@ -14,10 +14,10 @@ from typing import Any, Protocol
 import pytest
 
 from worker.model import (
-    ApplyResult,
     CommandItem,
     Item,
     Model,
+    ModelResult,
     UsageItem,
     check_invariants,
     to_ms,
@@ -42,7 +42,7 @@ def use(member: str, credits_mc: int, at: int, event_id: str | None = None) -> U
 
 
 class Harness(Protocol):
-    async def run(self, org: str, *items: Item) -> ApplyResult: ...
+    async def run(self, org: str, *items: Item) -> ModelResult: ...
     async def state(self, org: str) -> dict[str, Any]: ...
     async def dashboard(self, org: str) -> dict[str, Any] | None: ...
 
@@ -54,7 +54,7 @@ class ModelHarness:
         self.model = Model()
         self.effects: dict[str, list[dict[str, Any]]] = {}
 
-    async def run(self, org: str, *items: Item) -> ApplyResult:
+    async def run(self, org: str, *items: Item) -> ModelResult:
         res = self.model.apply(org, list(items))
         self.effects.setdefault(org, []).extend(res.effects)
         if org in self.model.orgs:
@@ -70,15 +70,15 @@ class ModelHarness:
         return self.model.dashboard(org)
 
 
-def kinds(res: ApplyResult, kind: str) -> list[dict[str, Any]]:
+def kinds(res: ModelResult, kind: str) -> list[dict[str, Any]]:
     return [e for e in res.effects if e["kind"] == kind]
 
 
-def signals(res: ApplyResult) -> list[tuple[str, str, str]]:
+def signals(res: ModelResult) -> list[tuple[str, str, str]]:
     return [(e["member_id"], e["signal"], e["reason"]) for e in kinds(res, "signal")]
 
 
-def notes(res: ApplyResult) -> list[str]:
+def notes(res: ModelResult) -> list[str]:
     return [e["type"] for e in kinds(res, "notification")]
 
 

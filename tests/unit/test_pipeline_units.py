@@ -8,6 +8,7 @@ import pytest
 
 from schemas.decode import readable_ids
 from worker.config import Settings
+from worker.effects import Charge, Effect, from_dict
 from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
 from worker.pipeline.classify import Action, Verdict, classify
 from worker.pipeline.faults import crash_plan as _crash_plan
@@ -52,10 +53,15 @@ def test_schema_name_is_quoted() -> None:
     assert quote_schema("metering_1") == '"metering_1"'
 
 
-def _effects() -> list[dict[str, object]]:
+def _effects() -> list[Effect]:
+    return [from_dict({"org_id": "o", **e}) for e in _effect_dicts()]
+
+
+def _effect_dicts() -> list[dict[str, object]]:
     return [
         {"kind": "command", "seq": 1, "command_id": "c1", "type": "member_add",
-         "status": "applied", "code": None, "command": {"type": "member_add", "at_ms": 5}},
+         "status": "applied", "code": None, "command": {"type": "member_add", "at_ms": 5},
+         "source": "a:0", "offset": 3},
         {"kind": "ledger", "seq": 2, "member_id": "m", "source_kind": "usage", "source_id": "e1",
          "task_id": "t", "movement": "charge", "bucket": "allocation", "grant_id": None,
          "amount_mc": -1500, "cycle_start_ms": 0, "late": False, "at_ms": 9},
@@ -77,7 +83,7 @@ def _effects() -> list[dict[str, object]]:
 
 def test_effects_become_one_row_per_table_and_the_org_high_water_mark() -> None:
     b = FlushBatch()
-    b.add_effects("o", _effects())
+    b.add_effects(_effects())
     assert b.ledger == [
         ("o", 2, "m", "usage", "e1", "t", "charge", "allocation", None, -1500, 0, False, 9)
     ]
@@ -91,6 +97,20 @@ def test_effects_become_one_row_per_table_and_the_org_high_water_mark() -> None:
     assert b.org_seq == {"o": 8}
 
 
+def test_a_compact_charge_becomes_the_same_two_rows_as_its_expanded_effects() -> None:
+    charge = Charge(2, "o", "allocation", None, "e1", "m", "t", 1500, 9, False, "u:0", 41, 0, 9)
+    compact, long = FlushBatch(), FlushBatch()
+    compact.add_effects([charge])
+    long.add_effects(charge.expand())
+    assert compact.ledger == long.ledger == _rows_of_ledger()
+    assert compact.usage == long.usage
+    assert compact.org_seq == long.org_seq == {"o": 3}
+
+
+def _rows_of_ledger() -> list[tuple[object, ...]]:
+    return [("o", 2, "m", "usage", "e1", "t", "charge", "allocation", None, -1500, 0, False, 9)]
+
+
 def test_offsets_only_move_forward_within_a_batch() -> None:
     b = FlushBatch()
     b.set_offset("t", 0, 10)
@@ -100,7 +120,7 @@ def test_offsets_only_move_forward_within_a_batch() -> None:
 
 def test_effect_messages_follow_the_wire_contract() -> None:
     enc = EffectEncoder(SETTINGS)
-    msgs = enc.messages("o", _effects())
+    msgs = enc.messages(_effects())
     by_topic: dict[str, list[object]] = {}
     for m in msgs:
         by_topic.setdefault(m.topic, []).append(m)
@@ -136,9 +156,11 @@ def test_engine_rejection_becomes_a_dead_letter_with_the_original_bytes() -> Non
     enc = EffectEncoder(SETTINGS)
     effect = {"kind": "usage", "seq": 9, "event_id": "e9", "member_id": "m", "task_id": "t",
               "credits_mc": 1000, "occurred_at_ms": 0, "status": "rejected",
-              "code": "member_removed", "late": False}  # fmt: skip
+              "code": "member_removed", "late": False, "source": "credits.usage.v1:3",
+              "offset": 77}  # fmt: skip
     original = RawSource(b"key", b'{"original": true}', "credits.usage.v1", 3, 77)
-    [dl] = enc.messages("o", [effect], lambda ident: original if ident == "e9" else None)
+    typed = from_dict({"org_id": "o", **effect})
+    [dl] = enc.messages([typed], lambda ident: original if ident == "e|e9" else None)
     assert dl.topic == SETTINGS.topic_usage_dlq
     assert (dl.key, dl.value) == (b"key", b'{"original": true}')
     headers = dict(dl.headers)
@@ -147,7 +169,7 @@ def test_engine_rejection_becomes_a_dead_letter_with_the_original_bytes() -> Non
     assert headers["source.partition"] == b"3"
     assert headers["source.offset"] == b"77"
     # Without the original at hand (outbox drained after a crash) the input is re-encoded.
-    [again] = enc.messages("o", [effect], None)
+    [again] = enc.messages([typed], None)
     assert orjson.loads(again.value)["event_id"] == "e9"
     assert dict(again.headers)["error.code"] == b"member_removed"
 

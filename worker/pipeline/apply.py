@@ -1,19 +1,23 @@
-"""Apply: run a batch through the engine, one call per org and chunk, several orgs in flight.
+"""Apply: run a batch through the engine, every org of it in one ``apply_many``.
 
-For each org of the batch the items go to the engine in chunks of ``ENGINE_CHUNK``; each call
-is atomic in Redis and leaves its effects in the org's outbox until the commit stage acks them.
-What the engine decided is turned into rows, messages and counts by :func:`classify`.
+The engine groups the orgs by shard and applies each group in one Lua call (many orgs per
+call, a few calls in flight), each org's items atomically and in order; the effects stay in
+the org's outbox until the commit stage acks them. What the engine decided is turned into rows,
+messages and counts by :func:`classify`.
 
 Three things can stand in the way, and each has its answer here:
 
-- **Redis lost the org** (restarted behind its AOF, emptied): the first call of an org in a
-  batch carries the seq PostgreSQL holds or will hold (``expect_seq``); the engine refuses it
-  unchanged (``RedisBehind``), the org is rebuilt from the ledger once the batches already
-  applied are flushed, and the call is made again.
-- **An outage**: the call is retried with backoff (``Backoff``), never skipped.
-- **A data error** (the engine fails on this org's records every time): the chunk is split
-  until the records that fail are found; they are dead-lettered with ``engine_failed`` and
-  recorded as decided, an alert metric counts them, and every other record flows on.
+- **Redis lost the org** (restarted behind its AOF, emptied): each org's first call in a
+  batch carries the seq PostgreSQL holds or will hold (``expect_seq``); the engine refuses the
+  org unchanged (``OrgResult.behind``), the org is rebuilt from the ledger once the batches
+  already applied are flushed, and its items are applied again.
+- **An outage**: the call is retried with backoff (``Backoff``), never skipped. Orgs of script
+  calls that ran before the failure were applied: the retry sees their offsets as replayed and
+  takes their effects from the outbox (``_fill_gaps``), so nothing is lost or doubled.
+- **A data error** (the engine fails on some org's records every time): the orgs are split in
+  halves, then that org's items, until the records that fail are found; they are dead-lettered
+  with ``engine_failed`` and recorded as decided, an alert metric counts them, and every other
+  record flows on.
 
 Crash after a call: the effects wait in the outbox; the restart drains it (publish, rows, ack)
 and re-reads the batch from the PostgreSQL offsets, where the engine's watermark turns the
@@ -26,13 +30,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from worker import metrics
 from worker.config import Settings
-from worker.contract import ChargeRow, Engine, Outcome, RedisBehind
-from worker.engine import expand_charges
-from worker.ledger import Ledger
+from worker.contract import Engine, OrgCall, OrgResult, Outcome
+from worker.effects import Charge, Command, Effect, Ledger, Signal, Usage, last_seq
+from worker.ledger import Ledger as PgLedger
+from worker.messages import RawSource, dlq_of
 from worker.pipeline.backoff import (
     DATA_ATTEMPTS,
     Backoff,
@@ -44,18 +48,13 @@ from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, classify
 from worker.pipeline.intake import command_type_label
 from worker.pipeline.parking import ParkingLot
-from worker.publisher import EffectEncoder, OutMessage, RawSource, dlq_message
+from worker.publisher import EffectEncoder
 from worker.recovery import rebuild_org
 
 log = logging.getLogger(__name__)
 
-ENGINE_CHUNK = 500
-"""Items per engine call: bounds the time one Lua call holds Redis (NOTES: ~500 debits/call)."""
-
-ENGINE_CONCURRENCY = 8
-"""Engine calls in flight across orgs (NOTES: 4 calls in flight roughly double throughput)."""
-
-Rows = tuple[list[Outcome], list[dict[str, Any]], list[ChargeRow]]
+OrgWork = tuple[str, list[Pending]]
+"""One org of a batch and its inputs, in order."""
 
 
 class FlushProgress:
@@ -89,7 +88,7 @@ class Applier:
         settings: Settings,
         *,
         engine: Engine,
-        ledger: Ledger,
+        ledger: PgLedger,
         encoder: EffectEncoder,
         backoff: Backoff,
         parking: ParkingLot,
@@ -102,22 +101,16 @@ class Applier:
         self._backoff = backoff
         self._parking = parking
         self._progress = progress
-        self._sem = asyncio.Semaphore(ENGINE_CONCURRENCY)
         self.last_seq: dict[str, int] = {}  # highest effect seq of our calls, per org
         self.pg_seq: dict[str, int] = {}  # highest effect seq flushed to PostgreSQL, per org
+        self._unchecked: set[str] = set()  # orgs just rebuilt: their next call does not check
+        self._unsure: set[str] = set()  # orgs that may have been applied by a failed call
 
     async def apply(self, batch: Batch) -> None:
         """Every org of the batch through the engine; rows, messages and counts into it."""
-
-        async def one_org(org_id: str, pend: list[Pending]) -> None:
-            async with self._sem:
-                await self._apply_org(batch, org_id, pend)
-
-        orgs = list(batch.by_org.items())
-        if len(orgs) == 1:
-            await self._apply_org(batch, *orgs[0])
-        elif orgs:
-            await asyncio.gather(*(one_org(o, p) for o, p in orgs))
+        orgs = [(org_id, pend) for org_id, pend in batch.by_org.items() if pend]
+        if orgs:
+            await self._round(batch, orgs, DATA_ATTEMPTS, 0)
 
     def flushed(self, org_seq: dict[str, int]) -> None:
         """The commit stage wrote these orgs' effects up to these seqs."""
@@ -135,109 +128,94 @@ class Applier:
         """Rebuild an org Redis lost from the ledger, before anything more is applied to it."""
         # Batches already applied carry effects PostgreSQL does not have yet: flush them
         # first, so the rebuild replays everything that was decided. (The batch being applied
-        # has applied nothing for this org: the check comes before its first call.)
+        # has applied nothing for this org: the engine refused it before its first write.)
         await self._progress.wait_flushed()
         await self._backoff.retry("redis", lambda: rebuild_org(self._engine, self._ledger, org_id))
         self.last_seq[org_id] = (await self._engine.last_seqs([org_id]))[org_id]
+        # The rebuild replayed what PostgreSQL holds: never rebuild in a loop.
+        self._unchecked.add(org_id)
         metrics.rebuilt("redis_behind")
 
-    async def _call(
-        self, org_id: str, items: list[Any], check: list[bool], *, attempts: int = DATA_ATTEMPTS
-    ) -> tuple[Rows, bool]:
-        """One engine call (rebuilding the org first if Redis lost it); ``retried`` says
-        whether an attempt failed, so the reply of an earlier attempt may have been lost."""
-        retried = False
+    async def _call(self, orgs: list[OrgWork], attempts: int) -> list[OrgResult]:
+        """One ``apply_many`` for ``orgs`` (retried on outages)."""
 
-        async def call() -> Rows:
-            nonlocal retried
-            expect = self.expected_seq(org_id) if check[0] else 0
+        async def call() -> list[OrgResult]:
+            calls = []
+            for org_id, pend in orgs:
+                expect = 0 if org_id in self._unchecked else self.expected_seq(org_id)
+                calls.append(OrgCall(org_id, [p.item for p in pend], expect))
             try:
-                return await self._engine.apply_rows(org_id, items, expect_seq=expect)
-            except RedisBehind:
-                raise  # refused unchanged: not a lost reply
+                return await self._engine.apply_many(calls)
             except Exception:
-                retried = True
+                # Orgs of script calls that ran before the error are applied, their reply
+                # lost: their next results must be completed from the outbox (_fill_gaps).
+                self._unsure.update(org_id for org_id, _ in orgs)
                 raise
 
-        while True:
+        results = await self._backoff.retry(
+            "redis", call, data_error=is_redis_data_error, data_attempts=attempts
+        )
+        for org_id, _ in orgs:
+            self._unchecked.discard(org_id)
+        return results
+
+    async def _round(self, batch: Batch, orgs: list[OrgWork], attempts: int, depth: int) -> None:
+        """Apply ``orgs``; orgs Redis lost are rebuilt and applied again."""
+        while orgs:
             try:
-                rows = await self._backoff.retry(
-                    "redis",
-                    call,
-                    data_error=is_redis_data_error,
-                    data_attempts=attempts,
-                    fatal=(RedisBehind,),
-                )
-            except RedisBehind as exc:
-                log.warning("%s: rebuilding the org from the ledger", exc)
+                results = await self._call(orgs, attempts)
+            except DataFailure as failure:
+                await self._isolate(batch, orgs, failure, depth)
+                return
+            done: list[tuple[OrgWork, OrgResult]] = []
+            behind: list[OrgWork] = []
+            for work, res in zip(orgs, results, strict=True):
+                if res.behind is not None:
+                    log.warning("%s: rebuilding the org from the ledger", res.behind)
+                    behind.append(work)
+                else:
+                    done.append((work, res))
+            await self._fill_gaps(done)
+            for (org_id, pend), res in done:
+                self._record(batch, org_id, pend, res.outcomes, res.effects)
+            for org_id, _ in behind:
                 await self._rebuild_behind(org_id)
-                # The rebuild replayed what PostgreSQL holds: never rebuild in a loop.
-                check[0] = False
-                continue
-            check[0] = False
-            return rows, retried
-
-    async def _apply_org(self, batch: Batch, org_id: str, pend: list[Pending]) -> None:
-        # The first call of the org in this batch checks that Redis has not lost it; later
-        # chunks follow our own writes.
-        check = [True]
-        for start in range(0, len(pend), ENGINE_CHUNK):
-            await self._apply_chunk(batch, org_id, pend[start : start + ENGINE_CHUNK], check)
-
-    async def _apply_chunk(
-        self, batch: Batch, org_id: str, chunk: list[Pending], check: list[bool]
-    ) -> None:
-        try:
-            (outcomes, effects, charges), retried = await self._call(
-                org_id, [p.item for p in chunk], check
-            )
-        except DataFailure as failure:
-            await self._isolate(batch, org_id, chunk, failure, check)
-            return
-        effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
-        self._record(batch, org_id, chunk, outcomes, effects, charges)
+            orgs = behind
 
     async def _isolate(
-        self,
-        batch: Batch,
-        org_id: str,
-        chunk: list[Pending],
-        failure: DataFailure,
-        check: list[bool],
-        depth: int = 0,
+        self, batch: Batch, orgs: list[OrgWork], failure: DataFailure, depth: int
     ) -> None:
-        """Find the records of ``chunk`` the engine fails on: halves are tried on their own
-        (each half that succeeds is applied as usual), down to single records, which are
-        dead-lettered with ``engine_failed`` and recorded as decided."""
+        """Find the records the engine fails on: halves (of the orgs, then of one org's
+        records) are tried on their own, each half that succeeds applied as usual, down to
+        single records, which are dead-lettered with ``engine_failed`` and recorded as
+        decided."""
         if not depth:
             log.error(
-                "engine call for org %r failed on its data (%s); isolating %d records",
-                org_id,
+                "engine call failed on its data (%s); isolating %d records of %d orgs",
                 failure.error,
-                len(chunk),
+                sum(len(p) for _, p in orgs),
+                len(orgs),
             )
         if self._backoff.giving_up():
             raise GaveUp("isolating") from failure
-        if len(chunk) == 1:
-            self._quarantine(batch, org_id, chunk[0], str(failure.error))
+        if len(orgs) == 1 and len(orgs[0][1]) == 1:
+            org_id, (p,) = orgs[0]
+            self._quarantine(batch, org_id, p, str(failure.error))
             return
-        half = len(chunk) // 2
-        for part in (chunk[:half], chunk[half:]):
-            try:
-                # The error was seen three times already: one attempt per piece.
-                (outcomes, effects, charges), retried = await self._call(
-                    org_id, [p.item for p in part], check, attempts=1
-                )
-            except DataFailure as inner:
-                await self._isolate(batch, org_id, part, inner, check, depth + 1)
-                continue
-            effects, charges = await self._fill_gap(org_id, effects, charges, force=retried)
-            self._record(batch, org_id, part, outcomes, effects, charges)
+        if len(orgs) > 1:
+            half = len(orgs) // 2
+            parts = [orgs[:half], orgs[half:]]
+        else:
+            org_id, pend = orgs[0]
+            half = len(pend) // 2
+            parts = [[(org_id, pend[:half])], [(org_id, pend[half:])]]
+        for part in parts:
+            # The error was seen three times already: one attempt per piece.
+            await self._round(batch, part, 1, depth + 1)
         if not depth:
             log.error(
-                "org %r: records the engine fails on are dead-lettered (engine_failed, %d in"
-                " this batch so far)",
-                org_id,
+                "records the engine fails on are dead-lettered (engine_failed, %d in this batch"
+                " so far)",
                 batch.counts["quarantined"],
             )
 
@@ -255,57 +233,57 @@ class Applier:
             batch.counts["rejected_command"] += 1
             self._reject_command(batch, org_id, p, code, detail=reason)
 
-    async def _fill_gap(
-        self,
-        org_id: str,
-        effects: list[dict[str, Any]],
-        charges: list[ChargeRow],
-        *,
-        force: bool,
-    ) -> tuple[list[dict[str, Any]], list[ChargeRow]]:
-        """Add unacknowledged outbox effects that precede this call's effects.
+    async def _fill_gaps(self, done: list[tuple[OrgWork, OrgResult]]) -> None:
+        """Add unacknowledged outbox effects that precede each org's effects of this call.
 
         ``outbox_ack`` acknowledges a prefix (``seq <= upto``). Effects of the same org made by
         another worker (producers not keying by org), or by a call whose reply was lost, may sit
         in the outbox below our seqs; we persist and publish them too before acking past them
         (idempotent rows, at-least-once messages), so an ack never drops an effect that is not
-        in PostgreSQL. Compact charge rows stay compact on the common path (this call's seqs
-        follow the last ones we saw); on the rare gap path they are expanded and merged.
+        in PostgreSQL. On the common path (this call's seqs follow the last ones we saw) there
+        is nothing to read; the gaps of one call are read in one round trip.
         """
-        last = self.last_seq.get(org_id)
-        if last is None:
-            # First call for this org in this process: every seq up to what PostgreSQL holds
-            # needs nothing from the outbox, so only effects above it count as a gap.
-            last = self.pg_seq.get(org_id)
-        first: int | None = None
-        high = 0
-        if effects:
-            first = int(effects[0]["seq"])
-            high = int(effects[-1]["seq"])
-        if charges:
-            c_first = int(charges[0][1])
-            first = c_first if first is None else min(first, c_first)
-            high = max(high, int(charges[-1][1]) + 1)
-        if not force and (first is None or (last is not None and first == last + 1)):
-            if first is not None:
-                self.last_seq[org_id] = high
-            return effects, charges
-        if charges:
-            effects = sorted(
-                [*effects, *expand_charges(org_id, charges)], key=lambda e: int(e["seq"])
-            )
-            charges = []
-        pending = await self._backoff.retry(
-            "redis", lambda: self._engine.outbox_pending(org_id, last or 0)
-        )
-        have = {int(e["seq"]) for e in effects}
-        extra = [e for e in pending if int(e["seq"]) not in have]
-        if first is not None:
-            extra = [e for e in extra if int(e["seq"]) < first]
-        merged = sorted([*extra, *effects], key=lambda e: int(e["seq"]))
-        if merged:
-            self.last_seq[org_id] = max(int(merged[-1]["seq"]), last or 0)
-        return merged, charges
+        gaps: dict[str, int] = {}
+        unsure = self._unsure
+        for (org_id, _), res in done:
+            effects = res.effects
+            force = org_id in unsure
+            last = self.last_seq.get(org_id)
+            if last is None:
+                # First call for this org in this process: every seq up to what PostgreSQL
+                # holds needs nothing from the outbox, so only effects above it count as a gap.
+                last = self.pg_seq.get(org_id)
+            # (An org new to PostgreSQL too starts at seq 1.)
+            follows = effects and effects[0].seq == (last or 0) + 1
+            if not force and (not effects or follows):
+                if effects:
+                    self.last_seq[org_id] = last_seq(effects[-1])
+                continue
+            gaps[org_id] = last or 0
+        if not gaps:
+            return
+        pending = await self._backoff.retry("redis", lambda: self._engine.outbox_pending_many(gaps))
+        for (org_id, _), res in done:
+            if org_id not in gaps:
+                continue
+            effects = res.effects
+            have: set[int] = set()
+            for e in effects:
+                have.add(e.seq)
+                if isinstance(e, Charge):
+                    have.add(e.seq + 1)
+            first = effects[0].seq if effects else None
+            extra = [
+                e
+                for e in pending.get(org_id, ())
+                if e.seq not in have and (first is None or e.seq < first)
+            ]
+            if extra:
+                effects = sorted([*extra, *effects], key=lambda e: e.seq)
+                res.effects = effects
+            if effects:
+                self.last_seq[org_id] = max(last_seq(effects[-1]), gaps[org_id])
+            unsure.discard(org_id)
 
     def _record(
         self,
@@ -313,36 +291,41 @@ class Applier:
         org_id: str,
         chunk: Sequence[Pending],
         outcomes: list[Outcome],
-        effects: list[dict[str, Any]],
-        charges: Sequence[ChargeRow],
+        effects: list[Effect],
     ) -> None:
-        """Rows, messages, acks and counts of one engine call's results."""
-        top = 0
-        if charges:
-            batch.flush.add_charges(org_id, charges)
-            top = int(charges[-1][1]) + 1  # rows in seq order; the usage seq follows
-            charged_mc = batch.charged_mc
-            for r in charges:
-                charged_mc[r[2] or "unknown"] += r[7]
+        """Rows, messages, acks and counts of one org's engine results."""
         if effects:
-            lookup = _lookup(chunk)
-            _add_sources(effects, lookup)
-            batch.flush.add_effects(org_id, effects)
-            batch.messages.extend(self._encoder.messages(org_id, effects, lookup))
-            top = max(top, max(int(e["seq"]) for e in effects))
-            _tally(effects, batch.charged_mc)
+            batch.flush.add_effects(effects)
+            charged_mc = batch.charged_mc
             published = batch.signals[org_id]
+            outboxed = 0
+            rare: list[Effect] = []
             for e in effects:
-                if e["kind"] == "signal":
-                    mid = str(e["member_id"])
-                    published[mid] = max(published.get(mid, 0), int(e["member_seq"]))
-        if top:
-            batch.acks[org_id] = max(batch.acks.get(org_id, 0), top)
-        # A compact charge row stands for two effects (its ledger and usage records).
-        outboxed = len(effects) + 2 * len(charges)
-        batch.outboxed += outboxed
-        metrics.OUTBOX_DEPTH.inc(outboxed)
-        self._outcomes(batch, org_id, chunk, outcomes, effects, charges)
+                if isinstance(e, Charge):
+                    charged_mc[e.bucket] += e.credits_mc
+                    outboxed += 2  # a compact charge stands for two effects
+                    continue
+                outboxed += 1
+                if isinstance(e, Usage):
+                    if e.status == "rejected":
+                        rare.append(e)
+                elif isinstance(e, Ledger):
+                    if e.source_kind == "usage" and e.amount_mc < 0:
+                        charged_mc[e.bucket or "unknown"] -= e.amount_mc
+                else:
+                    rare.append(e)
+                    e.count()
+                    if isinstance(e, Signal):
+                        mid = e.member_id
+                        published[mid] = max(published.get(mid, 0), e.member_seq)
+            if rare:
+                batch.messages.extend(self._encoder.messages(rare, _lookup(chunk)))
+            top = last_seq(effects[-1])
+            if top > batch.acks.get(org_id, 0):
+                batch.acks[org_id] = top
+            batch.outboxed += outboxed
+            metrics.OUTBOX_DEPTH.inc(outboxed)
+        self._outcomes(batch, org_id, chunk, outcomes, effects)
 
     def _outcomes(
         self,
@@ -350,8 +333,7 @@ class Applier:
         org_id: str,
         chunk: Sequence[Pending],
         outcomes: list[Outcome],
-        effects: list[dict[str, Any]],
-        charges: Sequence[ChargeRow],
+        effects: list[Effect],
     ) -> None:
         counts = batch.counts
         usage_effects: set[str] | None = None
@@ -365,9 +347,8 @@ class Applier:
                 charged += 1  # the common case, counted once per call
                 continue
             if usage_effects is None:
-                usage_effects = {e["event_id"] for e in effects if e.get("kind") == "usage"}
-                usage_effects.update(r[4] for r in charges)
-                command_effects = {e["command_id"] for e in effects if e.get("kind") == "command"}
+                usage_effects = {e.event_id for e in effects if isinstance(e, Usage | Charge)}
+                command_effects = {e.command_id for e in effects if isinstance(e, Command)}
             assert command_effects is not None
             has_effect = p.ident in (usage_effects if p.is_usage else command_effects)
             unknown = status == "unknown" and p.parked is None
@@ -450,7 +431,7 @@ class Applier:
         self, batch: Batch, org_id: str, p: Pending, code: str, detail: str | None = None
     ) -> None:
         """Dead-letter a usage event the engine left no effect for, and record it as decided."""
-        batch.messages.append(_dlq_for(self._s.topic_usage_dlq, p.raw, code, detail))
+        batch.messages.append(dlq_of(self._s.topic_usage_dlq, p.raw, code, detail))
         item = p.item
         batch.flush.add_rejected_usage(
             event_id=p.ident,
@@ -471,7 +452,7 @@ class Applier:
         command = p.item.command  # type: ignore[union-attr]
         typ = command_type_label(command.get("type"))
         metrics.COMMANDS.labels(type=typ, status="rejected").inc()
-        batch.messages.append(_dlq_for(self._s.topic_admin_dlq, p.raw, code, detail))
+        batch.messages.append(dlq_of(self._s.topic_admin_dlq, p.raw, code, detail))
         batch.flush.add_rejected_command(
             command_id=p.ident,
             org_id=org_id,
@@ -489,49 +470,7 @@ def _lookup(chunk: Sequence[Pending]) -> Callable[[str], RawSource | None]:
     def find(ident: str) -> RawSource | None:
         nonlocal index
         if index is None:
-            index = {p.ident: p.raw for p in chunk}
+            index = {p.claim_id: p.raw for p in chunk}
         return index.get(ident)
 
     return find
-
-
-def _tally(effects: list[dict[str, Any]], charged_mc: dict[str, int]) -> None:
-    """Count effects for the metrics: usage charges summed per bucket (one counter update
-    per batch instead of one per event), the rare kinds one by one."""
-    for e in effects:
-        kind = e["kind"]
-        if kind == "ledger":
-            amount = e.get("amount_mc") or 0
-            if amount < 0 and e.get("source_kind") == "usage":
-                charged_mc[e.get("bucket") or "unknown"] -= amount
-        elif kind != "usage":
-            metrics.count_effect(e)
-
-
-def _add_sources(effects: list[dict[str, Any]], lookup: Callable[[str], RawSource | None]) -> None:
-    """Note where each decided input came from on its usage/command record (PostgreSQL keeps
-    it for audits; the engine's outbox does not carry it)."""
-    for e in effects:
-        kind = e.get("kind")
-        if kind == "usage":
-            raw = lookup(str(e.get("event_id")))
-        elif kind == "command":
-            raw = lookup(str(e.get("command_id")))
-        else:
-            continue
-        if raw is not None and "source" not in e:
-            e["source"] = f"{raw.topic}:{raw.partition}"
-            e["offset"] = raw.offset
-
-
-def _dlq_for(topic: str, raw: RawSource, code: str, detail: str | None = None) -> OutMessage:
-    return dlq_message(
-        topic,
-        key=raw.key,
-        value=raw.value,
-        code=code,
-        detail=detail or code,
-        source_topic=raw.topic,
-        source_partition=raw.partition,
-        source_offset=raw.offset,
-    )

@@ -64,11 +64,14 @@ class PoisonedEngine:
         self._inner = inner
         self._org = org_id
 
-    async def apply_rows(self, org_id: str, items: Any, *, expect_seq: int = 0) -> Any:
-        if org_id == self._org:
+    async def apply_many(self, calls: Any) -> Any:
+        if any(c.org_id == self._org for c in calls):
+            # The other orgs' script calls run (as they would beside a failing one); their
+            # replies are lost with the error.
+            await self._inner.apply_many([c for c in calls if c.org_id != self._org])
             await asyncio.sleep(0.05)  # a failing script takes its time too
             raise ResponseError("ERR user_script:1: fault injection: this org's data is corrupt")
-        return await self._inner.apply_rows(org_id, items, expect_seq=expect_seq)
+        return await self._inner.apply_many(calls)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

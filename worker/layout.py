@@ -1,0 +1,134 @@
+"""The records that cross between Python and the Lua engine, declared once.
+
+Items go into the apply script as positional JSON arrays, effects and member records come back
+as positional arrays: one order, defined here, read by both sides. ``python -m worker.layout``
+writes ``worker/lua/lib_layout.lua`` from these declarations (row constructors, the member
+record's positions, the kind codes), and ``worker/effects.py`` builds its decoders from them;
+``tests/unit/test_layout.py`` fails when the generated file is out of date. A new field is
+added here, in one place, and both languages follow.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Final
+
+ITEM_USAGE: Final = 1
+ITEM_COMMAND: Final = 2
+USAGE_ITEM_FIELDS: Final = (
+    "event_id", "member_id", "task_id", "credits_mc", "occurred_at_ms", "source", "offset",
+)  # fmt: skip
+"""A usage item: ``[ITEM_USAGE, *fields]``. A command item: ``[ITEM_COMMAND, command JSON,
+source, offset]``."""
+
+EFFECT_KINDS: Final = (
+    "ledger", "usage", "command", "signal", "notification", "refill_request", "invoice", "charge",
+)  # fmt: skip
+"""Kind codes of effect rows: the 1-based position here (``ledger`` is 1, ``charge`` 8)."""
+
+EFFECT_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "ledger": (
+        "member_id", "source_kind", "source_id", "task_id", "movement", "bucket", "grant_id",
+        "amount_mc", "cycle_start_ms", "late", "at_ms",
+    ),
+    "usage": (
+        "event_id", "member_id", "task_id", "credits_mc", "occurred_at_ms", "status", "code",
+        "late", "source", "offset",
+    ),
+    "command": ("command_id", "type", "status", "code", "command", "source", "offset"),
+    "signal": ("member_id", "signal", "reason", "member_seq", "issued_at_ms"),
+    "notification": ("type", "member_id", "detail", "at_ms"),
+    "refill_request": ("request_id", "credits_mc", "amount_usd_cents", "at_ms"),
+    "invoice": ("cycle_start_ms", "cycle_end_ms", "negative_balance_mc", "amount_usd_cents"),
+    # A usage event paid by one bucket: its ledger row (seq) and its usage row (seq + 1).
+    "charge": (
+        "bucket", "grant_id", "event_id", "member_id", "task_id", "credits_mc",
+        "occurred_at_ms", "late", "source", "offset", "cycle_start_ms", "at_ms",
+    ),
+}  # fmt: skip
+"""Every effect row is ``[kind code, seq, *fields]`` in this order."""
+
+MEMBER_FIELDS: Final = (
+    "tier",  # seat tier
+    "nt",  # next cycle's tier
+    "act",  # 1 active, 0 removed
+    "cn",  # cycle number the counters belong to
+    "ag",  # allocation granted this cycle
+    "au",  # allocation used
+    "bk",  # pool block credits left
+    "dr",  # drawn from the pool this cycle
+    "bu",  # block credits used
+    "pu",  # promotional credits used
+    "debt",
+    "ds",  # org clock when the debt began
+    "lim",  # pool limit: mc, null (none) or "inherit"
+    "pz",  # 1 paused
+    "rs",  # pause reason
+    "ms",  # member seq of the last signal
+    "aa",  # added at (the current or last seat's start)
+    "ra",  # removed at (the last removal)
+    "inp",  # in the paused set
+    "inq",  # in the pool-dependents set
+    "inb",  # in the debtors set
+    "pr",  # promos, flat [grant_id, left, expires_at, ...]
+    "sh",  # closed seats, flat [added_at, removed_at, ...]
+    "lr",  # reason of the last signal
+    "li",  # org clock of the last signal
+)
+"""The member record: one JSON array per member in the org's member hash."""
+
+LUA_FILE: Final = "lib_layout.lua"
+
+
+def member_index(name: str) -> int:
+    """0-based position of a member record field (Python side)."""
+    return MEMBER_FIELDS.index(name)
+
+
+def render_lua() -> str:
+    """``lib_layout.lua``: the kind codes, the member positions and one constructor per row."""
+    lines = [
+        "-- Generated from worker/layout.py by `python -m worker.layout`: do not edit.",
+        "-- Item kinds, effect kind codes, member record positions and effect row constructors.",
+        "",
+        f"local ITEM_USAGE, ITEM_COMMAND = {ITEM_USAGE}, {ITEM_COMMAND}",
+        "local EK = {" + ", ".join(f"{k} = {i}" for i, k in enumerate(EFFECT_KINDS, 1)) + "}",
+        "local MP = {"
+        + ", ".join(f"{name} = {i}" for i, name in enumerate(MEMBER_FIELDS, 1))
+        + "}",
+        "",
+    ]
+    for kind in EFFECT_KINDS:
+        fields = EFFECT_FIELDS[kind]
+        args = ", ".join(("seq", *fields))
+        lines.append(f"-- [{EFFECT_KINDS.index(kind) + 1}, {args}]")
+        lines.append(f"local function row_{kind}({args})")
+        lines.append(f"  return {{{EFFECT_KINDS.index(kind) + 1}, {args}}}")
+        lines.append("end")
+    return "\n".join(lines) + "\n"
+
+
+def lua_path() -> Path:
+    return Path(str(resources.files("worker") / "lua" / LUA_FILE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m worker.layout [--check]``: write (or check) ``lua/lib_layout.lua``."""
+    args = sys.argv[1:] if argv is None else argv
+    path = lua_path()
+    text = render_lua()
+    if "--check" in args:
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        if current != text:
+            sys.stderr.write(f"{path} is out of date: run python -m worker.layout\n")
+            return 1
+        return 0
+    path.write_text(text, encoding="utf-8")
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

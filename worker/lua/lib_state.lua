@@ -1,0 +1,197 @@
+-- The state of the org being applied, read once per call and written back once at its end.
+--
+-- The apply script handles several orgs per call (one after the other, each atomically in the
+-- call); the variables below hold the current org's state and are reset by load_org() for
+-- each. Every function of the other libraries reads them, never a table kept from an earlier
+-- org. Writes: member sets as members are evaluated, everything else in write_back().
+
+local GROUPS = cjson.decode(ARGV[1]) -- [[org_id, items, expect_seq], ...] in KEYS order
+local CFG = cjson.decode(ARGV[2])
+local TIERS, BLOCK = CFG[1], CFG[2]
+local MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC = CFG[3], CFG[4], CFG[5]
+local BUDGET = tonumber(ARGV[3]) -- member records the whole call may visit for org-wide work
+local NULL = cjson.null
+local INACTIVITY_MONTHS = 12
+local YEAR_MS = 365 * 86400000
+local MAX_SEATS = 16 -- closed seats kept per member (worker/constants.py MAX_SEATS)
+local KEYS_PER_ORG = 8
+
+local function fmt(x) return string.format('%d', x) end
+local function tier_mc(t) return TIERS[t] or 0 end
+
+-- Byte-wise string order (Lua's < follows the server's collation locale).
+local function bytes_lt(a, b)
+  local la, lb = #a, #b
+  for i = 1, math.min(la, lb) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return la < lb
+end
+
+local function is_int(v, low)
+  return type(v) == 'number' and v == math.floor(v) and v >= low and v <= MAX_AMOUNT_MC
+end
+
+-- The current org: its keys, id, and the org's part of the ids the engine makes
+-- (schemas/ids.py derived_id: fixed length whatever the org id is).
+local K_O, K_M, K_X, K_P, K_Q, K_B, K_E, K_U
+local ORG_ID, ORG_DIGEST
+-- Org hash: numeric fields, watermarks, tier limits, queued org-wide work; what changed.
+local NUM_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're',
+  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np'}
+local O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY, EXISTS, JOBS_DIRTY
+-- Members read so far (false: known not to exist) and the ones to write back.
+local MEM, MDIRTY
+-- Effects of this org in this call (positional rows, see lib_layout.lua).
+local E, NE
+-- Unknown-offset marks (lib_items.lua): looked up or added, new ones, decided ones.
+local SEEN, NEW_U, UNKNOWN_SEEN_DROP
+
+local function load_org(g, org_id)
+  local base = (g - 1) * KEYS_PER_ORG
+  K_O, K_M, K_X, K_P = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
+  K_Q, K_B, K_E, K_U = KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]
+  ORG_ID = org_id
+  ORG_DIGEST = string.sub(redis.sha1hex(org_id), 1, 20)
+  O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY = {}, {}, {}, {}, {}, {}, {}
+  EXISTS, JOBS_DIRTY = false, false
+  MEM, MDIRTY = {}, {}
+  E, NE = {}, 0
+  SEEN, NEW_U, UNKNOWN_SEEN_DROP = {}, {}, {}
+  local raw = redis.call('HGETALL', K_O)
+  local h = {}
+  for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
+  if h.ex then
+    EXISTS = true
+    for _, f in ipairs(NUM_FIELDS) do O[f] = tonumber(h[f] or '0') end
+    O.rp = h.rp or ''
+    for k, v in pairs(h) do
+      local c = string.sub(k, 1, 2)
+      if c == 'w:' then W[string.sub(k, 3)] = tonumber(v)
+      elseif c == 't:' then
+        if v == 'none' then TL[string.sub(k, 3)] = false else TL[string.sub(k, 3)] = tonumber(v) end
+      end
+    end
+    if h.jb and h.jb ~= '' then JOBS = cjson.decode(h.jb) end
+  end
+end
+
+local function S(k, v)
+  if O[k] ~= v then O[k] = v; ODIRTY[k] = true end
+end
+
+-- ---------------------------------------------------------------------------------------
+-- Members: one HGET per member per call, written back once at the end
+-- ---------------------------------------------------------------------------------------
+local function decode_member(id, s)
+  local a = cjson.decode(s)
+  local m = {id = id, tier = a[MP.tier], nt = a[MP.nt], act = a[MP.act], cn = a[MP.cn],
+    ag = a[MP.ag], au = a[MP.au], bk = a[MP.bk], dr = a[MP.dr], bu = a[MP.bu], pu = a[MP.pu],
+    debt = a[MP.debt], ds = a[MP.ds], pz = a[MP.pz], ms = a[MP.ms], aa = a[MP.aa],
+    inp = a[MP.inp], inq = a[MP.inq], inb = a[MP.inb], pr = {}}
+  local lim = a[MP.lim]
+  if lim == NULL then m.lim = false else m.lim = lim end
+  m.rs = (a[MP.rs] ~= NULL) and a[MP.rs] or false
+  m.ra = (a[MP.ra] ~= NULL) and a[MP.ra] or false
+  local p = a[MP.pr]
+  for i = 1, #p, 3 do m.pr[#m.pr + 1] = {g = p[i], r = p[i + 1], e = p[i + 2]} end
+  m.sh = a[MP.sh] or {}
+  -- Reason and org clock of the member's last signal: its current state on the control topic,
+  -- re-sent as such after a publish that may have landed out of order.
+  m.lr = a[MP.lr] or NULL
+  m.li = a[MP.li] or 0
+  return m
+end
+
+local function encode_member(m)
+  local p = {}
+  for _, g in ipairs(m.pr) do
+    p[#p + 1] = g.g; p[#p + 1] = g.r; p[#p + 1] = g.e
+  end
+  local a = {}
+  a[MP.tier], a[MP.nt], a[MP.act], a[MP.cn], a[MP.ag], a[MP.au] = m.tier, m.nt, m.act, m.cn,
+    m.ag, m.au
+  a[MP.bk], a[MP.dr], a[MP.bu], a[MP.pu], a[MP.debt], a[MP.ds] = m.bk, m.dr, m.bu, m.pu,
+    m.debt, m.ds
+  a[MP.lim] = (m.lim == false) and NULL or m.lim
+  a[MP.pz], a[MP.rs], a[MP.ms], a[MP.aa], a[MP.ra] = m.pz, m.rs or NULL, m.ms, m.aa,
+    m.ra or NULL
+  a[MP.inp], a[MP.inq], a[MP.inb], a[MP.pr], a[MP.sh] = m.inp, m.inq, m.inb, p, m.sh
+  a[MP.lr], a[MP.li] = m.lr, m.li
+  return cjson.encode(a)
+end
+
+-- Lazy cycle rollover: the org-level counters were reset at cycle end; the member catches up
+-- the first time it is touched afterwards.
+local function roll(m)
+  if m.cn < O.cn then
+    m.cn = O.cn
+    m.tier = m.nt
+    m.ag = (m.act == 1) and tier_mc(m.tier) or 0
+    m.au, m.bk, m.dr, m.bu, m.pu, m.debt, m.ds = 0, 0, 0, 0, 0, 0, 0
+    m.inb = 0 -- the debtors set was dropped at cycle end
+    MDIRTY[m.id] = true
+  end
+end
+
+local function get(id)
+  local m = MEM[id]
+  if m == nil then
+    local s = redis.call('HGET', K_M, id)
+    if not s then MEM[id] = false; return nil end
+    m = decode_member(id, s)
+    MEM[id] = m
+  elseif m == false then
+    return nil
+  end
+  roll(m)
+  return m
+end
+
+local function dirty(m) MDIRTY[m.id] = true end
+
+-- Write-back of the current org. Everything before it only read, or wrote the member sets; the
+-- org and member hashes, the marks and the one outbox entry land here, together.
+local function write_back()
+  if EXISTS then
+    if NE > 0 then ODIRTY.sq = true end
+    local args = {}
+    for k in pairs(ODIRTY) do
+      args[#args + 1] = k
+      if k == 'rp' then args[#args + 1] = O.rp
+      elseif k == 'ex' then args[#args + 1] = '1'
+      else args[#args + 1] = fmt(O[k]) end
+    end
+    for src in pairs(WDIRTY) do
+      args[#args + 1] = 'w:' .. src; args[#args + 1] = fmt(W[src])
+    end
+    for t in pairs(TLDIRTY) do
+      args[#args + 1] = 't:' .. t
+      args[#args + 1] = (TL[t] == false) and 'none' or fmt(TL[t])
+    end
+    if JOBS_DIRTY then
+      args[#args + 1] = 'jb'
+      args[#args + 1] = (#JOBS > 0) and cjson.encode(JOBS) or ''
+    end
+    if #args > 0 then redis.call('HSET', K_O, unpack(args)) end
+    local margs = {}
+    for id in pairs(MDIRTY) do
+      local m = MEM[id]
+      if m then
+        margs[#margs + 1] = id
+        margs[#margs + 1] = encode_member(m)
+        if #margs >= 400 then redis.call('HSET', K_M, unpack(margs)); margs = {} end
+      end
+    end
+    if #margs > 0 then redis.call('HSET', K_M, unpack(margs)) end
+    if #NEW_U > 0 then redis.call('SADD', K_U, unpack(NEW_U)) end
+    if #UNKNOWN_SEEN_DROP > 0 then redis.call('SREM', K_U, unpack(UNKNOWN_SEEN_DROP)) end
+  end
+  local blob = '[]'
+  if #E > 0 then
+    blob = cjson.encode(E)
+    redis.call('XADD', K_X, fmt(O.sq) .. '-0', 'e', blob)
+  end
+  return blob
+end
