@@ -431,9 +431,10 @@ def as_dicts(effects: Iterable[Effect]) -> list[dict[str, Any]]:
     return [e.as_dict() for e in expanded(effects)]
 
 
-def decode_blob(org_id: str, blob: str | bytes | None) -> list[Effect]:
-    """Effects of one outbox entry or reply blob (a JSON list of positional rows)."""
+def decode_blob(org_id: str, blob: bytes | None) -> list[Effect]:
+    """Effects of one outbox entry or reply blob (a MessagePack list of positional rows; empty
+    when the call produced none)."""
     if not blob:
         return []
-    rows = orjson.loads(blob)
+    rows = msgspec.msgpack.decode(blob)
     return decode_rows(org_id, rows) if rows else []

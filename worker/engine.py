@@ -20,6 +20,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from msgspec.msgpack import decode as msgpack_decode
 
 from worker import layout
 from worker.constants import (
@@ -144,6 +145,18 @@ def _outcomes(rows: list[list[Any]]) -> list[Outcome]:
     return out
 
 
+def org_integers(raw: bytes | str) -> dict[str, int]:
+    """The org hash's ``s`` field (MessagePack) by name (``worker/layout.py`` ORG_FIELDS)."""
+    values = msgpack_decode(_binary(raw))
+    return dict(zip(layout.ORG_FIELDS, values, strict=True))
+
+
+def _binary(value: bytes | str) -> bytes:
+    if isinstance(value, str):
+        raise TypeError("RedisEngine needs a Redis client with decode_responses=False")
+    return value
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -172,6 +185,7 @@ class RedisEngine:
         ).decode()
         self._apply = client.register_script(load_apply_script())
         self._claim = client.register_script(load_script("claim.lua"))
+        self._ack = client.register_script(load_script("ack.lua"))
         self.claim_shards = settings.claim_shards
         self.shards = settings.redis_shards
         self._cluster = type(client).__name__ == "RedisCluster"
@@ -387,7 +401,7 @@ class RedisEngine:
         for mid, rec in zip(ids, raw, strict=True):
             if rec is None:
                 continue
-            a = orjson.loads(rec)
+            a = msgpack_decode(_binary(rec))
             mseq = a[mp["ms"]]
             if not mseq or a[mp["lr"]] is None:
                 continue
@@ -403,9 +417,12 @@ class RedisEngine:
         """Each org's last effect seq (0 for an org Redis does not know), one round trip."""
         pipe = self.client.pipeline(transaction=False)
         for org_id in org_ids:
-            pipe.hget(self.keys(org_id).org, "sq")
+            pipe.hget(self.keys(org_id).org, "s")
         values = await pipe.execute() if org_ids else []
-        return {o: int(_s(v)) if v is not None else 0 for o, v in zip(org_ids, values, strict=True)}
+        return {
+            o: org_integers(v)["sq"] if v is not None else 0
+            for o, v in zip(org_ids, values, strict=True)
+        }
 
     async def ping(self) -> None:
         """Raise unless Redis answers."""
@@ -449,19 +466,30 @@ class RedisEngine:
         self, acks: Mapping[str, int], unknown_marks: Mapping[str, Sequence[str]] | None = None
     ) -> None:
         """Drop each org's outbox entries whose effects all have ``seq <= acks[org]``, and the
-        unknown-offset marks of events PostgreSQL now holds as parked; one round trip.
-
-        ``XTRIM MINID`` per org (entry ids are ``<last seq>-0``) and ``SREM`` of the marks.
-        """
-        if not acks and not unknown_marks:
+        unknown-offset marks of events PostgreSQL now holds as parked: one ``ack.lua`` call
+        per shard, pipelined (entry ids are ``<last seq>-0``, trimmed with ``XTRIM MINID``)."""
+        marks = unknown_marks or {}
+        if not acks and not marks:
             return
-        pipe = self.client.pipeline(transaction=False)
-        for org_id, seq in acks.items():
-            pipe.xtrim(self.keys(org_id).outbox, minid=f"{seq + 1}-0", approximate=False)
-        for org_id, marks in (unknown_marks or {}).items():
-            if marks:
-                pipe.srem(self.keys(org_id).unknown, *marks)
-        await pipe.execute()
+        by_shard: dict[int, list[str]] = {}
+        for org_id in {*acks, *marks}:
+            by_shard.setdefault(self.shard(org_id), []).append(org_id)
+        calls: list[tuple[list[str], list[str | int]]] = []
+        for orgs in by_shard.values():
+            keys: list[str] = []
+            spec: list[Any] = []
+            for org_id in orgs:
+                org_keys_ = self.keys(org_id)
+                keys += (org_keys_.outbox, org_keys_.unknown)
+                spec.append((acks.get(org_id, 0), list(marks.get(org_id, ()))))
+            calls.append((keys, [orjson.dumps(spec).decode()]))
+        if self._cluster or len(calls) == 1:
+            await asyncio.gather(*(self._ack(keys=ks, args=a) for ks, a in calls))
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for k, a in calls:
+                await self._ack(keys=k, args=a, client=pipe)  # type: ignore[arg-type]
+            await pipe.execute()
 
     async def orgs_with_outbox(self) -> list[str]:
         """Orgs with unacked effects (SCAN over every node; startup recovery only)."""
@@ -480,13 +508,15 @@ class RedisEngine:
         """The org as the model's ``Org`` (members rolled to the current cycle), or None."""
         keys = self.keys(org_id)
         raw_org = await self.client.hgetall(keys.org)
-        h = {_s(k): _s(v) for k, v in raw_org.items()}
-        if "ex" not in h:
+        packed = {_s(k): v for k, v in raw_org.items()}
+        if "s" not in packed:
             return None
         raw_members = await self.client.hgetall(keys.members)
+        integers = org_integers(packed.pop("s"))
+        h = {k: _s(v) for k, v in packed.items()}
 
         def num(name: str) -> int:
-            return int(h.get(name, "0"))
+            return integers[name]
 
         org = Org(
             org_id=org_id, anchor=num("an"), clock=num("ck"), cstart=num("cs"), cend=num("ce"),
@@ -505,7 +535,7 @@ class RedisEngine:
         mp = _MP
         for mid_raw, rec in raw_members.items():
             mid = _s(mid_raw)
-            a = orjson.loads(rec)
+            a = msgpack_decode(_binary(rec))
             promos = a[mp["pr"]]
             seats = a[mp["sh"]]
             m = Member(
@@ -526,9 +556,9 @@ class RedisEngine:
 
     async def counters(self, org_id: str) -> dict[str, int]:
         """The org's running totals kept for O(1) cycle ends (tests compare them to sums)."""
-        raw = await self.client.hmget(self.keys(org_id).org, ["at", "bt", "dt", "nt"])
-        names = ("alloc_left", "blocks", "debts", "next_alloc")
-        return {n: int(_s(v)) if v is not None else 0 for n, v in zip(names, raw, strict=True)}
+        raw = await self.client.hget(self.keys(org_id).org, "s")
+        v = org_integers(raw) if raw is not None else dict.fromkeys(layout.ORG_FIELDS, 0)
+        return {"alloc_left": v["at"], "blocks": v["bt"], "debts": v["dt"], "next_alloc": v["nt"]}
 
     async def state_view(self, org_id: str) -> dict[str, Any] | None:
         """Normalised state, comparable with ``Model.state_view``."""

@@ -79,7 +79,43 @@ MEMBER_FIELDS: Final = (
 )
 """The member record: one JSON array per member in the org's member hash."""
 
+ORG_FIELDS: Final = (
+    "an",  # billing anchor day
+    "pa",  # pending anchor day (0: none)
+    "ck",  # org clock
+    "cn",  # cycle number
+    "cs",  # cycle start
+    "ce",  # cycle end
+    "la",  # last pool activity
+    "pl",  # pool balance
+    "lk",  # 1 locked after a failed refill
+    "pd",  # drawn from the pool this cycle
+    "bw",  # 1 below-threshold notified
+    "re",  # auto-refill enabled
+    "rt",  # auto-refill threshold
+    "ra",  # auto-refill amount
+    "rm",  # auto-refill monthly limit
+    "rd",  # refilled this cycle
+    "rpm",  # credits of the pending refill request
+    "rc",  # refill request counter
+    "rn",  # 1 monthly-limit notified
+    "ie",  # invoice charges outside member debt
+    "sq",  # last effect seq
+    "at",  # allocation left (O(1) cycle end)
+    "bt",  # block credits out
+    "dt",  # member debt
+    "nt",  # next cycle's allocation total
+    "np",  # earliest promo expiry (lower bound)
+)
+"""The org's integers: one field ``s`` of the org hash, ``%d`` values joined by commas in this
+order (one read and one write per call instead of one per field)."""
+
 LUA_FILE: Final = "lib_layout.lua"
+
+
+def org_index(name: str) -> int:
+    """0-based position of an org field in the ``s`` field."""
+    return ORG_FIELDS.index(name)
 
 
 def member_index(name: str) -> int:
@@ -91,13 +127,15 @@ def render_lua() -> str:
     """``lib_layout.lua``: the kind codes, the member positions and one constructor per row."""
     lines = [
         "-- Generated from worker/layout.py by `python -m worker.layout`: do not edit.",
-        "-- Item kinds, effect kind codes, member record positions and effect row constructors.",
+        "-- Item kinds, effect kind codes, member record positions, the org's integer fields and",
+        "-- effect row constructors.",
         "",
         f"local ITEM_USAGE, ITEM_COMMAND = {ITEM_USAGE}, {ITEM_COMMAND}",
         "local EK = {" + ", ".join(f"{k} = {i}" for i, k in enumerate(EFFECT_KINDS, 1)) + "}",
         "local MP = {"
         + ", ".join(f"{name} = {i}" for i, name in enumerate(MEMBER_FIELDS, 1))
         + "}",
+        "local ORG_FIELDS = {" + ", ".join(f"'{name}'" for name in ORG_FIELDS) + "}",
         "",
     ]
     for kind in EFFECT_KINDS:

@@ -117,8 +117,9 @@ def redis_cluster_url(settings: Settings) -> str:
 
 @pytest.fixture
 async def redis_cluster(redis_cluster_url: str, redis_prefix: str) -> AsyncIterator[RedisCluster]:
-    """Client on the Redis Cluster; keys under ``redis_prefix`` are removed after the test."""
-    client = RedisCluster.from_url(redis_cluster_url, decode_responses=True)
+    """Client (bytes, as the engine needs) on the Redis Cluster; keys under ``redis_prefix``
+    are removed after the test."""
+    client = RedisCluster.from_url(redis_cluster_url, decode_responses=False)
     try:
         await client.initialize()
     except Exception as exc:

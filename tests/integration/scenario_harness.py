@@ -321,6 +321,26 @@ class PrivateRedis:
     def stop(self) -> None:
         self.node.stop()
 
+    async def snapshot(self, into: Path) -> Path:
+        """Stop the server (its data is flushed), copy its data files, start it again."""
+        await asyncio.to_thread(self.node.stop)
+        shutil.copytree(self.node.dir, into, ignore=shutil.ignore_patterns("redis.pid"))
+        await self.start()
+        return into
+
+    async def restore(self, snapshot: Path) -> None:
+        """Stop the server and start it again on an older copy of its data files: Redis back
+        where it was at the snapshot, everything written since lost."""
+        await asyncio.to_thread(self.node.stop)
+        self.wipe()
+        for path in snapshot.iterdir():
+            target = self.node.dir / path.name
+            if path.is_dir():
+                shutil.copytree(path, target)
+            elif path.suffix in (".rdb", ".aof"):
+                shutil.copy2(path, target)
+        await self.start()
+
 
 class PrivatePostgres:
     """A PostgreSQL cluster of the scenario's own (initdb in a temporary folder)."""

@@ -264,7 +264,7 @@ def scenarios(draw: st.DrawFn) -> list[tuple[int, list[Item]]]:
 
 @pytest.fixture
 async def diff_engine(redis_url: str, settings: Settings) -> Any:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
     await client.flushdb()
     engine = RedisEngine(client, settings.model_copy(update={"tiers": TIERS}), walk_budget=2)
     yield engine
@@ -285,8 +285,8 @@ async def check_org(engine: RedisEngine, model: Model, org_id: str, log: list[An
         "next_alloc": sum(TIERS[m.next_tier] * C for m in active),
     }
     keys = engine.keys(org_id)
-    paused = set(await engine.client.zrange(keys.paused, 0, -1))
-    debtors = await engine.client.zrange(keys.debtors, 0, -1)
+    paused = {m.decode() for m in await engine.client.zrange(keys.paused, 0, -1)}
+    debtors = [m.decode() for m in await engine.client.zrange(keys.debtors, 0, -1)]
     assert paused == {m.member_id for m in active if m.paused}
     by_age = sorted((m for m in active if m.debt), key=lambda m: (m.dsince, m.member_id.encode()))
     assert debtors == [m.member_id for m in by_age]

@@ -53,7 +53,7 @@ class EngineHarness:
 
 @pytest.fixture
 async def engine(redis_url: str, settings: Settings) -> RedisEngine:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=False)
     await client.flushdb()
     return RedisEngine(client, settings)
 

@@ -33,7 +33,7 @@ for g, group in ipairs(GROUPS) do
     -- Redis behind PostgreSQL (restarted behind its AOF, emptied): decide nothing on stale
     -- state. Nothing was written; the caller rebuilds the org from the ledger and calls again.
     results[g] = {-1, EXISTS and O.sq or 0, {}}
-    blobs[g] = '[]'
+    blobs[g] = ''
   else
     for _, it in ipairs(items) do
       if it[1] == ITEM_COMMAND then it.cmd = cjson.decode(it[2]) end

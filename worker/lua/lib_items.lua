@@ -14,7 +14,9 @@ local function mark_unknown(u)
 end
 
 local function mark(src, off)
-  if off >= 0 and (W[src] == nil or W[src] < off) then W[src] = off; WDIRTY[src] = true end
+  if off < 0 then return end
+  local w = watermark(src)
+  if w == nil or w < off then W[src] = off; WDIRTY[src] = true end
 end
 
 local OUT_APPLIED, OUT_REPLAYED = {'applied', NULL}, {'replayed', NULL}
@@ -22,7 +24,8 @@ local OUT_APPLIED, OUT_REPLAYED = {'applied', NULL}, {'replayed', NULL}
 -- nil and, for a replayed offset that was unknown when first seen, its mark (dropped once the
 -- item is decided).
 local function gate(src, off)
-  if off >= 0 and W[src] ~= nil and W[src] >= off then
+  local w = off >= 0 and watermark(src)
+  if w and w >= off then
     local u = 'u|' .. src .. '|' .. fmt(off)
     if SEEN[u] == nil then
       SEEN[u] = redis.call('SISMEMBER', K_U, u) == 1
@@ -305,8 +308,7 @@ local function dispatch(cmd, ctx, touched)
     local lim = cmd.limit_mc
     if lim == nil then lim = NULL end
     if lim ~= NULL and not is_int(lim, 0) then return 'invalid_amount', nil, flags end
-    local old = TL[tier]
-    if old == nil then old = false end
+    local old = tier_limit(tier)
     local new = lim
     if lim == NULL then new = false end
     TL[tier] = new; TLDIRTY[tier] = true
@@ -414,12 +416,10 @@ local function do_command(it)
       return {'rejected', 'invalid_command'}
     end
     local s, e = cycle_containing(at, day)
-    for _, f in ipairs(NUM_FIELDS) do O[f] = 0; ODIRTY[f] = true end
+    for _, f in ipairs(ORG_FIELDS) do O[f] = 0; ODIRTY[f] = true end
     O.rp = ''; ODIRTY.rp = true
     O.an, O.ck, O.cs, O.ce, O.la = day, at, s, e, at
     EXISTS = true
-    ODIRTY.ex = true
-    O.ex = 1
     mark(src, off)
     emit(row_command(0, cid, typ, 'applied', NULL, raw, src, off))
     return {'applied', NULL}

@@ -4,9 +4,7 @@
 -- ---------------------------------------------------------------------------------------
 local function eff_limit(m)
   if m.lim == 'inherit' then
-    local t = TL[m.tier]
-    if t == nil then return false end
-    return t
+    return tier_limit(m.tier)
   end
   return m.lim
 end
@@ -112,7 +110,7 @@ local function after_draw()
   if O.rd < O.rm then
     local credits = math.min(O.ra, O.rm - O.rd)
     S('rc', O.rc + 1)
-    local rid = 'refill-' .. ORG_DIGEST .. '-' .. fmt(O.rc)
+    local rid = 'refill-' .. org_digest() .. '-' .. fmt(O.rc)
     O.rp = rid; ODIRTY.rp = true
     S('rpm', credits)
     emit(row_refill_request(0, rid, credits, math.floor((credits + 500) / 1000), O.ck))

@@ -37,9 +37,11 @@ end
 -- (schemas/ids.py derived_id: fixed length whatever the org id is).
 local K_O, K_M, K_X, K_P, K_Q, K_B, K_E, K_U
 local ORG_ID, ORG_DIGEST
--- Org hash: numeric fields, watermarks, tier limits, queued org-wide work; what changed.
-local NUM_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're',
-  'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np'}
+-- Org hash: the integers (field 's', a MessagePack array in the order of worker/layout.py
+-- ORG_FIELDS), the pending refill id
+-- ('rp'), queued org-wide work ('jb'), watermarks ('w:<source>') and tier limits
+-- ('t:<tier>'); the last two are read when first needed. O holds the integers and rp; W the
+-- watermarks read so far (false: none), TL the tier limits read so far (false: none).
 local O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY, EXISTS, JOBS_DIRTY
 -- Members read so far (false: known not to exist) and the ones to write back.
 local MEM, MDIRTY
@@ -53,28 +55,49 @@ local function load_org(g, org_id)
   K_O, K_M, K_X, K_P = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
   K_Q, K_B, K_E, K_U = KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]
   ORG_ID = org_id
-  ORG_DIGEST = string.sub(redis.sha1hex(org_id), 1, 20)
+  ORG_DIGEST = nil
   O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY = {}, {}, {}, {}, {}, {}, {}
   EXISTS, JOBS_DIRTY = false, false
   MEM, MDIRTY = {}, {}
   E, NE = {}, 0
   SEEN, NEW_U, UNKNOWN_SEEN_DROP = {}, {}, {}
-  local raw = redis.call('HGETALL', K_O)
-  local h = {}
-  for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
-  if h.ex then
+  local h = redis.call('HMGET', K_O, 's', 'rp', 'jb')
+  if h[1] then
     EXISTS = true
-    for _, f in ipairs(NUM_FIELDS) do O[f] = tonumber(h[f] or '0') end
-    O.rp = h.rp or ''
-    for k, v in pairs(h) do
-      local c = string.sub(k, 1, 2)
-      if c == 'w:' then W[string.sub(k, 3)] = tonumber(v)
-      elseif c == 't:' then
-        if v == 'none' then TL[string.sub(k, 3)] = false else TL[string.sub(k, 3)] = tonumber(v) end
-      end
-    end
-    if h.jb and h.jb ~= '' then JOBS = cjson.decode(h.jb) end
+    local a = cmsgpack.unpack(h[1])
+    for i, f in ipairs(ORG_FIELDS) do O[f] = a[i] or 0 end
+    O.rp = h[2] or ''
+    if h[3] and h[3] ~= '' then JOBS = cjson.decode(h[3]) end
   end
+end
+
+-- The org's part of the ids the engine makes (schemas/ids.py derived_id: fixed length
+-- whatever the org id is), computed when first needed.
+local function org_digest()
+  if ORG_DIGEST == nil then ORG_DIGEST = string.sub(redis.sha1hex(ORG_ID), 1, 20) end
+  return ORG_DIGEST
+end
+
+-- The watermark of a source (nil: none yet).
+local function watermark(src)
+  local w = W[src]
+  if w == nil then
+    local raw = redis.call('HGET', K_O, 'w:' .. src)
+    w = raw and tonumber(raw) or false
+    W[src] = w
+  end
+  return w or nil
+end
+
+-- A tier's pool limit: mc, or false (no limit).
+local function tier_limit(t)
+  local l = TL[t]
+  if l == nil then
+    local raw = redis.call('HGET', K_O, 't:' .. t)
+    if raw and raw ~= 'none' then l = tonumber(raw) else l = false end
+    TL[t] = l
+  end
+  return l
 end
 
 local function S(k, v)
@@ -85,13 +108,13 @@ end
 -- Members: one HGET per member per call, written back once at the end
 -- ---------------------------------------------------------------------------------------
 local function decode_member(id, s)
-  local a = cjson.decode(s)
+  local a = cmsgpack.unpack(s)
   local m = {id = id, tier = a[MP.tier], nt = a[MP.nt], act = a[MP.act], cn = a[MP.cn],
     ag = a[MP.ag], au = a[MP.au], bk = a[MP.bk], dr = a[MP.dr], bu = a[MP.bu], pu = a[MP.pu],
     debt = a[MP.debt], ds = a[MP.ds], pz = a[MP.pz], ms = a[MP.ms], aa = a[MP.aa],
     inp = a[MP.inp], inq = a[MP.inq], inb = a[MP.inb], pr = {}}
-  local lim = a[MP.lim]
-  if lim == NULL then m.lim = false else m.lim = lim end
+  local lim = a[MP.lim] -- MessagePack nil comes back as Lua nil
+  if lim == nil or lim == NULL then m.lim = false else m.lim = lim end
   m.rs = (a[MP.rs] ~= NULL) and a[MP.rs] or false
   m.ra = (a[MP.ra] ~= NULL) and a[MP.ra] or false
   local p = a[MP.pr]
@@ -119,7 +142,7 @@ local function encode_member(m)
     m.ra or NULL
   a[MP.inp], a[MP.inq], a[MP.inb], a[MP.pr], a[MP.sh] = m.inp, m.inq, m.inb, p, m.sh
   a[MP.lr], a[MP.li] = m.lr, m.li
-  return cjson.encode(a)
+  return cmsgpack.pack(a)
 end
 
 -- Lazy cycle rollover: the org-level counters were reset at cycle end; the member catches up
@@ -155,13 +178,12 @@ local function dirty(m) MDIRTY[m.id] = true end
 -- org and member hashes, the marks and the one outbox entry land here, together.
 local function write_back()
   if EXISTS then
-    if NE > 0 then ODIRTY.sq = true end
     local args = {}
-    for k in pairs(ODIRTY) do
-      args[#args + 1] = k
-      if k == 'rp' then args[#args + 1] = O.rp
-      elseif k == 'ex' then args[#args + 1] = '1'
-      else args[#args + 1] = fmt(O[k]) end
+    if NE > 0 or next(ODIRTY) ~= nil then
+      local v = {}
+      for i, f in ipairs(ORG_FIELDS) do v[i] = O[f] end
+      args[1] = 's'; args[2] = cmsgpack.pack(v)
+      if ODIRTY.rp then args[3] = 'rp'; args[4] = O.rp end
     end
     for src in pairs(WDIRTY) do
       args[#args + 1] = 'w:' .. src; args[#args + 1] = fmt(W[src])
@@ -188,9 +210,9 @@ local function write_back()
     if #NEW_U > 0 then redis.call('SADD', K_U, unpack(NEW_U)) end
     if #UNKNOWN_SEEN_DROP > 0 then redis.call('SREM', K_U, unpack(UNKNOWN_SEEN_DROP)) end
   end
-  local blob = '[]'
+  local blob = ''
   if #E > 0 then
-    blob = cjson.encode(E)
+    blob = cmsgpack.pack(E)
     redis.call('XADD', K_X, fmt(O.sq) .. '-0', 'e', blob)
   end
   return blob
