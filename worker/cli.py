@@ -460,12 +460,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings, out: TextIO) -> int
         bounds["max_events"] = args.max_events
     if getattr(args, "idle_exit", None) is not None:
         bounds["idle_exit_seconds"] = args.idle_exit
-    from worker.pipeline import ShutdownIncomplete
+    from worker.pipeline import ShutdownIncomplete, StartRefused
 
     try:
         result = run_worker(settings, **bounds)
         if inspect.isawaitable(result):
             _run_async(result)
+    except StartRefused as exc:
+        sys.stderr.write(f"metering: worker refused to start: {exc}\n")
+        return EXIT_USAGE
     except ShutdownIncomplete as exc:
         # Safe (the next owner replays what was not committed), but an operator should know.
         sys.stderr.write(f"metering: worker stopped before committing everything: {exc}\n")

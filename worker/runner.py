@@ -32,7 +32,8 @@ from worker.config import Settings
 from worker.contract import Engine
 from worker.engine import RedisEngine
 from worker.ledger import Ledger, migrate
-from worker.pipeline import Backoff, Pipeline, ShutdownIncomplete
+from worker.pipeline import Backoff, Pipeline, ShutdownIncomplete, StartRefused
+from worker.pipeline.assignor import partition_problem
 from worker.pipeline.faults import PoisonedEngine, poisoned_org
 from worker.publisher import OutMessage, Publisher
 from worker.recovery import drain_outboxes, rebuild_behind
@@ -192,6 +193,7 @@ async def _run_with(
         stack.push_async_callback(_bounded_close, clock, "producer", publisher.stop)
         if stop.is_set():
             return counters
+        await _check_partitions(settings, publisher)
 
         # Start-up recovery retries through outages, but a SIGTERM ends it (nothing is lost:
         # the next start does it again).
@@ -284,6 +286,18 @@ async def _lag_loop(pipeline: Pipeline, consumer: Any, stop: asyncio.Event) -> N
     # 2 s between refreshes keeps every gauge younger than 5 s even when a refresh is slow.
     monitor = LagMonitor(consumer_lag_source(consumer, pipeline.processed_offsets), interval=2.0)
     await monitor.run(stop)
+
+
+async def _check_partitions(settings: Settings, publisher: Publisher) -> None:
+    """Refuse to start when the input topics are not co-partitioned (one owner per org)."""
+    cluster = await publisher.producer.client.fetch_all_metadata()
+    counts: dict[str, int | None] = {}
+    for topic in (settings.topic_usage, settings.topic_admin):
+        found = cluster.partitions_for_topic(topic)
+        counts[topic] = None if found is None else len(found)
+    problem = partition_problem(counts)
+    if problem is not None:
+        raise StartRefused(problem)
 
 
 TOPICS_CHECK_SECONDS = 5.0

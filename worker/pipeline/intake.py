@@ -67,6 +67,16 @@ class Intake:
         self._backoff = backoff
         self._tiers = frozenset(settings.tiers)
         self._turn = 0
+        self.in_flight: dict[str, str] = {}
+        """Namespaced ids of this worker's batches not yet committed -> the record that holds
+        them: a later copy is a duplicate even if the claims (in Redis) were lost meanwhile
+        and PostgreSQL does not hold the first one yet."""
+
+    def release(self, batch: Batch) -> None:
+        """The batch is committed (or abandoned): its ids are PostgreSQL's business now."""
+        in_flight = self.in_flight
+        for claim_id in batch.claimed:
+            in_flight.pop(claim_id, None)
 
     async def fetch(
         self, consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
@@ -185,7 +195,9 @@ class Intake:
         """Drop inputs whose id is already decided; settle the malformed records.
 
         PostgreSQL holds every decided id forever; the claims hold the ids of the last one or
-        two dedupe windows, including those of batches still in flight on any worker.
+        two dedupe windows, including those of batches still in flight on any worker; this
+        worker's own batches in flight are also remembered here (``in_flight``), which holds
+        even when Redis lost its last second of claims.
         """
         event_ids: list[str] = []
         command_ids: list[str] = []
@@ -207,6 +219,12 @@ class Intake:
                 self._backoff.retry("redis", lambda: self._engine.claim(entries)),
             )
             taken = {e[0] for e, v in zip(entries, verdicts, strict=True) if v == CLAIM_TAKEN}
+            in_flight = self.in_flight
+            if in_flight:
+                for claim_id, claim in entries:
+                    held = in_flight.get(claim_id)
+                    if held is not None and held != claim:
+                        taken.add(claim_id)
         else:
             decided_events, decided_commands, taken = set(), set(), set()
         counts = batch.counts
@@ -228,6 +246,13 @@ class Intake:
                     batch.by_org[org_id] = kept
                 else:
                     del batch.by_org[org_id]
+        in_flight = self.in_flight
+        claimed = batch.claimed
+        for ps in batch.by_org.values():
+            for p in ps:
+                claim_id = p.claim_id
+                in_flight[claim_id] = claim_of(p.raw)
+                claimed.append(claim_id)
         for bad in batch.malformed:
             ident = bad.ident
             if ident is not None:

@@ -36,6 +36,7 @@ from worker.config import Settings
 from worker.contract import Engine
 from worker.ledger import Ledger
 from worker.pipeline.apply import Applier, FlushProgress
+from worker.pipeline.assignor import CoPartitionedAssignor
 from worker.pipeline.backoff import Backoff, GaveUp
 from worker.pipeline.batch import Batch, BatchSizer, Stats
 from worker.pipeline.commit import Committer
@@ -59,6 +60,10 @@ FETCH_FAILURE_LOG_SECONDS = 30.0
 
 class ShutdownIncomplete(Exception):
     """The grace period ended before every fetched batch was committed (safe: replayed)."""
+
+
+class StartRefused(Exception):
+    """The worker cannot run as configured (the message says why and what to change)."""
 
 
 class Pipeline:
@@ -141,6 +146,8 @@ class Pipeline:
             # broker's whole wait time (500 ms by default). Short waits keep a record that
             # arrives a few milliseconds from being fetched.
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            # Partition p of both input topics to one worker: one owner per org.
+            partition_assignment_strategy=(CoPartitionedAssignor,),
         )
 
     def processed_offsets(self) -> dict[tuple[str, int], int]:
@@ -430,6 +437,7 @@ class Pipeline:
 
     def _finish(self, batch: Batch) -> None:
         self.progress.finished(batch.number)
+        self.intake.release(batch)
         for ident in batch.parked_ids:
             if self._parked_in_flight.get(ident) == batch.number:
                 del self._parked_in_flight[ident]
@@ -457,6 +465,9 @@ class Pipeline:
             )
         if not tps:
             return
+        # The orgs of these partitions were someone else's: what PostgreSQL holds for them now
+        # (the previous owner flushed before giving them up) is the Redis-behind check's floor.
+        self.applier.flushed(await self.backoff.retry("postgres", self.ledger.org_seqs))
         stored = await self.backoff.retry("postgres", self.ledger.load_offsets)
         for tp in tps:
             offset = stored.get((tp.topic, tp.partition))

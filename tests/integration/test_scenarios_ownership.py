@@ -1,0 +1,139 @@
+"""One owner per org, proven where it matters: Redis goes back to an older snapshot while
+several workers run.
+
+Admin commands and usage of one org arrive on partition ``p`` of two topics. With Kafka's
+default assignment those two partitions belong to different workers for most group sizes, so
+the worker holding the org's usage cannot know the seqs the other wrote for its admin
+commands, and a Redis that lost them looks current to it. With the co-partitioned assignment
+(``worker/pipeline/assignor.py``) one worker owns both, and the Redis-behind check sees every
+seq PostgreSQL holds or will hold for the org: the lost state is rebuilt from the ledger before
+anything else is decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+from scenario_harness import PrivateRedis, Scenario, verify, wait_members
+
+from bench.workload import Commands, WorkloadSpec
+from worker.config import Settings
+
+pytestmark = pytest.mark.timeout(300)
+
+WORKERS = 4  # with 6 partitions the default assignor splits admin p and usage p for 4 workers
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    redis = PrivateRedis(tmp_path)
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+def _settings(isolated: Settings, redis: PrivateRedis) -> Settings:
+    return isolated.model_copy(
+        update={
+            "redis_url": SecretStr(redis.url),
+            "batch_max_records": 200,
+            "shutdown_grace_seconds": 10.0,
+            "unknown_grace_seconds": 60,
+            "retry_backoff_max_seconds": 1.0,
+        }
+    )
+
+
+async def test_redis_restored_from_an_older_snapshot_under_several_workers(
+    isolated_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """Four workers; Redis is put back to a snapshot taken before a phase of admin commands
+    (tier limits lowered, pools topped up): the lost phase is in PostgreSQL only. Usage and more
+    commands follow. Every org's final state, ledger, invoices-to-be and signals must
+    equal the model's, fed in the order PostgreSQL recorded; every event charged once."""
+    s = _settings(isolated_settings, private_redis)
+    spec = WorkloadSpec(
+        orgs=8,
+        members_per_org=4,
+        events=2_400,
+        prefix=f"own{uuid.uuid4().hex[:6]}",
+        span_seconds=3 * 3600,
+        pool_credits=3_000,
+    )
+    sc = Scenario(s, tmp_path, spec)
+    cmds = Commands(prefix=f"{spec.prefix}x")
+    orgs = [spec.org_id(i) for i in range(spec.orgs)]
+    third = len(sc.usage) // 3
+
+    async def admin(messages: list[object]) -> None:
+        await sc.produce(s.topic_admin, messages)
+        sc.setup.extend(messages)  # type: ignore[arg-type]
+        await sc.drain()
+
+    try:
+        await sc.apply_setup()
+        for _ in range(WORKERS):
+            await sc.worker().start()
+        await wait_members(s, WORKERS, timeout=60)
+        await sc.produce_usage(sc.usage[:third])
+        await sc.drain()
+        snapshot = await private_redis.snapshot(tmp_path / "redis-snapshot")
+
+        # The phase Redis will lose, admin commands only: it reaches PostgreSQL (seqs the
+        # usage partitions' owner never saw), then Redis goes back to the snapshot.
+        at = spec.start + timedelta(hours=1)
+        await admin(
+            [cmds.tier_limit_set(o, "pro", 150_000, at) for o in orgs]
+            + [cmds.pool_purchase(o, 200_000, at) for o in orgs]
+        )
+        await private_redis.restore(snapshot)
+        # Usage first: decided on the restored Redis, it would charge against the pools and
+        # limits before the lost phase (and reuse its seqs) unless the org is rebuilt first.
+        await sc.produce_usage(sc.usage[third : 2 * third])
+        await sc.drain()
+        at = spec.start + timedelta(hours=2)
+        await admin(
+            [cmds.member_limit_set(o, spec.member_id(1), 60_000, at) for o in orgs]
+            + [cmds.pool_purchase(o, 100_000, at) for o in orgs]
+        )
+        await sc.produce_usage(sc.usage[2 * third :])
+        await sc.drain(timeout=120)
+        await sc.stop_all()
+        logs = "".join(w.log_path.read_text() for w in sc.workers)
+        assert "rebuilding the org from the ledger" in logs  # the lost phase was noticed
+        await verify(sc, production_order=False)
+    finally:
+        await sc.kill_all()
+
+
+async def test_differing_partition_counts_refuse_to_start(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
+    """Input topics that are not co-partitioned: the worker exits at once with status 2 and
+    says which topic has how many partitions."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+    from scenario_harness import WorkerProcess
+
+    s = isolated_settings
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({s.topic_usage: NewPartitions(s.topic_partitions + 2)})
+    finally:
+        await admin.close()
+    worker = WorkerProcess(s, tmp_path, "refused")
+    await worker.start()
+    code = await worker.wait(60)
+    assert code == 2, worker.log_tail()
+    text = worker.log_path.read_text()
+    assert f"{s.topic_usage} has {s.topic_partitions + 2}" in text
+    assert f"{s.topic_admin} has {s.topic_partitions}" in text
+    await asyncio.sleep(0)
