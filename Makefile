@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
 	@echo "make test        set up, start the stack, run the whole test suite"
-	@echo "make lint        ruff check, ruff format --check, mypy --strict (worker/, schemas/)"
+	@echo "make lint        ruff check, ruff format --check, mypy --strict (worker/, schemas/, devstack/)"
 	@echo "make stack-up    start Kafka, Redis (+cluster) and PostgreSQL under .stack/"
 	@echo "make stack-down  stop them"
 	@echo "make stack-clean stop them and delete their data (.stack/)"
@@ -30,30 +30,30 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 stack-up: venv
-	$(PY) -m worker.stack up --cluster
+	$(PY) -m devstack.stack up --cluster
 
 stack-down:
-	@if [ -x $(PY) ]; then $(PY) -m worker.stack down; else echo "no virtualenv: nothing was started"; fi
+	@if [ -x $(PY) ]; then $(PY) -m devstack.stack down; else echo "no virtualenv: nothing was started"; fi
 
 # Throws away all local data (Kafka topics, Redis, PostgreSQL); jars come back from ~/.m2.
 stack-clean: stack-down
 	rm -rf .stack
 
 stack-status: venv
-	$(PY) -m worker.stack status
+	$(PY) -m devstack.stack status
 
 topics: stack-up
-	$(PY) -m worker.stack topics
+	$(PY) -m devstack.stack topics
 
 test: venv stack-up
-	$(PY) -m worker.stack browser
+	$(PY) -m devstack.stack browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 demo: venv stack-up topics
-	$(PY) -m worker.demo
+	$(PY) -m devstack.demo
 
 bench: venv stack-up
 	@if [ -f bench/__main__.py ]; then $(PY) -m bench; \

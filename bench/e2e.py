@@ -627,7 +627,7 @@ def render_section(r: Results, argv: list[str], history: list[str] | None = None
         f"Command: `{cmd}` (`.venv/bin/python -m bench.e2e`). Measured "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPUs "
         f"({platform.machine()}, Python {platform.python_version()}), with the Kafka broker, "
-        "Redis (AOF everysec) and PostgreSQL (fsync on) of `python -m worker.stack up` on the "
+        "Redis (AOF everysec) and PostgreSQL (fsync on) of `python -m devstack.stack up` on the "
         "same machine.",
         "",
         f"Workload: {spec.events:,} usage events over {spec.orgs:,} orgs x "

@@ -18,18 +18,9 @@ EXIT_OK = 0
 EXIT_CONFIG = 2
 
 
-def settings_error_line(exc: SettingsError) -> str:
-    """``METERING_<FIELD>: ...`` for pydantic-settings' "error parsing value" (no secret)."""
-    text = str(exc)
-    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else ""
-    cause = exc.__cause__
-    detail = f"not valid JSON ({cause})" if isinstance(cause, ValueError) else text
-    return f"METERING_{field.upper()}: {detail}" if field else detail
-
-
 def check_config(out_json: bool = False) -> int:
     """Validate the ``METERING_*`` environment; print the settings with secrets masked."""
-    from worker.config import Settings
+    from worker.config import Settings, settings_error_line
 
     try:
         settings = Settings()

@@ -25,13 +25,11 @@ import binascii
 import datetime as dt
 import hmac
 import html
-import importlib
 import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, suppress
-from decimal import Decimal
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,12 +38,15 @@ from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from schemas.amounts import format_credits
 from schemas.ids import is_valid_id
+from schemas.timestamps import format_timestamp
 from worker import metrics
-from worker.constants import MC_PER_CREDIT
+from worker.sqlfiles import named_queries, quote_ident
 
 if TYPE_CHECKING:
     from worker.config import Settings
+    from worker.contract import Engine
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +76,7 @@ class LedgerSource(Protocol):
 
 
 # --- Named queries ---------------------------------------------------------------------------
-def load_queries(text: str) -> dict[str, str]:
-    """Parse ``-- name: foo`` sections of a ``.sql`` file into ``{"foo": "SQL"}``."""
-    queries: dict[str, str] = {}
-    name: str | None = None
-    lines: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("-- name:"):
-            if name:
-                queries[name] = "\n".join(lines).strip()
-            name = stripped.removeprefix("-- name:").strip()
-            lines = []
-        elif name is not None:
-            lines.append(line)
-    if name:
-        queries[name] = "\n".join(lines).strip()
-    return queries
-
-
-API_QUERIES = load_queries(
-    resources.files("worker").joinpath("sql/api_queries.sql").read_text(encoding="utf-8")
-)
-
-
-def quote_ident(name: str) -> str:
-    """``name`` as a quoted SQL identifier (for the schema name from settings)."""
-    return '"' + name.replace('"', '""') + '"'
+API_QUERIES = named_queries("api_queries.sql")
 
 
 class PgLedgerReader:
@@ -128,33 +103,15 @@ class PgLedgerReader:
         return [dict(r) for r in rows]
 
 
-# --- Formatting ------------------------------------------------------------------------------
-def format_mc(mc: int) -> str:
-    """Millicredits as a decimal credit string without trailing zeros (``12500`` -> ``12.5``)."""
-    value = Decimal(mc) / MC_PER_CREDIT
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
-
-
-def _iso_ms(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return (
-        dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
-
-
 def _ledger_entry(row: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in row.items():
         if key == "org_id":
             continue
         if key == "amount_mc":
-            out["amount"] = format_mc(int(value))
+            out["amount"] = format_credits(int(value))
         elif key.endswith("_ms") and (value is None or isinstance(value, int)):
-            out[key.removesuffix("_ms")] = _iso_ms(value)
+            out[key.removesuffix("_ms")] = None if value is None else format_timestamp(value)
         elif isinstance(value, dt.datetime):
             out[key] = value.isoformat()
         else:
@@ -582,26 +539,19 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
     )
 
 
-def make_dashboard_engine(settings: Settings) -> Any:
+def make_dashboard_engine(settings: Settings) -> Engine:
     """The production engine (``worker.engine.RedisEngine``) with its own Redis client.
 
-    Imported lazily so the API module (and the CLI) load even where the engine cannot.
+    Imported when first needed, so the API module (and the CLI) load without Redis' client.
     """
-    engine_module = importlib.import_module("worker.engine")
-    return engine_module.RedisEngine.from_settings(settings)
+    from worker.engine import RedisEngine
+
+    return RedisEngine.from_settings(settings)
 
 
-async def close_engine(engine: Any) -> None:
-    """Close the engine's Redis client (``aclose``/``close`` on the engine or its client)."""
-    for target in (engine, getattr(engine, "client", None)):
-        if target is None:
-            continue
-        closer = getattr(target, "aclose", None) or getattr(target, "close", None)
-        if closer is not None:
-            result = closer()
-            if inspect.isawaitable(result):
-                await result
-            return
+async def close_engine(engine: Engine) -> None:
+    """Release the engine's connections."""
+    await engine.close()
 
 
 async def start_http(

@@ -30,6 +30,7 @@ import orjson
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from schemas.timestamps import datetime_to_ms, format_timestamp
 from worker.config import Settings
 
 EXIT_OK = 0
@@ -116,7 +117,7 @@ def anchor_day_arg(text: str) -> int:
 
 
 def _rfc3339(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return format_timestamp(datetime_to_ms(value))
 
 
 def now_rfc3339() -> str:
@@ -508,8 +509,8 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings, out: TextIO) -> in
 
 
 def cmd_stack(args: argparse.Namespace, settings: Settings, out: TextIO) -> int:
-    """Delegate to ``python -m worker.stack``."""
-    main_func = _load("worker.stack", "main", "stack")
+    """Delegate to ``python -m devstack.stack``."""
+    main_func = _load("devstack.stack", "main", "stack")
     result = main_func(list(args.stack_args))
     return int(result or 0)
 
@@ -736,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", action="append", help="only this org (repeatable; default: all)")
     p.set_defaults(func=cmd_rebuild)
     p = sub.add_parser(
-        "stack", help="local Kafka/Redis/PostgreSQL (python -m worker.stack)", add_help=False
+        "stack", help="local Kafka/Redis/PostgreSQL (python -m devstack.stack)", add_help=False
     )
     p.add_argument("stack_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_stack)
@@ -748,9 +749,9 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     out = out or sys.stdout
     argv = list(argv) if argv is not None else sys.argv[1:]
     if argv[:1] == ["stack"]:
-        # Everything after "stack" belongs to worker.stack, including its own --help.
+        # Everything after "stack" belongs to devstack.stack, including its own --help.
         try:
-            return int(_load("worker.stack", "main", "stack")(argv[1:]) or 0)
+            return int(_load("devstack.stack", "main", "stack")(argv[1:]) or 0)
         except CliError as exc:
             sys.stderr.write(f"metering: error: {exc}\n")
             return exc.status
@@ -766,7 +767,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         sys.stderr.write(f"metering: invalid configuration:\n{problems}\n")
         return EXIT_USAGE
     except SettingsError as exc:
-        from worker.__main__ import settings_error_line
+        from worker.config import settings_error_line
 
         sys.stderr.write(f"metering: invalid configuration:\n  {settings_error_line(exc)}\n")
         return EXIT_USAGE

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from schemas.ids import is_valid_id
 
@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     stack_dir: Path = Path(".stack")
     stack_external: bool = False
-    """``python -m worker.stack up`` starts nothing and only checks that the services answer."""
+    """``python -m devstack.stack up`` starts nothing and only checks that the services answer."""
 
     @field_validator("tiers")
     @classmethod
@@ -210,3 +210,12 @@ class Settings(BaseSettings):
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment, with explicit overrides winning (tests use these)."""
     return Settings(**overrides)  # type: ignore[arg-type]
+
+
+def settings_error_line(exc: SettingsError) -> str:
+    """``METERING_<FIELD>: ...`` for pydantic-settings' "error parsing value" (no secret)."""
+    text = str(exc)
+    field = text.split('field "', 1)[1].split('"', 1)[0] if 'field "' in text else ""
+    cause = exc.__cause__
+    detail = f"not valid JSON ({cause})" if isinstance(cause, ValueError) else text
+    return f"METERING_{field.upper()}: {detail}" if field else detail

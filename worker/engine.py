@@ -50,7 +50,8 @@ from worker.contract import (
     UsageItem,
 )
 from worker.effects import Effect, Signal, decode_blob, expanded
-from worker.model import Grant, Member, Org, dashboard_view, roll_member, state_view
+from worker.model import Grant, Member, Org, roll_member
+from worker.views import dashboard_view, state_view
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

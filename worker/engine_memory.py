@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from worker import views
 from worker.contract import (
     CLAIM_MINE,
     CLAIM_NEW,
@@ -110,7 +111,7 @@ class MemoryEngine:
         return out
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
-        return self.model.dashboard(org_id)
+        return views.dashboard(self.model, org_id)
 
     async def ping(self) -> None:
         return None

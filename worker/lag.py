@@ -173,9 +173,10 @@ async def postgres_offsets(
     settings: Settings, group: str | None = None, pool: Any | None = None
 ) -> dict[TP, int]:
     """The processed offsets the worker recorded in PostgreSQL for ``group``."""
-    from worker.api import API_QUERIES, quote_ident
+    from worker.sqlfiles import named_queries, quote_ident
 
-    sql = API_QUERIES["consumer_offsets"].replace("{schema}", quote_ident(settings.postgres_schema))
+    query = named_queries("api_queries.sql")["consumer_offsets"]
+    sql = query.replace("{schema}", quote_ident(settings.postgres_schema))
     group = group or settings.consumer_group
     if pool is not None:
         rows = await pool.fetch(sql, group)

@@ -22,29 +22,18 @@ import orjson
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
 from worker.effects import Effect
+from worker.sqlfiles import named_queries
 
 log = logging.getLogger(__name__)
 
 _SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_NAME_RE = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 _MIGRATION_RE = re.compile(r"^(\d{3})_(\w+)\.sql$")
 # Any constant works; it only has to be the same for every worker so that concurrent starts
 # apply migrations one after the other.
 _MIGRATION_LOCK_KEY = 0x6D65746572  # "meter"
 
 
-def load_queries() -> dict[str, str]:
-    """The named queries of ``worker/sql/queries.sql`` (``-- name: x`` blocks)."""
-    text = resources.files("worker").joinpath("sql", "queries.sql").read_text(encoding="utf-8")
-    parts = _NAME_RE.split(text)
-    # parts = [preamble, name1, body1, name2, body2, ...]
-    queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        queries[name] = body.strip()
-    return queries
-
-
-QUERIES = load_queries()
+QUERIES = named_queries("queries.sql")
 
 
 def _migrations() -> list[tuple[int, str, str]]:

@@ -67,14 +67,6 @@ def from_ms(ms: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=ms)
 
 
-def iso(ms: int) -> str:
-    """RFC 3339 UTC string (``Z``), millisecond precision only when needed."""
-    d = from_ms(ms)
-    if d.microsecond:
-        return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
-    return d.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _anchor_start(year: int, month: int, anchor_day: int) -> int:
     day = min(anchor_day, calendar.monthrange(year, month)[1])
     return to_ms(dt.datetime(year, month, day, tzinfo=dt.UTC))
@@ -128,15 +120,6 @@ def prorate_mc(credits_mc: int, start_ms: int, end_ms: int, t_ms: int) -> int:
 def cents(mc: int) -> int:
     """USD cents of a non-negative amount: 1 credit = 1 cent, rounded half up."""
     return (mc + 500) // 1000
-
-
-def format_mc(mc: int) -> str:
-    """Decimal string of credits (``"1234.5"``, ``"0"``), no float on the way."""
-    sign = "-" if mc < 0 else ""
-    whole, frac = divmod(abs(mc), MC_PER_CREDIT)
-    if frac == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{frac:03d}".rstrip("0")
 
 
 # --- State ------------------------------------------------------------------------------------
@@ -216,8 +199,9 @@ class Org:
     members: dict[str, Member] = field(default_factory=dict)
 
 
-def _key(s: str) -> bytes:
-    # Redis orders equal-score zset members by their bytes; the model sorts the same way.
+def member_order(s: str) -> bytes:
+    """Sort key of ids: Redis orders equal-score zset members by their bytes, and so does the
+    model."""
     return s.encode()
 
 
@@ -265,20 +249,6 @@ class Model:
         outcomes = [self._apply_one(org_id, item) for item in items]
         effects, self._effects = self._effects, []
         return ModelResult(outcomes, effects)
-
-    def dashboard(self, org_id: str) -> dict[str, Any] | None:
-        """The admin dashboard JSON of SPEC section 7, or None for an unknown org."""
-        org = self.orgs.get(org_id)
-        if org is None:
-            return None
-        return dashboard_view(org, self.tiers_mc)
-
-    def state_view(self, org_id: str) -> dict[str, Any] | None:
-        """Normalised state (org fields and members) for comparison with the engine."""
-        org = self.orgs.get(org_id)
-        if org is None:
-            return None
-        return state_view(org)
 
     # --- effects -----------------------------------------------------------------------------
 
@@ -490,11 +460,11 @@ class Model:
         """Settle debts oldest first, then send each member's pause/resume edge."""
         debtors = sorted(
             (m for m in org.members.values() if m.active and m.debt > 0),
-            key=lambda m: (m.dsince, _key(m.member_id)),
+            key=lambda m: (m.dsince, member_order(m.member_id)),
         )
         for m in debtors:
             self._settle(org, m, ctx)
-        for mid in sorted(org.members, key=_key):
+        for mid in sorted(org.members, key=member_order):
             m = org.members[mid]
             if not m.active:
                 continue
@@ -541,7 +511,7 @@ class Model:
                 for g in m.promos
                 if g.exp == when and g.rem > 0
             ),
-            key=lambda mg: _key(mg[0].member_id + "\0" + mg[1].grant_id),
+            key=lambda mg: member_order(mg[0].member_id + "\0" + mg[1].grant_id),
         )
         for m, g in due:
             self._ledger(org, ctx, m.member_id, "expire", "promo", -g.rem, grant_id=g.grant_id)
@@ -880,7 +850,7 @@ class Model:
             if m.pu + sum(g.rem for g in m.promos) + amount > MAX_BALANCE_MC:
                 return E_BALANCE_OVERFLOW, None
             m.promos.append(Grant(gid, amount, exp))
-            m.promos.sort(key=lambda g: (g.exp, _key(g.grant_id)))
+            m.promos.sort(key=lambda g: (g.exp, member_order(g.grant_id)))
             self._ledger(org, ctx, m.member_id, "grant", "promo", amount, grant_id=gid)
             return None, "funded"
         # credit_request
@@ -992,7 +962,7 @@ def roll_member(m: Member, cycle_no: int, tiers_mc: Mapping[str, int]) -> None:
     m.au = m.bk = m.dr = m.bu = m.pu = m.debt = m.dsince = 0
 
 
-# --- Views shared with the engine -------------------------------------------------------------
+# --- Rules shared with the views ---------------------------------------------------------------
 
 
 def effective_limit(org: Org, m: Member) -> int | None:
@@ -1001,107 +971,6 @@ def effective_limit(org: Org, m: Member) -> int | None:
         return org.tier_limits.get(m.tier)
     assert not isinstance(m.limit, str)
     return m.limit
-
-
-def dashboard_view(org: Org, tiers_mc: Mapping[str, int]) -> dict[str, Any]:
-    """SPEC section 7 dashboard of an org whose members are all rolled to its cycle."""
-    members = []
-    for mid in sorted(org.members, key=_key):
-        m = org.members[mid]
-        promo_left = sum(g.rem for g in m.promos)
-        used = m.au + m.pu + m.bu
-        remaining = (m.ag - m.au) + m.bk + promo_left
-        lim = effective_limit(org, m)
-        members.append(
-            {
-                "member_id": mid,
-                "tier": m.tier,
-                "active": m.active,
-                "granted": format_mc(used + remaining),
-                "used": format_mc(used),
-                "remaining": format_mc(remaining),
-                "pool_drawn": format_mc(m.dr),
-                "pool_limit": None if lim is None else format_mc(lim),
-                "negative_balance": format_mc(m.debt),
-                "state": "paused" if m.paused else "running",
-                "pause_reason": m.reason if m.paused else None,
-            }
-        )
-    return {
-        "org_id": org.org_id,
-        "cycle_start": iso(org.cstart),
-        "reset_at": iso(org.cend),
-        "pool": {
-            "balance": format_mc(org.pool),
-            "used_this_cycle": format_mc(org.pdrawn),
-            "locked": org.locked,
-            "refill_pending": org.rf_pending_id is not None,
-        },
-        "members": members,
-    }
-
-
-ORG_VIEW_FIELDS = (
-    "anchor",
-    "pending_anchor",
-    "clock",
-    "cycle_no",
-    "cstart",
-    "cend",
-    "last_act",
-    "pool",
-    "locked",
-    "pdrawn",
-    "below",
-    "rf_enabled",
-    "rf_threshold",
-    "rf_amount",
-    "rf_monthly",
-    "refilled",
-    "rf_pending_id",
-    "rf_pending_mc",
-    "rf_counter",
-    "rf_limit_notified",
-    "invoice_extra",
-    "seq",
-)
-MEMBER_VIEW_FIELDS = (
-    "tier",
-    "next_tier",
-    "active",
-    "ag",
-    "au",
-    "bk",
-    "dr",
-    "bu",
-    "pu",
-    "debt",
-    "dsince",
-    "limit",
-    "paused",
-    "reason",
-    "mseq",
-    "added_at",
-    "removed_at",
-    "seats",
-    "last_reason",
-    "last_at",
-)
-
-
-def state_view(org: Org) -> dict[str, Any]:
-    """Comparable snapshot: org fields, tier limits, watermarks and every member."""
-    view: dict[str, Any] = {f: getattr(org, f) for f in ORG_VIEW_FIELDS}
-    view["tier_limits"] = {k: v for k, v in org.tier_limits.items()}
-    view["watermarks"] = dict(org.watermarks)
-    view["members"] = {
-        mid: {
-            **{f: getattr(m, f) for f in MEMBER_VIEW_FIELDS},
-            "promos": [(g.grant_id, g.rem, g.exp) for g in m.promos if g.rem > 0],
-        }
-        for mid, m in org.members.items()
-    }
-    return view
 
 
 def check_invariants(org: Org, ledger: Sequence[Mapping[str, Any]]) -> list[str]:

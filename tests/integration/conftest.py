@@ -1,4 +1,4 @@
-"""Fixtures for tests that use the real services started by ``python -m worker.stack up``.
+"""Fixtures for tests that use the real services started by ``python -m devstack.stack up``.
 
 Isolation, so several test runs can share one local stack:
 
@@ -23,18 +23,20 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from worker.config import DEFAULT_REDIS_CLUSTER_PORTS, Settings
-from worker.stack import (
+from devstack.stack import (
     check_services,
     delete_topics,
     ensure_topics,
     redis_url_with_db,
     topic_names,
 )
+from worker.config import DEFAULT_REDIS_CLUSTER_PORTS, Settings
 
-STACK_HINT = "start the local stack with `.venv/bin/python -m worker.stack up` (or `make stack-up`)"
+STACK_HINT = (
+    "start the local stack with `.venv/bin/python -m devstack.stack up` (or `make stack-up`)"
+)
 CLUSTER_HINT = (
-    "start the Redis Cluster with `.venv/bin/python -m worker.stack up --cluster` "
+    "start the Redis Cluster with `.venv/bin/python -m devstack.stack up --cluster` "
     "(`make stack-up` does)"
 )
 _LEASE_KEY = "metering:test:db-lease:{}"

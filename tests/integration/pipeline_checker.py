@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.encode import control_key, encode_admin_command, encode_usage_event
+from worker import views
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
 from worker.model import CommandItem, Model, UsageItem
@@ -441,7 +442,7 @@ async def check_pipeline(
                 f" missing {list((model_ledger - pg_ledger).items())[:3]}"
             )
             report.ledger_rows += sum(pg_ledger.values())
-            assert await engine.dashboard(org_id) == model.dashboard(org_id), (
+            assert await engine.dashboard(org_id) == views.dashboard(model, org_id), (
                 f"org {org_id}: Redis dashboard differs from the model"
             )
             for e in effects:

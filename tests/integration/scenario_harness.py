@@ -30,6 +30,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from schemas.encode import control_key
+from worker import views
 from worker.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,7 +291,7 @@ class PrivateRedis:
     """A redis-server of the scenario's own (AOF everysec, noeviction), like the stack's."""
 
     def __init__(self, root: Path) -> None:
-        from worker.stack import RedisNode
+        from devstack.stack import RedisNode
 
         self.port = free_port()
         self.node = RedisNode(f"scenario-redis:{self.port}", self.port, root / "redis")
@@ -346,7 +347,7 @@ class PrivatePostgres:
     """A PostgreSQL cluster of the scenario's own (initdb in a temporary folder)."""
 
     def __init__(self, root: Path) -> None:
-        from worker.stack import Postgres
+        from devstack.stack import Postgres
 
         self.port = free_port()
         self.pg = Postgres(root / "pg", port=self.port)
@@ -366,7 +367,7 @@ class PrivateKafka:
     """A single-node KRaft broker of the scenario's own, sharing the stack's downloaded jars."""
 
     def __init__(self, root: Path, base: Settings) -> None:
-        from worker.stack import Kafka, stack_dir
+        from devstack.stack import Kafka, stack_dir
 
         self.port = free_port()
         self.controller_port = free_port()
@@ -378,10 +379,10 @@ class PrivateKafka:
         self.settings = base.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{self.port}"})
 
     async def start(self) -> None:
-        # Started from a helper process, like `python -m worker.stack up` does: the broker
+        # Started from a helper process, like `python -m devstack.stack up` does: the broker
         # outlives the Popen object that launched it, which must not be collected in this one.
         code = (
-            "import sys; from pathlib import Path; from worker.stack import Kafka;"
+            "import sys; from pathlib import Path; from devstack.stack import Kafka;"
             "from worker.config import Settings;"
             "Kafka(Path(sys.argv[1]), port=int(sys.argv[2]), controller_port=int(sys.argv[3]))"
             ".start(Settings(kafka_bootstrap=sys.argv[4]))"
@@ -769,8 +770,8 @@ async def verify(sc: Scenario, *, production_order: bool = True) -> dict[str, in
     engine = RedisEngine.from_settings(s)
     try:
         for org in exp.orgs:
-            assert await engine.dashboard(org) == exp.model.dashboard(org), org
-            got_state, want_state = await engine.state_view(org), exp.model.state_view(org)
+            assert await engine.dashboard(org) == views.dashboard(exp.model, org), org
+            got_state, want_state = await engine.state_view(org), views.state(exp.model, org)
             # The per-partition applied-offset watermarks exist only in Redis (the model is fed
             # items without Kafka offsets).
             for view in (got_state, want_state):

@@ -14,8 +14,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from api_orgs import build_model, build_redis_engine
 from pydantic import SecretStr
 
-from worker import metrics
-from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor, format_mc
+from schemas.amounts import format_credits as format_mc
+from worker import metrics, views
+from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
 from worker.effects import from_dict
@@ -271,7 +272,7 @@ async def test_document_equals_the_rules_view(
     for org_id, headers in (("acme", ACME), ("globex", GLOBEX)):
         status, doc = await get_json(client, f"/v1/orgs/{org_id}/credits", headers)
         assert status == 200
-        assert doc == model.dashboard(org_id)
+        assert doc == views.dashboard(model, org_id)
 
 
 # --- Ledger ------------------------------------------------------------------------------------

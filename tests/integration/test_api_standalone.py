@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 from api_orgs import build_model, build_redis_engine
 from pydantic import SecretStr
 
+from worker import views
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
 
@@ -107,7 +108,7 @@ async def test_standalone_api_process(isolated_settings: Settings) -> None:
                 f"{base}/v1/orgs/acme/credits", headers={"Authorization": f"Bearer {TOKEN}"}
             )
             assert resp.status == 200
-            assert orjson.loads(await resp.read()) == build_model()[0].dashboard("acme")
+            assert orjson.loads(await resp.read()) == views.dashboard(build_model()[0], "acme")
             forbidden = await session.get(
                 f"{base}/v1/orgs/globex/credits", headers={"Authorization": f"Bearer {TOKEN}"}
             )

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from schemas.ids import derived_id
+from worker import views
 from worker.config import Settings
 from worker.effects import as_dicts
 from worker.engine import RedisEngine
@@ -274,8 +275,8 @@ async def diff_engine(redis_url: str, settings: Settings) -> Any:
 async def check_org(engine: RedisEngine, model: Model, org_id: str, log: list[Any]) -> None:
     view = await engine.load_org(org_id)
     assert view is not None
-    assert await engine.state_view(org_id) == model.state_view(org_id)
-    assert await engine.dashboard(org_id) == model.dashboard(org_id)
+    assert await engine.state_view(org_id) == views.state(model, org_id)
+    assert await engine.dashboard(org_id) == views.dashboard(model, org_id)
     assert check_invariants(view, log) == []
     active = [m for m in view.members.values() if m.active]
     assert await engine.counters(org_id) == {

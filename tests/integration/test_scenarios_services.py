@@ -2,7 +2,7 @@
 rebuilt from PostgreSQL, PostgreSQL stopped for 20 s, the Kafka broker restarted.
 
 Each scenario runs the service it hurts as a private instance on a free port (built with the
-stack's own classes: same flags as ``python -m worker.stack up``), so crashing it never
+stack's own classes: same flags as ``python -m devstack.stack up``), so crashing it never
 disturbs anything else using the shared stack; the other services are the shared ones. Every
 scenario restores its service, lets a worker finish, and checks the books like the crash
 scenarios do.
@@ -28,8 +28,8 @@ from scenario_harness import (
 )
 
 from bench.workload import WorkloadSpec
+from devstack.stack import ensure_topics
 from worker.config import Settings
-from worker.stack import ensure_topics
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -19,6 +19,7 @@ from pipeline_checker import Workload, check_pipeline, read_topic
 from pydantic import SecretStr
 from scenario_harness import PrivateKafka, PrivatePostgres, WorkerProcess, wait_drained
 
+from devstack.stack import ensure_topics
 from worker import metrics
 from worker.config import Settings
 from worker.connections import kafka_client_kwargs
@@ -26,7 +27,6 @@ from worker.engine import RedisEngine
 from worker.ledger import FlushBatch, Ledger
 from worker.pipeline.faults import POISON_ENV
 from worker.runner import run_worker
-from worker.stack import ensure_topics
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -11,8 +11,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio.cluster import RedisCluster
 
+from devstack.stack import ensure_topics
 from worker.config import Settings
-from worker.stack import ensure_topics, kafka_client_kwargs
+from worker.connections import kafka_client_kwargs
 
 DEBIT = """
 local left = tonumber(redis.call('GET', KEYS[1]) or ARGV[2]) - tonumber(ARGV[1])

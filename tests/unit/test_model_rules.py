@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from worker import views
 from worker.model import (
     CommandItem,
     Item,
@@ -62,12 +63,12 @@ class ModelHarness:
         return res
 
     async def state(self, org: str) -> dict[str, Any]:
-        view = self.model.state_view(org)
+        view = views.state(self.model, org)
         assert view is not None
         return view
 
     async def dashboard(self, org: str) -> dict[str, Any] | None:
-        return self.model.dashboard(org)
+        return views.dashboard(self.model, org)
 
 
 def kinds(res: ModelResult, kind: str) -> list[dict[str, Any]]:

@@ -6,6 +6,8 @@ import datetime as dt
 
 import pytest
 
+from schemas.amounts import format_credits as format_mc
+from schemas.timestamps import format_timestamp as iso
 from worker.model import (
     CommandItem,
     Model,
@@ -14,8 +16,6 @@ from worker.model import (
     cents,
     check_invariants,
     cycle_containing,
-    format_mc,
-    iso,
     prorate_mc,
     to_ms,
 )

@@ -7,7 +7,7 @@ import base64
 import pytest
 from pydantic import SecretStr
 
-from worker import stack
+from devstack import stack
 from worker.config import Settings
 
 

@@ -2,10 +2,10 @@
 
 Usage::
 
-    python -m worker.stack up [--cluster]   # install what is missing, start, wait, print settings
-    python -m worker.stack status           # what runs and whether it answers
-    python -m worker.stack topics           # create the SPEC topics (idempotent)
-    python -m worker.stack down             # stop what this stack started
+    python -m devstack.stack up [--cluster]   # install what is missing, start, wait, print settings
+    python -m devstack.stack status           # what runs and whether it answers
+    python -m devstack.stack topics           # create the SPEC topics (idempotent)
+    python -m devstack.stack down             # stop what this stack started
 
 Everything lives under ``Settings.stack_dir`` (default ``.stack`` in the project root) and
 listens on 127.0.0.1 only, on ports that do not clash with system services. A service whose
@@ -345,7 +345,7 @@ def _ensure_port_free(port: int, what: str, setting: str) -> None:
         raise StackError(
             f"port {HOST}:{port} is in use by a process this stack did not start, so {what} "
             f"cannot start there (this stack never talks to data it does not own). Stop that "
-            f"process (another checkout's stack? run `python -m worker.stack down` there), or "
+            f"process (another checkout's stack? run `python -m devstack.stack down` there), or "
             f"use the running services as they are with METERING_STACK_EXTERNAL=1, or point "
             f"{setting} at another server."
         )
@@ -517,7 +517,7 @@ def _start_cluster(stack: Path) -> None:
             if time.monotonic() > deadline:
                 raise StackError(
                     f"Redis Cluster on ports {[n.port for n in nodes]} is not 'ok'; see "
-                    f"{nodes[0].log}; `python -m worker.stack down` and remove "
+                    f"{nodes[0].log}; `python -m devstack.stack down` and remove "
                     f"{stack / 'redis-cluster'} to recreate it"
                 )
             time.sleep(0.25)
@@ -843,6 +843,8 @@ class Kafka:
         # The stamp goes in last and the folder is swapped in whole: a crash at any point
         # leaves either the old complete libs or a partial folder the next run deletes.
         (staging / ".pom.sha256").write_text(digest)
+        if self.libs.is_symlink():  # a private broker sharing the stack's jars
+            self.libs.unlink()
         shutil.rmtree(self.libs, ignore_errors=True)
         staging.rename(self.libs)
 
@@ -1080,7 +1082,7 @@ def _locked(root: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"waiting for another `worker.stack` command on {root} to finish")
+            say(f"waiting for another `devstack.stack` command on {root} to finish")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -1221,9 +1223,9 @@ def ensure_browser() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m worker.stack``."""
+    """Entry point of ``python -m devstack.stack``."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.stack", description=__doc__.split("\n")[0]
+        prog="python -m devstack.stack", description=__doc__.split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start (or reuse) Kafka, Redis and PostgreSQL")

@@ -444,7 +444,7 @@ async def story(demo: Demo) -> None:
 
 
 async def _ensure(settings: Settings) -> None:
-    from worker.stack import ensure_topics
+    from devstack.stack import ensure_topics
 
     await ensure_topics(settings)
 
@@ -452,7 +452,7 @@ async def _ensure(settings: Settings) -> None:
 async def _cleanup(settings: Settings) -> None:
     import asyncpg
 
-    from worker.stack import delete_topics, topic_names
+    from devstack.stack import delete_topics, topic_names
 
     with contextlib.suppress(Exception):
         await delete_topics(settings, list(topic_names(settings).values()))
@@ -523,7 +523,7 @@ async def run_demo(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m devstack.demo", description=__doc__.split("\n")[0])
     p.add_argument("--keep", action="store_true", help="keep the demo's topics and schema")
     p.add_argument(
         "--idle-exit",

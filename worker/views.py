@@ -1,0 +1,131 @@
+"""Views of the rules' state: the SPEC section 7 dashboard and the comparable state snapshot.
+
+The rules (``worker/model.py``) keep the state; the views turn it into what the API serves
+(``dashboard_view``: credit strings, RFC 3339 times) and what the tests compare engine against
+model with (``state_view``). Both engines build the same ``Org`` (``RedisEngine.load_org`` from
+Redis, ``Model`` in memory) and show it through these functions, so the dashboard cannot differ
+between them. Money and times are formatted by the wire contract's one formatter each
+(``schemas.amounts.format_credits``, ``schemas.timestamps.format_timestamp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from schemas.amounts import format_credits as format_mc
+from schemas.timestamps import format_timestamp as iso
+from worker.model import Model, Org, effective_limit, member_order
+
+
+def dashboard(model: Model, org_id: str) -> dict[str, Any] | None:
+    """The model's dashboard of ``org_id`` (None for an unknown org)."""
+    org = model.orgs.get(org_id)
+    return None if org is None else dashboard_view(org, model.tiers_mc)
+
+
+def state(model: Model, org_id: str) -> dict[str, Any] | None:
+    """The model's comparable state of ``org_id`` (None for an unknown org)."""
+    org = model.orgs.get(org_id)
+    return None if org is None else state_view(org)
+
+
+def dashboard_view(org: Org, tiers_mc: Mapping[str, int]) -> dict[str, Any]:
+    """SPEC section 7 dashboard of an org whose members are all rolled to its cycle."""
+    members = []
+    for mid in sorted(org.members, key=member_order):
+        m = org.members[mid]
+        promo_left = sum(g.rem for g in m.promos)
+        used = m.au + m.pu + m.bu
+        remaining = (m.ag - m.au) + m.bk + promo_left
+        lim = effective_limit(org, m)
+        members.append(
+            {
+                "member_id": mid,
+                "tier": m.tier,
+                "active": m.active,
+                "granted": format_mc(used + remaining),
+                "used": format_mc(used),
+                "remaining": format_mc(remaining),
+                "pool_drawn": format_mc(m.dr),
+                "pool_limit": None if lim is None else format_mc(lim),
+                "negative_balance": format_mc(m.debt),
+                "state": "paused" if m.paused else "running",
+                "pause_reason": m.reason if m.paused else None,
+            }
+        )
+    return {
+        "org_id": org.org_id,
+        "cycle_start": iso(org.cstart),
+        "reset_at": iso(org.cend),
+        "pool": {
+            "balance": format_mc(org.pool),
+            "used_this_cycle": format_mc(org.pdrawn),
+            "locked": org.locked,
+            "refill_pending": org.rf_pending_id is not None,
+        },
+        "members": members,
+    }
+
+
+ORG_VIEW_FIELDS = (
+    "anchor",
+    "pending_anchor",
+    "clock",
+    "cycle_no",
+    "cstart",
+    "cend",
+    "last_act",
+    "pool",
+    "locked",
+    "pdrawn",
+    "below",
+    "rf_enabled",
+    "rf_threshold",
+    "rf_amount",
+    "rf_monthly",
+    "refilled",
+    "rf_pending_id",
+    "rf_pending_mc",
+    "rf_counter",
+    "rf_limit_notified",
+    "invoice_extra",
+    "seq",
+)
+MEMBER_VIEW_FIELDS = (
+    "tier",
+    "next_tier",
+    "active",
+    "ag",
+    "au",
+    "bk",
+    "dr",
+    "bu",
+    "pu",
+    "debt",
+    "dsince",
+    "limit",
+    "paused",
+    "reason",
+    "mseq",
+    "added_at",
+    "removed_at",
+    "seats",
+    "last_reason",
+    "last_at",
+)
+
+
+def state_view(org: Org) -> dict[str, Any]:
+    """Comparable snapshot: org fields, tier limits, watermarks and every member."""
+    view: dict[str, Any] = {f: getattr(org, f) for f in ORG_VIEW_FIELDS}
+    view["tier_limits"] = {k: v for k, v in org.tier_limits.items()}
+    view["watermarks"] = dict(org.watermarks)
+    view["members"] = {
+        mid: {
+            **{f: getattr(m, f) for f in MEMBER_VIEW_FIELDS},
+            "promos": [(g.grant_id, g.rem, g.exp) for g in m.promos if g.rem > 0],
+        }
+        for mid, m in org.members.items()
+    }
+    return view
