@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     batch_target_seconds: float = Field(default=1.0, ge=0.0)
     """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
     the latency a deep backlog adds; 0 turns the sizing off (always the maximum)."""
+    producer_linger_ms: int = Field(default=0, ge=0)
+    """How long the producer holds a message to batch it with others. A pause signal waits this
+    long on top of everything else; batches still form while a request is in flight."""
     shutdown_grace_seconds: float = Field(default=25.0, gt=0)
     retry_backoff_max_seconds: float = Field(default=10.0, gt=0)
 

@@ -163,8 +163,11 @@ class Engine(Protocol):
     async def reset_org(self, org_id: str) -> None:
         """Forget everything about one org (before a rebuild replays it)."""
 
-    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
-        """Each member's current state as its latest ``signal`` (``seq`` 0: a re-send)."""
+    async def member_signals(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Signal]]:
+        """Per org of ``wanted``, each listed member's current state as its latest ``signal``
+        (``seq`` 0: a re-send), for members that have had one; one round trip."""
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The SPEC section 7 dashboard, or None for an unknown org."""

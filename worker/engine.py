@@ -217,6 +217,12 @@ class RedisEngine:
         """The org's virtual shard (its keys' hash tag)."""
         return shard_of(org_id, self.shards)
 
+    def call_unit(self, org_id: str) -> int:
+        """Which orgs may share one script call: on a Redis Cluster the orgs of one shard
+        (one hash tag, one slot); on a single Redis any orgs (the keys of a script need not
+        share a slot there), so a small batch is one call whatever shards its orgs are in."""
+        return self.shard(org_id) if self._cluster else 0
+
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
     ) -> ApplyResult:
@@ -299,10 +305,11 @@ class RedisEngine:
         encoded: list[list[tuple[Any, ...]]],
         start: list[int],
     ) -> list[list[int]]:
-        """Script calls for the orgs of ``todo``: one shard each, bounded in orgs and items."""
+        """Script calls for the orgs of ``todo``: one call unit each (:meth:`call_unit`), bounded
+        in orgs and items."""
         by_shard: dict[int, list[int]] = {}
         for idx in todo:
-            by_shard.setdefault(self.shard(calls[idx].org_id), []).append(idx)
+            by_shard.setdefault(self.call_unit(calls[idx].org_id), []).append(idx)
         groups: list[list[int]] = []
         for members in by_shard.values():
             group: list[int] = []
@@ -354,7 +361,8 @@ class RedisEngine:
 
         ``id`` is namespaced (``e|<event_id>``, ``c|<command_id>``), ``claim`` names the record
         that carries it (``<partition>:<offset>``). The claims are sharded by id over
-        ``claim_shards`` hash tags and sent in one pipelined round trip; a window lives
+        ``claim_shards`` hash tags, all in one script call on a single Redis (one per shard on a
+        Redis Cluster, each routed to its slot's node); a window lives
         ``dedupe_window_seconds`` (two windows are consulted), PostgreSQL is the permanent record.
         """
         if not entries:
@@ -366,22 +374,21 @@ class RedisEngine:
             by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
         ttl = 2 * self.window_ms + 60_000
         order = list(by_shard.items())
-        calls: list[tuple[list[str], list[str | int]]] = [
-            (
-                self.claim_keys(shard, now),
-                [ttl, orjson.dumps([entries[i] for i in positions]).decode()],
-            )
-            for shard, positions in order
-        ]
-        replies: list[Any]
+
+        def call(shards: list[tuple[int, list[int]]]) -> Any:
+            keys: list[str] = []
+            for shard, _ in shards:
+                keys += self.claim_keys(shard, now)
+            spec = [[entries[i] for i in positions] for _, positions in shards]
+            return self._claim(keys=keys, args=[ttl, orjson.dumps(spec).decode()])
+
+        replies: list[Any] = []
         if self._cluster:
             # One call per shard, each routed to the node of its slot.
-            replies = await asyncio.gather(*(self._claim(keys=k, args=a) for k, a in calls))
+            for reply in await asyncio.gather(*(call([one]) for one in order)):
+                replies.extend(reply)
         else:
-            pipe = self.client.pipeline(transaction=False)
-            for k, a in calls:
-                await self._claim(keys=k, args=a, client=pipe)  # type: ignore[arg-type]
-            replies = await pipe.execute()
+            replies = await call(order)  # one call: a single Redis takes any keys together
         out = [CLAIM_NEW] * len(entries)
         for (_, positions), reply in zip(order, replies, strict=True):
             verdicts = reply if isinstance(reply, bytes) else str(reply).encode()
@@ -389,26 +396,33 @@ class RedisEngine:
                 out[i] = verdict - 48  # b"0" -> 0
         return out
 
-    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
-        """The current state of members as their latest signal (``seq`` 0: a re-send), for
-        members that have had one; re-sent after a failed publish so the compacted control
-        topic ends on the current state."""
-        if not member_ids:
-            return {}
-        ids = list(dict.fromkeys(member_ids))
-        raw = await self.client.hmget(self.keys(org_id).members, ids)
-        out: dict[str, Signal] = {}
+    async def member_signals(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Signal]]:
+        """Per org, the current state of members as their latest signal (``seq`` 0: a
+        re-send), for members that have had one; re-sent after a failed publish so the
+        compacted control topic ends on the current state. One pipelined round trip."""
+        asked = [(org_id, list(dict.fromkeys(ids))) for org_id, ids in wanted.items() if ids]
+        result: dict[str, dict[str, Signal]] = {org_id: {} for org_id in wanted}
+        if not asked:
+            return result
+        pipe = self.client.pipeline(transaction=False)
+        for org_id, ids in asked:
+            pipe.hmget(self.keys(org_id).members, ids)
+        replies = await pipe.execute()
         mp = _MP
-        for mid, rec in zip(ids, raw, strict=True):
-            if rec is None:
-                continue
-            a = msgpack_decode(_binary(rec))
-            mseq = a[mp["ms"]]
-            if not mseq or a[mp["lr"]] is None:
-                continue
-            signal = "pause" if a[mp["pz"]] == 1 else "resume"
-            out[mid] = Signal(0, org_id, mid, signal, a[mp["lr"]], mseq, a[mp["li"]])
-        return out
+        for (org_id, ids), raw in zip(asked, replies, strict=True):
+            out = result[org_id]
+            for mid, rec in zip(ids, raw, strict=True):
+                if rec is None:
+                    continue
+                a = msgpack_decode(_binary(rec))
+                mseq = a[mp["ms"]]
+                if not mseq or a[mp["lr"]] is None:
+                    continue
+                signal = "pause" if a[mp["pz"]] == 1 else "resume"
+                out[mid] = Signal(0, org_id, mid, signal, a[mp["lr"]], mseq, a[mp["li"]])
+        return result
 
     async def last_seq(self, org_id: str) -> int:
         """The org's last effect seq (0 when Redis does not know the org)."""
@@ -468,13 +482,14 @@ class RedisEngine:
     ) -> None:
         """Drop each org's outbox entries whose effects all have ``seq <= acks[org]``, and the
         unknown-offset marks of events PostgreSQL now holds as parked: one ``ack.lua`` call
-        per shard, pipelined (entry ids are ``<last seq>-0``, trimmed with ``XTRIM MINID``)."""
+        per call unit (:meth:`call_unit`), pipelined (entry ids are ``<last seq>-0``, trimmed
+        with ``XTRIM MINID``)."""
         marks = unknown_marks or {}
         if not acks and not marks:
             return
         by_shard: dict[int, list[str]] = {}
         for org_id in {*acks, *marks}:
-            by_shard.setdefault(self.shard(org_id), []).append(org_id)
+            by_shard.setdefault(self.call_unit(org_id), []).append(org_id)
         calls: list[tuple[list[str], list[str | int]]] = []
         for orgs in by_shard.values():
             keys: list[str] = []

@@ -97,18 +97,22 @@ class MemoryEngine:
         self.model.orgs.pop(org_id, None)
         self.outbox.pop(org_id, None)
 
-    async def member_signals(self, org_id: str, member_ids: Sequence[str]) -> dict[str, Signal]:
-        org = self.model.orgs.get(org_id)
-        out: dict[str, Signal] = {}
-        if org is None:
-            return out
-        for mid in member_ids:
-            m = org.members.get(mid)
-            if m is None or not m.mseq or m.last_reason is None:
+    async def member_signals(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, Signal]]:
+        result: dict[str, dict[str, Signal]] = {}
+        for org_id, member_ids in wanted.items():
+            org = self.model.orgs.get(org_id)
+            out = result[org_id] = {}
+            if org is None:
                 continue
-            signal = "pause" if m.paused else "resume"
-            out[mid] = Signal(0, org_id, mid, signal, m.last_reason, m.mseq, m.last_at)
-        return out
+            for mid in member_ids:
+                m = org.members.get(mid)
+                if m is None or not m.mseq or m.last_reason is None:
+                    continue
+                signal = "pause" if m.paused else "resume"
+                out[mid] = Signal(0, org_id, mid, signal, m.last_reason, m.mseq, m.last_at)
+        return result
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         return views.dashboard(self.model, org_id)

@@ -86,7 +86,7 @@ class Publisher:
             **kafka_client_kwargs(settings),
             enable_idempotence=True,
             acks="all",
-            linger_ms=5,
+            linger_ms=settings.producer_linger_ms,
             max_batch_size=512 * 1024,
             max_request_size=_MAX_REQUEST_SIZE,
         )
@@ -161,9 +161,9 @@ class Publisher:
                 return sent
             messages: list[OutMessage] = []
             again: dict[str, dict[str, int]] = {}
+            states = await engine.member_signals({org: list(ms) for org, ms in todo.items()})
             for org_id, members in todo.items():
-                current = await engine.member_signals(org_id, list(members))
-                for mid, state in current.items():
+                for mid, state in states.get(org_id, {}).items():
                     if state.member_seq > members[mid]:
                         messages.extend(self.encoder.messages([state]))
                         again.setdefault(org_id, {})[mid] = state.member_seq

@@ -1,8 +1,8 @@
--- Acknowledge the outboxes of several orgs of one shard: drop each org's outbox entries whose
+-- Acknowledge the outboxes of several orgs (of one shard on a Redis Cluster): drop each org's outbox entries whose
 -- effects are all at or below its acknowledged seq, and forget unknown-offset marks of events
--- PostgreSQL now holds as parked. One call per shard and commit instead of one command per org.
+-- PostgreSQL now holds as parked. One call per commit (per shard on a cluster), not per org.
 --
--- KEYS: per org, 2 keys: its outbox stream, its unknown-offset marks set (one shard's tag)
+-- KEYS: per org, 2 keys: its outbox stream, its unknown-offset marks set
 -- ARGV: 1 JSON [[seq, [mark, ...]], ...] in KEYS order (seq 0: nothing to trim)
 -- Returns the number of outbox entries dropped.
 --

@@ -3,49 +3,59 @@
 -- per org), so two records with one event_id under two orgs, or on two workers, cannot both
 -- be charged.
 --
--- KEYS: 1 this window's claims (hash), 2 the previous window's      (one claim shard's tag)
--- ARGV: 1 time to live of a window's hash (ms), 2 JSON [[id, claim], ...]: id is
---       'e|<event_id>' or 'c|<command_id>', claim names the record that carries it
---       ('<partition>:<offset>')
--- Returns one character per id, in order: '0' new (claimed by this call), '1' already claimed
--- by the same record (a replay of it), '2' claimed by another record (a duplicate).
+-- KEYS: per claim shard, 2 keys: this window's claims (hash), the previous window's (one
+--       claim shard's tag; on a Redis Cluster a call has one shard, on a single Redis any)
+-- ARGV: 1 time to live of a window's hash (ms), 2 JSON [[[id, claim], ...], ...] per shard in
+--       KEYS order: id is 'e|<event_id>' or 'c|<command_id>', claim names the record that
+--       carries it ('<partition>:<offset>')
+-- Returns per shard one string with one character per id, in order: '0' new (claimed by this
+-- call), '1' already claimed by the same record (a replay of it), '2' claimed by another
+-- record (a duplicate).
 --
--- Writes: one HSET of the new claims and one PEXPIRE, at the end. A crash of the worker after
+-- Writes: per shard one HSET of the new claims and one PEXPIRE. A crash of the worker after
 -- the call leaves claims for records that were not applied yet; their replay presents the same
 -- claim and is told '1' (proceed), so nothing is lost. The windows rotate on the wall clock;
 -- PostgreSQL's unique keys are the permanent record.
 
-local CUR, PREV = KEYS[1], KEYS[2]
 local TTL = ARGV[1]
-local pairs_in = cjson.decode(ARGV[2])
-local n = #pairs_in
-local out, new = {}, {}
-local local_claims = {} -- ids claimed earlier in this call
 local CHUNK = 2000 -- stays well below Lua's unpack limit
-for from = 1, n, CHUNK do
-  local to = math.min(from + CHUNK - 1, n)
-  local ids = {}
-  for j = from, to do ids[#ids + 1] = pairs_in[j][1] end
-  local cur = redis.call('HMGET', CUR, unpack(ids))
-  local prev = redis.call('HMGET', PREV, unpack(ids))
-  for j = from, to do
-    local k = j - from + 1
-    local id, claim = ids[k], pairs_in[j][2]
-    local have = local_claims[id] or cur[k] or prev[k]
-    if not have then
-      local_claims[id] = claim
-      new[#new + 1] = id
-      new[#new + 1] = claim
-      out[j] = '0'
-    elseif have == claim then
-      out[j] = '1'
-    else
-      out[j] = '2'
+
+local function claim_shard(CUR, PREV, pairs_in)
+  local n = #pairs_in
+  local out, new = {}, {}
+  local local_claims = {} -- ids claimed earlier in this call
+  for from = 1, n, CHUNK do
+    local to = math.min(from + CHUNK - 1, n)
+    local ids = {}
+    for j = from, to do ids[#ids + 1] = pairs_in[j][1] end
+    local cur = redis.call('HMGET', CUR, unpack(ids))
+    local prev = redis.call('HMGET', PREV, unpack(ids))
+    for j = from, to do
+      local k = j - from + 1
+      local id, claim = ids[k], pairs_in[j][2]
+      local have = local_claims[id] or cur[k] or prev[k]
+      if not have then
+        local_claims[id] = claim
+        new[#new + 1] = id
+        new[#new + 1] = claim
+        out[j] = '0'
+      elseif have == claim then
+        out[j] = '1'
+      else
+        out[j] = '2'
+      end
     end
   end
+  for i = 1, #new, 2 * CHUNK do
+    redis.call('HSET', CUR, unpack(new, i, math.min(i + 2 * CHUNK - 1, #new)))
+  end
+  if #new > 0 then redis.call('PEXPIRE', CUR, TTL) end
+  return table.concat(out)
 end
-for i = 1, #new, 2 * CHUNK do
-  redis.call('HSET', CUR, unpack(new, i, math.min(i + 2 * CHUNK - 1, #new)))
+
+local shards = cjson.decode(ARGV[2])
+local replies = {}
+for s, pairs_in in ipairs(shards) do
+  replies[s] = claim_shard(KEYS[2 * s - 1], KEYS[2 * s], pairs_in)
 end
-if #new > 0 then redis.call('PEXPIRE', CUR, TTL) end
-return table.concat(out)
+return replies
