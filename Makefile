@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench lint format
+.PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench bench-latency lint format
 
 help:
 	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
@@ -18,6 +18,7 @@ help:
 	@echo "make stack-down  stop them"
 	@echo "make stack-clean stop them and delete their data (.stack/)"
 	@echo "make bench       end-to-end benchmark"
+	@echo "make bench-latency pause latency under steady traffic, beside both backlog shapes"
 
 venv: $(STAMP)
 
@@ -54,6 +55,9 @@ test-unit: venv
 
 demo: venv stack-up topics
 	$(PY) -m devstack.demo
+
+bench-latency: venv stack-up
+	$(PY) -m bench.latency --shapes
 
 bench: venv stack-up
 	@if [ -f bench/__main__.py ]; then $(PY) -m bench; \

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -802,6 +803,16 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                 f"targets: >= 40,000 events/s: {'met' if ok_abs else 'NOT met'}; "
                 f">= 20x naive: {'met' if ok_rel else 'NOT met'}"
             )
+        if args.json:
+            Path(args.json).write_bytes(  # noqa: ASYNC240 (once, at the end)
+                orjson.dumps(
+                    {
+                        "events_per_s": res.worker.rate if res.worker else 0.0,
+                        "steady_events_per_s": res.worker.steady_rate if res.worker else 0.0,
+                        "decode_ceiling_per_s": _rate(res.ceiling_decode),
+                    }
+                )
+            )
         if args.write_md:
             write_markdown(render_section(res, argv, previous_history()))
             log(f"wrote the end-to-end section of {BENCH_MD.name}")
@@ -833,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", dest="write_md", action="store_false", help="do not rewrite BENCHMARKS.md"
     )
     p.add_argument("--keep", action="store_true", help="keep topics and schemas afterwards")
+    p.add_argument("--json", metavar="FILE", help="also write the worker's rates to FILE")
     p.add_argument(
         "--profile",
         metavar="FILE",

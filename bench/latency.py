@@ -11,7 +11,8 @@ Measured in one run, against the worker as a subprocess (already running, setup 
 
 - **pause latency**: the ``pause`` record's broker timestamp on the control topic (created with
   ``message.timestamp.type=LogAppendTime``, so the broker's own clock) minus the 5th event's
-  ``occurred_at``, which is set when the event is handed to the producer;
+  ``occurred_at``, which is the moment the event is due to be produced (encoded beforehand: a
+  late send counts against the worker);
 - **commit latency**: ``usage_events.decided_at`` (PostgreSQL's clock at the commit of the
   event's batch) minus ``occurred_at``, for every event;
 - **broker floor**: a probe message every 10 ms through a topic of its own, produced and consumed
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import sys
@@ -39,6 +41,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 
 from bench.e2e import (
     _free_port,
@@ -189,41 +192,61 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
         for k in range(EVENTS_PER_MEMBER):
             schedule.append((start + k * EVENT_GAP_S, org, member, k))
     schedule.sort()
+    # Everything is encoded before the clock starts, with ``occurred_at`` = the moment the
+    # event is due (a late send counts against the worker), and sent in batches built by hand,
+    # one per partition and tick: this process shares the cores with the worker, and a send()
+    # per message would cost it several times more CPU.
     producer = AIOKafkaProducer(
         bootstrap_servers=s.kafka_bootstrap, enable_idempotence=True, acks="all", linger_ms=1
     )
     await producer.start()
+    partitioner = DefaultPartitioner()
+    partitions = sorted(await producer.partitions_for(s.topic_usage))
     fifth: dict[tuple[str, str], float] = {}
+    t0_wall = time.time() + 1.0
+    encoded: list[tuple[float, int, bytes, bytes]] = []
+    for due, org, member, k in schedule:
+        wall = int((t0_wall + due) * 1000) / 1000
+        occurred = datetime.fromtimestamp(wall, UTC)
+        value = orjson.dumps(
+            {
+                "event_id": f"{org}-{member}-{k}-{seed}",
+                "org_id": org,
+                "member_id": member,
+                "task_id": "t",
+                "credits": EVENT_CREDITS,
+                "occurred_at": occurred.strftime("%Y-%m-%dT%H:%M:%S.")
+                + f"{occurred.microsecond // 1000:03d}Z",
+            }
+        )
+        if k == 4:
+            fifth[(org, member)] = wall
+        key = org.encode()
+        encoded.append((wall, partitioner(key, partitions, partitions), key, value))
+    futures: list[Any] = []
+    await asyncio.sleep(max(0.0, t0_wall - time.time()))
     t0 = time.monotonic()
-    futures = []
     try:
         i = 0
-        while i < len(schedule):
-            now = time.monotonic() - t0
-            due = schedule[i][0]
-            if due > now:
-                await asyncio.sleep(min(due - now, 0.005))
+        while i < len(encoded):
+            now = time.time()
+            if encoded[i][0] > now:
+                await asyncio.sleep(min(encoded[i][0] - now, 0.002))
                 continue
-            while i < len(schedule) and schedule[i][0] <= time.monotonic() - t0:
-                _, org, member, k = schedule[i]
-                wall = time.time()
-                occurred = datetime.fromtimestamp(wall, UTC)
-                value = orjson.dumps(
-                    {
-                        "event_id": f"{org}-{member}-{k}-{seed}",
-                        "org_id": org,
-                        "member_id": member,
-                        "task_id": "t",
-                        "credits": EVENT_CREDITS,
-                        "occurred_at": occurred.strftime("%Y-%m-%dT%H:%M:%S.")
-                        + f"{occurred.microsecond // 1000:03d}Z",
-                    }
-                )
-                if k == 4:
-                    fifth[(org, member)] = int(wall * 1000) / 1000
-                futures.append(await producer.send(s.topic_usage, value, key=org.encode()))
+            batches: dict[int, Any] = {}
+            while i < len(encoded) and encoded[i][0] <= now:
+                _, part, key, value = encoded[i]
+                batch = batches.get(part)
+                if batch is None:
+                    batch = batches[part] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, s.topic_usage, partition=part))
+                    batch = batches[part] = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
                 i += 1
-            if len(futures) > 5_000:
+            for part, batch in batches.items():
+                futures.append(await producer.send_batch(batch, s.topic_usage, partition=part))
+            if len(futures) > 500:
                 await asyncio.gather(*futures)
                 futures.clear()
         await asyncio.gather(*futures)
@@ -376,12 +399,70 @@ def write_markdown(text: str) -> None:
     BENCH_MD.write_text(md, encoding="utf-8")
 
 
+SHAPES = (("dense", 1_000, 20), ("sparse", 10_000, 10))
+"""The two backlog shapes of ``--shapes``: (name, orgs, members per org)."""
+
+
+async def shape_rates(events: int) -> dict[str, dict[str, float]]:
+    """Backlog throughput of each shape of :data:`SHAPES` (``bench.e2e`` runs, one after the
+    other on the same stack), for the table and for the half-of-sparse-capacity rate."""
+    rates: dict[str, dict[str, float]] = {}
+    for name, orgs, members in SHAPES:
+        out = Path(f"/tmp/bench-shape-{os.getpid()}-{name}.json")
+        log(f"{name} backlog: {events:,} events, {orgs:,} orgs x {members} members (bench.e2e) ...")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.e2e", "--events", str(events), "--orgs", str(orgs),
+            "--members", str(members), "--skip-naive", "--no-write", "--json", str(out),
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        if await proc.wait() != 0:
+            raise SystemExit(f"bench.e2e failed for the {name} shape")
+        rates[name] = orjson.loads(out.read_bytes())  # noqa: ASYNC240 (small, once)
+        out.unlink()  # noqa: ASYNC240
+        log(f"  {name}: {rates[name]['events_per_s']:,.0f} events/s")
+    return rates
+
+
+def render_shapes(rates: dict[str, dict[str, float]], events: int) -> str:
+    dense = rates["dense"]["events_per_s"]
+    lines = [
+        f"Backlog shapes ({events:,} events each, `bench.e2e`, launch to last commit):\n",
+        "| shape | orgs x members | events/s | vs dense | vs consume+decode ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for name, orgs, members in SHAPES:
+        r = rates[name]
+        ceiling = r["decode_ceiling_per_s"]
+        lines.append(
+            f"| {name} | {orgs:,} x {members} | {r['events_per_s']:,.0f} |"
+            f" {r['events_per_s'] / dense:.0%} |"
+            f" {r['events_per_s'] / ceiling:.1%} |"
+            if ceiling
+            else f"| {name} | {orgs:,} x {members} | {r['events_per_s']:,.0f} |"
+            f" {r['events_per_s'] / dense:.0%} | |"
+        )
+    return "\n".join(lines) + "\n\n"
+
+
 async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     base = Settings()
+    shapes = ""
+    rates = list(args.rate)
+    if args.shapes:
+        measured = await shape_rates(args.shape_events)
+        shapes = render_shapes(measured, args.shape_events)
+        half = measured["sparse"]["events_per_s"] / 2
+        log(f"half of the sparse shape's capacity: {half:,.0f} events/s")
+        rates.append(round(half, -2))
     runs = []
-    for rate in args.rate:
-        runs.append(await one_run(base, rate, args.orgs, args.members))
-    text = render(runs, argv)
+    for rate in rates:
+        # Enough members that the run lasts --min-seconds at this rate (a steady state, not
+        # the first seconds of one).
+        orgs = max(
+            args.orgs, math.ceil(rate * args.min_seconds / (args.members * EVENTS_PER_MEMBER))
+        )
+        runs.append(await one_run(base, rate, orgs, args.members))
+    text = shapes + render(runs, argv)
     print("\n" + text)
     if args.write_md:
         write_markdown(text)
@@ -395,6 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--orgs", type=int, default=1_000)
     p.add_argument("--members", type=int, default=10)
     p.add_argument("--no-write", dest="write_md", action="store_false")
+    p.add_argument(
+        "--shapes",
+        action="store_true",
+        help="first measure the dense and sparse backlog shapes (bench.e2e), then add a run at"
+        " half of the sparse shape's capacity",
+    )
+    p.add_argument("--shape-events", type=int, default=300_000)
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=20.0,
+        help="more orgs than --orgs when needed so that each run lasts this long",
+    )
     args = p.parse_args(argv)
     args.rate = args.rate or [2_000.0]
     try:

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     batch_target_seconds: float = Field(default=1.0, ge=0.0)
     """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
     the latency a deep backlog adds; 0 turns the sizing off (always the maximum)."""
+    snapshot_every_effects: int = Field(default=10_000, ge=0)
+    """An org's state is snapshotted into PostgreSQL each time its effect seq crosses a
+    multiple of this (0: never); a rebuild restores the latest snapshot and replays at most
+    about this many effects' decisions."""
     producer_linger_ms: int = Field(default=0, ge=0)
     """How long the producer holds a message to batch it with others. A pause signal waits this
     long on top of everything else; batches still form while a request is in flight."""

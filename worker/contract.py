@@ -106,6 +106,16 @@ CLAIM_NEW, CLAIM_MINE, CLAIM_TAKEN = 0, 1, 2
 replay), claimed by another record (a duplicate)."""
 
 
+class Snapshot(NamedTuple):
+    """One org's engine state at effect ``seq``, opaque to everything but the engine that
+    made it (stored in ``org_snapshots``; a rebuild restores it and replays the ledger after
+    ``seq``)."""
+
+    org_id: str
+    seq: int
+    state: bytes
+
+
 class RedisBehind(Exception):
     """A call refused because the engine holds an older state of the org than expected.
 
@@ -159,6 +169,13 @@ class Engine(Protocol):
 
     async def last_seqs(self, org_ids: Sequence[str]) -> dict[str, int]:
         """Each org's last effect seq (0 for an org the engine does not know)."""
+
+    async def snapshots(self, org_ids: Sequence[str]) -> dict[str, Snapshot]:
+        """Each known org's current state and the effect seq it is at (orgs the engine does
+        not know are left out)."""
+
+    async def restore_org(self, snapshot: Snapshot) -> None:
+        """Replace the org's state with a snapshot's (empty outbox, no Kafka watermarks)."""
 
     async def reset_org(self, org_id: str) -> None:
         """Forget everything about one org (before a rebuild replays it)."""

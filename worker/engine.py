@@ -47,6 +47,7 @@ from worker.contract import (
     OrgResult,
     Outcome,
     RedisBehind,
+    Snapshot,
     UsageItem,
 )
 from worker.effects import Effect, Signal, decode_blob, expanded
@@ -187,6 +188,8 @@ class RedisEngine:
         self._apply = client.register_script(load_apply_script())
         self._claim = client.register_script(load_script("claim.lua"))
         self._ack = client.register_script(load_script("ack.lua"))
+        self._snapshot = client.register_script(load_script("snapshot.lua"))
+        self._restore = client.register_script(load_script("restore.lua"))
         self.claim_shards = settings.claim_shards
         self.shards = settings.redis_shards
         self._cluster = type(client).__name__ == "RedisCluster"
@@ -446,6 +449,31 @@ class RedisEngine:
     async def close(self) -> None:
         """Close the Redis client."""
         await self.client.aclose()
+
+    async def snapshots(self, org_ids: Sequence[str]) -> dict[str, Snapshot]:
+        """The current state of each org Redis knows, with the effect seq it is at: one
+        ``snapshot.lua`` call per call unit (atomic per call, so each org's state is one
+        moment's). Orgs Redis does not know are left out."""
+        by_unit: dict[int, list[str]] = {}
+        for org_id in dict.fromkeys(org_ids):
+            by_unit.setdefault(self.call_unit(org_id), []).append(org_id)
+
+        async def read(orgs: list[str]) -> list[tuple[str, Any]]:
+            keys: list[str] = []
+            for org_id in orgs:
+                keys.extend(self.keys(org_id))
+            return list(zip(orgs, await self._snapshot(keys=keys), strict=True))
+
+        out: dict[str, Snapshot] = {}
+        for part in await asyncio.gather(*(read(orgs) for orgs in by_unit.values())):
+            for org_id, (integers, state) in part:
+                if integers:  # None: Redis does not know the org
+                    out[org_id] = Snapshot(org_id, org_integers(integers)["sq"], state)
+        return out
+
+    async def restore_org(self, snapshot: Snapshot) -> None:
+        """Replace the org's keys with a snapshot's state (empty outbox, no watermarks)."""
+        await self._restore(keys=list(self.keys(snapshot.org_id)), args=[snapshot.state])
 
     async def reset_org(self, org_id: str) -> None:
         """Forget everything Redis holds for one org (before a rebuild replays it)."""

@@ -8,7 +8,9 @@ lives in the process: a restart forgets everything, so it is not for production.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from typing import Any
 
 from worker import views
@@ -21,6 +23,7 @@ from worker.contract import (
     OrgCall,
     OrgResult,
     RedisBehind,
+    Snapshot,
 )
 from worker.effects import Effect, Signal, from_dict
 from worker.model import Model
@@ -92,6 +95,21 @@ class MemoryEngine:
 
     async def last_seqs(self, org_ids: Sequence[str]) -> dict[str, int]:
         return {o: (org.seq if (org := self.model.orgs.get(o)) else 0) for o in org_ids}
+
+    async def snapshots(self, org_ids: Sequence[str]) -> dict[str, Snapshot]:
+        out: dict[str, Snapshot] = {}
+        for org_id in org_ids:
+            org = self.model.orgs.get(org_id)
+            if org is not None:
+                copy = deepcopy(org)
+                copy.watermarks.clear()  # as snapshot.lua: no Kafka positions, no marks
+                copy.unknown_seen.clear()
+                out[org_id] = Snapshot(org_id, org.seq, pickle.dumps(copy))
+        return out
+
+    async def restore_org(self, snapshot: Snapshot) -> None:
+        self.model.orgs[snapshot.org_id] = pickle.loads(snapshot.state)  # noqa: S301 (our own)
+        self.outbox.pop(snapshot.org_id, None)
 
     async def reset_org(self, org_id: str) -> None:
         self.model.orgs.pop(org_id, None)

@@ -21,6 +21,7 @@ import orjson
 
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
+from worker.contract import Snapshot
 from worker.effects import Effect
 from worker.sqlfiles import named_queries
 
@@ -164,6 +165,7 @@ class FlushBatch:
     parked_del: list[str] = field(default_factory=list)
     org_seq: dict[str, int] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    snapshots: dict[str, Snapshot] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (
@@ -178,6 +180,7 @@ class FlushBatch:
             or self.parked_del
             or self.org_seq
             or self.offsets
+            or self.snapshots
         )
 
     def add_effects(self, effects: Iterable[Effect]) -> None:
@@ -302,6 +305,10 @@ class FlushBatch:
                 self.org_seq[org] = seq
         for (topic, partition), off in other.offsets.items():
             self.set_offset(topic, partition, off)
+        for org, snap in other.snapshots.items():
+            prev = self.snapshots.get(org)
+            if prev is None or snap.seq > prev.seq:
+                self.snapshots[org] = snap
 
     def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
         key = (topic, partition)
@@ -562,10 +569,19 @@ class Ledger:
         await self._write_rest(conn, b)
 
     async def _write_rest(self, conn: asyncpg.Connection, b: FlushBatch) -> None:
-        """The orgs' seqs and the offsets, last, in the same transaction as the rows."""
+        """The orgs' seqs, the snapshots they now cover, and the offsets, last, in the same
+        transaction as the rows."""
         q = self._q
         if b.org_seq:
             await conn.execute(q["upsert_org_seq"], list(b.org_seq), list(b.org_seq.values()))
+        if b.snapshots:
+            snaps = list(b.snapshots.values())
+            await conn.execute(
+                q["upsert_snapshots"],
+                [sn.org_id for sn in snaps],
+                [sn.seq for sn in snaps],
+                [sn.state for sn in snaps],
+            )
         if b.offsets:
             keys = list(b.offsets)
             await conn.execute(
@@ -625,9 +641,15 @@ class Ledger:
         rows = await self._pool.fetch(self._q["org_seqs"])
         return {r["org_id"]: r["last_seq"] for r in rows}
 
-    async def rebuild_inputs(self, org_id: str) -> list[asyncpg.Record]:
-        """The recorded usage and command decisions of one org, in seq order."""
-        return list(await self._pool.fetch(self._q["rebuild_inputs"], org_id))
+    async def rebuild_inputs(self, org_id: str, after_seq: int = 0) -> list[asyncpg.Record]:
+        """The recorded usage and command decisions of one org after ``after_seq``, in seq
+        order."""
+        return list(await self._pool.fetch(self._q["rebuild_inputs"], org_id, after_seq))
+
+    async def snapshot(self, org_id: str) -> Snapshot | None:
+        """The org's latest stored snapshot (every effect up to its seq is in the ledger)."""
+        row = await self._pool.fetchrow(self._q["select_snapshot"], org_id)
+        return None if row is None else Snapshot(org_id, row["seq"], bytes(row["state"]))
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:

@@ -189,6 +189,11 @@ REBUILDS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+SNAPSHOTS = Counter(
+    "metering_snapshots",
+    "Org states read for a snapshot (stored by the batch's commit when the ledger covers them).",
+    registry=REGISTRY,
+)
 ERRORS = Counter(
     "metering_errors",
     "Errors caught and retried by the worker loop, by stage (kafka, redis, postgres, publish).",

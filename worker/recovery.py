@@ -8,6 +8,10 @@ it is reset and its recorded decisions are replayed through the engine in seq or
 recreates effects PostgreSQL already has, so they are acknowledged instead of published. Kafka
 is then consumed from the PostgreSQL offsets, which cover exactly what was replayed.
 
+An org with a snapshot (``org_snapshots``, written by the commit stage every
+``snapshot_every_effects`` effects) is restored from it and only the decisions after it are
+replayed: a rebuild costs the org's state plus the tail of its ledger, not its history.
+
 ``rebuild`` is also the ``metering rebuild`` command. Run it with the workers stopped: a worker
 applying to an org while it is replayed would interleave with the replay.
 """
@@ -93,10 +97,22 @@ def replay_items(rows: Iterable[Any]) -> list[Any]:
 async def rebuild_org(
     engine: Engine, ledger: Ledger, org_id: str, progress: Callable[[str], None] | None = None
 ) -> int:
-    """Reset one org in Redis and replay its recorded decisions; returns the items replayed."""
-    rows = await ledger.rebuild_inputs(org_id)
+    """Reset one org in Redis, restore its latest snapshot and replay the recorded decisions
+    after it (all of them when it has none); returns the items replayed.
+
+    Crash at any point: the org is left reset, restored or partly replayed, and Redis is
+    behind PostgreSQL for it; the next call (or the next start, whose check finds it behind)
+    starts the rebuild again from the top. Nothing is published: the replay recreates effects
+    PostgreSQL already holds, and they are acknowledged below.
+    """
+    snapshot = await ledger.snapshot(org_id)
+    rows = await ledger.rebuild_inputs(org_id, snapshot.seq if snapshot else 0)
     items = replay_items(rows)
     await engine.reset_org(org_id)
+    if snapshot is not None:
+        await engine.restore_org(snapshot)
+        if progress is not None:
+            progress(f"  {org_id}: snapshot at seq {snapshot.seq} restored")
     top = 0
     done = 0
     for start in range(0, len(items), REPLAY_CHUNK):

@@ -120,6 +120,51 @@ async def test_rebuild_command_restores_an_org_on_demand(
     await check_pipeline(s, w, engine=engine)
 
 
+async def test_the_worker_snapshots_orgs_and_a_rebuild_starts_from_the_snapshot(
+    pipe_settings: Settings, engine: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Snapshots are written by the pipeline as orgs cross multiples of
+    ``snapshot_every_effects``, never ahead of the ledger; after a total Redis loss the rebuild
+    restores them and replays only the decisions after them, and the books are exact."""
+    s = pipe_settings.model_copy(update={"snapshot_every_effects": 25})
+    w = Workload(s)
+    _story(w, 80)
+    await w.produce()
+    await run_worker(s, max_events=len(w.messages), idle_exit_seconds=30, engine=engine)
+    before = {org: await engine.dashboard(org) for org in ("acme", "beta")}
+    conn = await asyncpg.connect(s.postgres_dsn.get_secret_value())
+    try:
+        rows = await conn.fetch(
+            f'SELECT s.org_id, s.seq, o.last_seq FROM "{s.postgres_schema}".org_snapshots s'
+            f' JOIN "{s.postgres_schema}".org_seq o USING (org_id) ORDER BY s.org_id'
+        )
+    finally:
+        await conn.close()
+    assert [r["org_id"] for r in rows] == ["acme", "beta"]
+    assert all(0 < r["seq"] <= r["last_seq"] for r in rows)
+    assert all(r["last_seq"] - r["seq"] < 25 + 2 * s.batch_max_records * 2 for r in rows)
+
+    await engine.client.flushdb()
+    result = await rebuild(s)
+    assert sorted(result["org_ids"]) == ["acme", "beta"]
+    out = capsys.readouterr().out
+    for r in rows:
+        assert f"{r['org_id']}: snapshot at seq {r['seq']} restored" in out
+    assert {org: await engine.dashboard(org) for org in ("acme", "beta")} == before
+    await check_pipeline(s, w, engine=engine)
+
+    # Life goes on from the restored state.
+    start = len(w.messages)
+    for i in range(20):
+        w.usage("acme", ("ann", "bob")[i % 2], 4_000)
+    await w.produce(w.messages[start:])
+    stats = await run_worker(
+        s, max_events=len(w.messages) - start, idle_exit_seconds=30, engine=engine
+    )
+    assert stats["charged"] == 20
+    await check_pipeline(s, w, engine=engine)
+
+
 @pytest.mark.slow
 # One step here as a check of the hook and the restart path; every step is covered (under load,
 # several workers) by tests/integration/test_scenarios_crash.py.

@@ -112,6 +112,25 @@ class Applier:
         if orgs:
             await self._round(batch, orgs, DATA_ATTEMPTS, 0)
 
+    async def take_snapshots(self, batch: Batch) -> None:
+        """Read the state of the batch's orgs that are due a snapshot; it is written by the
+        batch's PostgreSQL transaction, and only where that transaction's ``org_seq`` covers
+        it (``upsert_snapshots``). Called after the batch's signals are handed to the producer:
+        never on a pause's path.
+
+        A crash before the commit loses the snapshot with the batch (the next multiple of
+        ``snapshot_every_effects`` takes another; a rebuild meanwhile replays from the older
+        one). A failed read only costs the snapshot: it is logged and the batch goes on.
+        """
+        if not batch.snapshot_due:
+            return
+        try:
+            batch.flush.snapshots.update(await self._engine.snapshots(sorted(batch.snapshot_due)))
+        except Exception as exc:
+            log.warning("snapshots of %d orgs skipped: %s", len(batch.snapshot_due), exc)
+        else:
+            metrics.SNAPSHOTS.inc(len(batch.flush.snapshots))
+
     def flushed(self, org_seq: dict[str, int]) -> None:
         """The commit stage wrote these orgs' effects up to these seqs."""
         pg = self.pg_seq
@@ -323,6 +342,9 @@ class Applier:
             top = last_seq(effects[-1])
             if top > batch.acks.get(org_id, 0):
                 batch.acks[org_id] = top
+            every = self._s.snapshot_every_effects
+            if every and (effects[0].seq - 1) // every < top // every:
+                batch.snapshot_due.add(org_id)  # crossed a multiple of the interval
             batch.outboxed += outboxed
             metrics.OUTBOX_DEPTH.inc(outboxed)
         self._outcomes(batch, org_id, chunk, outcomes, effects)

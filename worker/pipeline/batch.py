@@ -82,6 +82,7 @@ class Batch:
     outboxed: int = 0  # effects this batch left in Redis outboxes until its ack
     parked_ids: set[str] = field(default_factory=set)  # parked events this batch decides
     claimed: list[str] = field(default_factory=list)  # namespaced ids it holds in flight
+    snapshot_due: set[str] = field(default_factory=set)  # orgs whose state it snapshots
     commit: dict[TopicPartition, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_publish: Callable[[], Awaitable[Any]] | None = None

@@ -394,6 +394,8 @@ class Pipeline:
                 batch.applied_at = time.monotonic()
                 if not batch.is_retry:
                     self.sizer.observe(batch.records, batch.applied_at - batch.apply_at)
+                # After the hand-over: a snapshot read never delays a signal.
+                await self.applier.take_snapshots(batch)
             except Exception as exc:
                 self._fail(batch, exc, "applying")
                 continue

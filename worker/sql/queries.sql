@@ -113,6 +113,20 @@ INSERT INTO org_seq AS o (org_id, last_seq)
 SELECT * FROM unnest($1::text[], $2::bigint[])
 ON CONFLICT (org_id) DO UPDATE SET last_seq = GREATEST(o.last_seq, EXCLUDED.last_seq);
 
+-- name: upsert_snapshots
+-- Only where org_seq (raised earlier in the same transaction) covers the snapshot's seq, and
+-- only forward: a snapshot never runs ahead of the ledger it is replayed with.
+INSERT INTO org_snapshots AS s (org_id, seq, state)
+SELECT u.org_id, u.seq, u.state
+FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(org_id, seq, state)
+JOIN org_seq o ON o.org_id = u.org_id AND o.last_seq >= u.seq
+ON CONFLICT (org_id) DO UPDATE
+SET seq = EXCLUDED.seq, state = EXCLUDED.state, taken_at = now()
+WHERE s.seq < EXCLUDED.seq;
+
+-- name: select_snapshot
+SELECT seq, state FROM org_snapshots WHERE org_id = $1;
+
 -- name: org_seqs
 SELECT org_id, last_seq FROM org_seq ORDER BY org_id;
 
@@ -127,13 +141,14 @@ SET next_offset = GREATEST(c.next_offset, EXCLUDED.next_offset), updated_at = no
 SELECT topic, partition, next_offset FROM consumer_offsets WHERE group_id = $1;
 
 -- name: rebuild_inputs
--- The recorded decisions of one org in decision order: what a rebuild replays.
+-- The recorded decisions of one org after seq $2 (0: all), in decision order: what a rebuild
+-- replays after the org's snapshot.
 SELECT seq, 'usage' AS kind, event_id AS id, member_id, task_id, credits_mc, occurred_at_ms,
        NULL::text AS command, source
-FROM usage_events WHERE org_id = $1 AND seq IS NOT NULL
+FROM usage_events WHERE org_id = $1 AND seq > $2
 UNION ALL
 SELECT seq, 'command', command_id, NULL, NULL, NULL, NULL, command::text, source
-FROM admin_commands WHERE org_id = $1 AND seq IS NOT NULL
+FROM admin_commands WHERE org_id = $1 AND seq > $2
 ORDER BY seq;
 
 -- name: insert_quarantined
