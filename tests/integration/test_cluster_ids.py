@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from pipeline_checker import Workload, check_pipeline
 from redis.asyncio.cluster import RedisCluster
-from test_engine_ops import SCENARIOS, RenamingHarness
+from test_engine_ops import SCENARIOS, T0, RenamingHarness
+from unit.test_model_rules import cmd, use
 
 from worker.config import Settings
 from worker.constants import org_keys, org_of_key, shard_of
@@ -41,6 +42,41 @@ async def test_rules_with_hostile_org_ids_on_the_cluster(
         await scenario(RenamingHarness(engine, f"{HOSTILE[i % len(HOSTILE)]}{name}-"))
     claims = await engine.claim([("e|{a}", "0:1"), ("e|{a}", "0:2"), ("c|{a}", "0:3")])
     assert claims == [0, 2, 0]
+
+
+async def test_snapshots_restore_hostile_orgs_on_the_cluster(
+    redis_cluster: RedisCluster, cluster_settings: Settings
+) -> None:
+    """Snapshots are read and restored one call per shard on the cluster, whatever the org
+    ids hold; a restored org is the org it was, and goes on as it would have."""
+    engine = RedisEngine(redis_cluster, cluster_settings)
+    orgs = [f"{p}snap" for p in HOSTILE]
+    for n, org in enumerate(orgs):
+        await engine.apply(
+            org,
+            [
+                cmd("org_upsert", T0, billing_anchor_day=1),
+                cmd("member_add", T0, member_id="a{1}", tier="pro"),
+                cmd("member_add", T0, member_id="b", tier="max"),
+                cmd("pool_purchase", T0 + 1, credits_mc=(n + 1) * 100_000),
+                use("a{1}", 450_000 + n, T0 + 2),
+                use("a{1}", 90_000, T0 + 3),
+                use("b", 7_000, T0 + 4),
+            ],
+        )
+    before = {org: await engine.dashboard(org) for org in orgs}
+    snaps = await engine.snapshots([*orgs, "never-seen"])
+    assert sorted(snaps) == sorted(orgs)  # an org Redis does not know has no snapshot
+    for org in orgs:
+        assert snaps[org].seq == await engine.last_seq(org)
+        await engine.reset_org(org)
+        assert await engine.dashboard(org) is None
+        await engine.restore_org(snaps[org])
+    assert {org: await engine.dashboard(org) for org in orgs} == before
+    for org in orgs:
+        res = await engine.apply(org, [use("b", 1_000, T0 + 5)])
+        assert res.outcomes[0].status == "applied"
+        assert res.effects[0].seq == snaps[org].seq + 1
 
 
 @pytest.fixture
