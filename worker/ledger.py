@@ -150,6 +150,15 @@ COMMAND_COLUMNS = (
 )
 
 
+class SeqCollision(Exception):
+    """PostgreSQL holds other decisions at seqs a batch wrote for these orgs: the orgs'
+    Redis state diverged from the ledger (see :meth:`Ledger._insert_ledger_checked`)."""
+
+    def __init__(self, org_ids: Sequence[str]) -> None:
+        super().__init__(f"seq collision with the ledger for orgs {', '.join(org_ids)}")
+        self.org_ids = list(org_ids)
+
+
 @dataclass(slots=True)
 class FlushBatch:
     """Everything one batch writes to PostgreSQL, in one transaction."""
@@ -564,9 +573,43 @@ class Ledger:
             rest = _TABLES
         for table, name, width, _ in rest:
             rows = _rows_of(b, table)
-            if rows:
+            if not rows:
+                continue
+            if table == "ledger_entries":
+                await self._insert_ledger_checked(conn, rows)
+            else:
                 await conn.execute(q[name], *_columns(rows, width))
         await self._write_rest(conn, b)
+
+    async def _insert_ledger_checked(
+        self, conn: asyncpg.Connection, rows: list[tuple[Any, ...]]
+    ) -> None:
+        """Insert ledger rows skipping those already there, and make sure every skipped row
+        is the same movement PostgreSQL holds at its ``(org_id, seq)``.
+
+        A skipped row is normally a copy (an outbox drained again, another worker's effects
+        persisted with ours). A different movement at the same seq means two workers decided
+        the org from different states (Redis lost writes another worker had already made and
+        committed, with producers that do not key by org): :class:`SeqCollision`, raised
+        inside the transaction, so nothing of the batch commits. The fast COPY path never
+        gets here with a collision: any row already there makes COPY fail, and the batch is
+        written again through this path, whose inserts wait for a concurrent writer of the
+        same keys to commit.
+        """
+        inserted = await conn.fetch(self._q["insert_ledger_entries"], *_columns(rows, 13))
+        if len(inserted) == len(rows):
+            return
+        done = {(r[0], r[1]) for r in inserted}
+        skipped = [r for r in rows if (r[0], r[1]) not in done]
+        held = await conn.fetch(
+            self._q["ledger_at"], [r[0] for r in skipped], [r[1] for r in skipped]
+        )
+        there = {(h[0], h[1]): (h[2], h[3], h[4], h[5]) for h in held}
+        diverged = sorted(
+            {r[0] for r in skipped if there.get((r[0], r[1])) != (r[2], r[4], r[6], r[9])}
+        )
+        if diverged:
+            raise SeqCollision(diverged)
 
     async def _write_rest(self, conn: asyncpg.Connection, b: FlushBatch) -> None:
         """The orgs' seqs, the snapshots they now cover, and the offsets, last, in the same

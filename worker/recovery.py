@@ -31,7 +31,7 @@ from worker.config import Settings
 from worker.contract import CommandItem, Engine, UsageItem
 from worker.effects import Signal, last_seq
 from worker.engine import RedisEngine
-from worker.ledger import FlushBatch, Ledger, migrate
+from worker.ledger import FlushBatch, Ledger, SeqCollision, migrate
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,14 @@ async def drain_outboxes(engine: Engine, ledger: Ledger, publisher: Publisher) -
             await publisher.ensure_current_signals(engine, {org_id: signals})
         flush = FlushBatch()
         flush.add_effects(effects)
-        await ledger.write_safe(flush)
+        try:
+            await ledger.write_safe(flush)
+        except SeqCollision as collision:
+            # Decided on state Redis lost (another worker's committed decisions collide): drop
+            # the org, the check below finds it behind and rebuilds it from the ledger.
+            log.error("%s: dropping the outbox and state for a rebuild", collision)
+            await engine.reset_org(org_id)
+            continue
         await engine.outbox_ack({org_id: max(last_seq(e) for e in effects)})
         for e in effects:
             e.count()

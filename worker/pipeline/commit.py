@@ -44,7 +44,7 @@ from aiokafka.structs import OffsetAndMetadata
 from worker import metrics
 from worker.config import Settings
 from worker.contract import Engine
-from worker.ledger import FlushBatch, Ledger, Quarantined
+from worker.ledger import FlushBatch, Ledger, Quarantined, SeqCollision
 from worker.pipeline.apply import Applier, FlushProgress
 from worker.pipeline.backoff import Backoff, DataFailure, is_pg_data_error
 from worker.pipeline.batch import Batch, Stats
@@ -117,10 +117,16 @@ class Committer:
         with metrics.timed(metrics.PG_FLUSH_SECONDS):
             try:
                 await self._backoff.retry(
-                    "postgres", lambda: self._ledger.write(flush), data_error=is_pg_data_error
+                    "postgres",
+                    lambda: self._ledger.write(flush),
+                    data_error=is_pg_data_error,
+                    fatal=(SeqCollision,),
                 )
             except DataFailure as failure:
                 await self._write_isolated(batches, flush, failure)
+            except SeqCollision as collision:
+                await self._diverged(collision)
+                raise
         self._applier.flushed(flush.org_seq)
         self._crash.reached("after_pg_commit", last.kafka_no)
         acks: dict[str, int] = {}
@@ -150,6 +156,27 @@ class Committer:
             self._parking.hint = True
         if any(b.orgs_with_commands for b in batches) and self._parking.hint:
             self._parking.retry_soon = True
+
+    async def _diverged(self, collision: SeqCollision) -> None:
+        """Orgs whose decisions collide with the ledger: Redis decided them on lost state.
+
+        Their Redis state is dropped (outbox included: it holds decisions PostgreSQL will never
+        take) and the batch fails, which stops the worker: the next start finds the orgs behind
+        PostgreSQL, rebuilds them from the ledger, and consumes the batch's records again from
+        PostgreSQL's offsets, deciding them on the right state. Signals already published for
+        the dropped decisions are followed by the new decisions' (higher member seqs) and by
+        each member's current state. A worker still applying to these orgs finds them unknown
+        to Redis and rebuilds them itself (``RedisBehind``).
+        """
+        metrics.ERRORS.labels(stage="seq_collision").inc()
+        log.error("%s: dropping their Redis state for a rebuild", collision)
+        engine = self._engine
+
+        async def reset() -> None:
+            for org_id in collision.org_ids:
+                await engine.reset_org(org_id)
+
+        await self._backoff.retry("redis", reset)
 
     async def _await_publish(self, batch: Batch) -> None:
         """Kafka's acks for the batch's messages (on an error everything is sent again)."""

@@ -23,7 +23,15 @@ INSERT INTO ledger_entries (org_id, seq, member_id, source_kind, source_id, task
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::text[], $9::text[], $10::bigint[], $11::bigint[],
                      $12::boolean[], $13::bigint[])
-ON CONFLICT DO NOTHING;
+ON CONFLICT DO NOTHING
+RETURNING org_id, seq;
+
+-- name: ledger_at
+-- The movements PostgreSQL holds at these (org, seq): compared with a batch's rows that were
+-- skipped as already there (the same movement, or a seq collision).
+SELECT l.org_id, l.seq, l.member_id, l.source_id, l.movement, l.amount_mc
+FROM ledger_entries l
+JOIN unnest($1::text[], $2::bigint[]) AS u(org_id, seq) ON l.org_id = u.org_id AND l.seq = u.seq;
 
 -- name: insert_usage_events
 INSERT INTO usage_events (event_id, org_id, seq, member_id, task_id, credits_mc, occurred_at_ms,
