@@ -257,19 +257,19 @@ class RedisEngine:
     async def apply_many(self, calls: Sequence[OrgCall]) -> list[OrgResult]:
         """Apply the items of several orgs; one :class:`OrgResult` per call, in order.
 
-        The orgs are grouped by shard, and each group is packed into script calls of at most
-        :data:`CALL_MAX_ORGS` orgs and :data:`CALL_MAX_ITEMS` items, :data:`CALL_CONCURRENCY`
-        in flight. Each org's items are applied atomically per script call and in order; an
-        org whose items did not fit, or whose org-wide work is pending, goes into the next
-        round until everything is applied (each call leaves the org consistent; pending work
-        is recorded in the org hash and finished by the next call of any worker before any
-        other item). Calls for the same org must not overlap (each call is atomic, but two
-        overlapping calls interleave at call boundaries); one ``apply_many`` never has an org
-        twice. With ``expect_seq``, an org's first call refuses it unchanged when Redis holds
-        it at a lower effect seq (or not at all): its result has ``behind`` set. Ids are not
-        deduplicated here (a replayed offset is): the pipeline claims them first
-        (:meth:`claim`). On an error the exception propagates: orgs of script calls that did
-        run are applied, and applying the same calls again is safe (docs/delivery.md).
+        The orgs are grouped by call unit (:meth:`call_unit`), and each group is packed into
+        script calls of at most :data:`CALL_MAX_ORGS` orgs and :data:`CALL_MAX_ITEMS` items,
+        :data:`CALL_CONCURRENCY` in flight. Each org's items are applied atomically per script
+        call and in order; an org whose items did not fit, or whose org-wide work is pending,
+        goes into the next round until everything is applied (each call leaves the org
+        consistent; pending work is recorded in the org hash and finished by the next call of
+        any worker before any other item). Calls for the same org must not overlap (each call is
+        atomic, but two overlapping calls interleave at call boundaries); one ``apply_many``
+        never has an org twice. With ``expect_seq``, an org's first call refuses it unchanged
+        when Redis holds it at a lower effect seq (or not at all): its result has ``behind``
+        set. Ids are not deduplicated here (a replayed offset is): the pipeline claims them
+        first (:meth:`claim`). On an error the exception propagates: orgs of script calls that
+        did run are applied, and applying the same calls again is safe (docs/delivery.md).
         """
         n = len(calls)
         results = [OrgResult(c.org_id, [], []) for c in calls]

@@ -150,6 +150,11 @@ COMMAND_COLUMNS = (
 )
 
 
+_LEDGER_AT = {name: i for i, name in enumerate(LEDGER_COLUMNS)}
+_LEDGER_SAME = ("member_id", "source_id", "movement", "amount_mc")
+"""Columns that make two ledger rows at one ``(org_id, seq)`` the same movement."""
+
+
 class SeqCollision(Exception):
     """PostgreSQL holds other decisions at seqs a batch wrote for these orgs: the orgs'
     Redis state diverged from the ledger (see :meth:`Ledger._insert_ledger_checked`)."""
@@ -596,17 +601,25 @@ class Ledger:
         written again through this path, whose inserts wait for a concurrent writer of the
         same keys to commit.
         """
-        inserted = await conn.fetch(self._q["insert_ledger_entries"], *_columns(rows, 13))
+        inserted = await conn.fetch(
+            self._q["insert_ledger_entries"], *_columns(rows, len(LEDGER_COLUMNS))
+        )
         if len(inserted) == len(rows):
             return
-        done = {(r[0], r[1]) for r in inserted}
-        skipped = [r for r in rows if (r[0], r[1]) not in done]
+        org, seq = _LEDGER_AT["org_id"], _LEDGER_AT["seq"]
+        done = {(r[org], r[seq]) for r in inserted}
+        skipped = [r for r in rows if (r[org], r[seq]) not in done]
         held = await conn.fetch(
-            self._q["ledger_at"], [r[0] for r in skipped], [r[1] for r in skipped]
+            self._q["ledger_at"], [r[org] for r in skipped], [r[seq] for r in skipped]
         )
-        there = {(h[0], h[1]): (h[2], h[3], h[4], h[5]) for h in held}
+        # The movement's identity: the columns ledger_at reads, in its order.
+        there = {(h["org_id"], h["seq"]): tuple(h[c] for c in _LEDGER_SAME) for h in held}
         diverged = sorted(
-            {r[0] for r in skipped if there.get((r[0], r[1])) != (r[2], r[4], r[6], r[9])}
+            {
+                r[org]
+                for r in skipped
+                if there.get((r[org], r[seq])) != tuple(r[_LEDGER_AT[c]] for c in _LEDGER_SAME)
+            }
         )
         if diverged:
             raise SeqCollision(diverged)

@@ -115,9 +115,10 @@ async def rebuild_org(
     snapshot = await ledger.snapshot(org_id)
     rows = await ledger.rebuild_inputs(org_id, snapshot.seq if snapshot else 0)
     items = replay_items(rows)
-    await engine.reset_org(org_id)
-    if snapshot is not None:
-        await engine.restore_org(snapshot)
+    if snapshot is None:
+        await engine.reset_org(org_id)
+    else:
+        await engine.restore_org(snapshot)  # replaces every key of the org, outbox included
         if progress is not None:
             progress(f"  {org_id}: snapshot at seq {snapshot.seq} restored")
     top = 0

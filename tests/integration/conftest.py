@@ -17,6 +17,8 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -31,6 +33,9 @@ from devstack.stack import (
     topic_names,
 )
 from worker.config import DEFAULT_REDIS_CLUSTER_PORTS, Settings
+
+if TYPE_CHECKING:
+    from scenario_harness import PrivateRedis
 
 STACK_HINT = (
     "start the local stack with `.venv/bin/python -m devstack.stack up` (or `make stack-up`)"
@@ -221,3 +226,16 @@ def isolated_settings(
             "postgres_schema": pg_schema,
         }
     )
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    """A redis-server of the test's own (AOF everysec), to crash, restart or restore at will."""
+    from scenario_harness import PrivateRedis
+
+    redis = PrivateRedis(tmp_path)
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()

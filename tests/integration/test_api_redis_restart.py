@@ -3,8 +3,6 @@ retried once on a fresh one, never answered with 503."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -21,10 +19,9 @@ ACME = {"Authorization": "Bearer tok-acme"}
 
 
 async def test_every_read_succeeds_after_a_redis_restart(
-    settings: Settings, tmp_path: Path
+    settings: Settings, private_redis: PrivateRedis
 ) -> None:
-    node = PrivateRedis(tmp_path)
-    await node.start()
+    node = private_redis
     s = settings.model_copy(
         update={
             "redis_url": SecretStr(node.url),
@@ -47,4 +44,3 @@ async def test_every_read_succeeds_after_a_redis_restart(
                     assert await resp.json() == want
     finally:
         await engine.close()
-        node.stop()

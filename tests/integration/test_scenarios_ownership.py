@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,16 +27,6 @@ from worker.config import Settings
 pytestmark = pytest.mark.timeout(300)
 
 WORKERS = 4  # with 6 partitions the default assignor splits admin p and usage p for 4 workers
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    redis = PrivateRedis(tmp_path)
-    await redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 def _settings(isolated: Settings, redis: PrivateRedis) -> Settings:

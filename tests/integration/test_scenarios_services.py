@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -56,16 +55,6 @@ def tuned(settings: Settings, **extra: object) -> Settings:
     }
     update.update(extra)
     return settings.model_copy(update=update)
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    redis = PrivateRedis(tmp_path)
-    await redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 async def test_redis_crash_and_restart_from_aof(

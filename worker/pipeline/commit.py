@@ -166,7 +166,9 @@ class Committer:
         PostgreSQL's offsets, deciding them on the right state. Signals already published for
         the dropped decisions are followed by the new decisions' (higher member seqs) and by
         each member's current state. A worker still applying to these orgs finds them unknown
-        to Redis and rebuilds them itself (``RedisBehind``).
+        to Redis and rebuilds them itself (``RedisBehind``). A crash before the reset leaves
+        the diverged outbox behind: the start-up drain meets the same collision, and drops the
+        org the same way (``recovery.drain_outboxes``).
         """
         metrics.ERRORS.labels(stage="seq_collision").inc()
         log.error("%s: dropping their Redis state for a rebuild", collision)
