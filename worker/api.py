@@ -23,9 +23,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
-import hmac
 import html
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,15 +31,29 @@ from contextlib import AsyncExitStack, suppress
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
-import orjson
 from aiohttp import web
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.amounts import format_credits
 from schemas.ids import is_valid_id
 from schemas.timestamps import format_timestamp
 from worker import metrics
+from worker.api_base import (
+    AUTH_KEY,
+    SETTINGS_KEY,
+    StoreUnavailable,
+    TokenAuth,
+    authorize,
+    dumps,
+    json_error,
+    read_store,
+)
+from worker.api_entitlement import (
+    BATCH_MAX_BODY_BYTES,
+    ENTITLEMENT_KEY,
+    EntitlementSource,
+    entitlement_handler,
+    entitlements_handler,
+)
 from worker.sqlfiles import named_queries, quote_ident
 
 if TYPE_CHECKING:
@@ -141,102 +153,17 @@ def decode_cursor(cursor: str) -> int:
     return int(digits)
 
 
-# --- Auth ------------------------------------------------------------------------------------
-class TokenAuth:
-    """Bearer-token check against ``Settings.api_tokens`` (constant-time comparison)."""
-
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = [(t.encode(), scope) for t, scope in tokens.items() if t]
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> TokenAuth:
-        """Parse ``Settings.api_tokens``; a malformed value is a configuration error."""
-        raw = orjson.loads(settings.api_tokens.get_secret_value() or "{}")
-        if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
-        ):
-            raise ValueError('api_tokens must be a JSON object {"token": "org_id" | "*"}')
-        return cls(raw)
-
-    def scope(self, token: str | None) -> str | None:
-        """The org a token may read (``"*"``: all), ``None`` for a missing or unknown token."""
-        if not token:
-            return None
-        # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes
-        # (they match no token) rather than fail.
-        given = token.encode("utf-8", "surrogateescape")
-        found: str | None = None
-        # Compare against every token so the time taken does not reveal which one matched.
-        for known, scope in self._tokens:
-            if hmac.compare_digest(known, given):
-                found = scope
-        return found
-
-
-def _request_token(request: web.Request, *, allow_query: bool) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    if allow_query:
-        return request.query.get("token") or None
-    return None
-
-
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="metering"'} if status == 401 else None
-    return web.json_response(
-        {"error": code, "message": message}, status=status, headers=headers, dumps=_dumps
-    )
-
-
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
-
-
-def _authorize(request: web.Request, org_id: str, *, allow_query: bool) -> web.Response | None:
-    auth: TokenAuth = request.app[AUTH_KEY]
-    scope = auth.scope(_request_token(request, allow_query=allow_query))
-    if scope is None:
-        return _json_error(401, "unauthorized", "missing or unknown bearer token")
-    if scope != "*" and scope != org_id:
-        return _json_error(403, "forbidden", "token is not valid for this org")
-    if not is_valid_id(org_id):  # no such org can exist: never sent to a store
-        return _json_error(404, "not_found", "unknown org")
-    return None
-
-
 # --- Handlers --------------------------------------------------------------------------------
-SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
-AUTH_KEY: web.AppKey[TokenAuth] = web.AppKey("auth")
 ENGINE_KEY: web.AppKey[DashboardSource | None] = web.AppKey("engine")
 LEDGER_KEY: web.AppKey[LedgerSource | None] = web.AppKey("ledger")
 READY_KEY: web.AppKey[dict[str, ReadyCheck]] = web.AppKey("ready_checks")
-
-
-class StoreUnavailable(Exception):
-    """A store behind a read endpoint does not answer (becomes 503)."""
 
 
 async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None:
     engine = request.app[ENGINE_KEY]
     if engine is None:
         raise StoreUnavailable("dashboard source not configured")
-    try:
-        try:
-            result = engine.dashboard(org_id)
-            if inspect.isawaitable(result):
-                result = await result
-        except (ConnectionError, OSError, RedisConnectionError, RedisTimeoutError):
-            # A pooled connection that Redis dropped (a restart, a failover) fails once; the
-            # retry gets a fresh one.
-            result = engine.dashboard(org_id)
-            if inspect.isawaitable(result):
-                result = await result
-    except Exception as exc:  # Redis down or failing over: a clear 503, not a stack trace
-        metrics.ERRORS.labels(stage="api").inc()
-        log.warning("dashboard read failed", extra={"org_id": org_id, "error": repr(exc)})
-        raise StoreUnavailable("live balances are unavailable, retry shortly") from exc
+    result = await read_store(lambda: engine.dashboard(org_id), "dashboard", org_id)
     if result is None:
         return None
     data: dict[str, Any] = result
@@ -249,16 +176,16 @@ async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None
 async def credits_handler(request: web.Request) -> web.Response:
     """``GET /v1/orgs/{org_id}/credits``."""
     org_id = request.match_info["org_id"]
-    denied = _authorize(request, org_id, allow_query=False)
+    denied = authorize(request, org_id, allow_query=False)
     if denied is not None:
         return denied
     try:
         data = await _dashboard(request, org_id)
     except StoreUnavailable as exc:
-        return _json_error(503, "unavailable", str(exc))
+        return json_error(503, "unavailable", str(exc))
     if data is None:
-        return _json_error(404, "not_found", f"unknown org {org_id!r}")
-    return web.json_response(data, dumps=_dumps, headers={"Cache-Control": "no-store"})
+        return json_error(404, "not_found", f"unknown org {org_id!r}")
+    return web.json_response(data, dumps=dumps, headers={"Cache-Control": "no-store"})
 
 
 async def ledger_handler(request: web.Request) -> web.Response:
@@ -268,33 +195,33 @@ async def ledger_handler(request: web.Request) -> web.Response:
     pages (keyset pagination, unlike OFFSET).
     """
     org_id = request.match_info["org_id"]
-    denied = _authorize(request, org_id, allow_query=False)
+    denied = authorize(request, org_id, allow_query=False)
     if denied is not None:
         return denied
     ledger = request.app[LEDGER_KEY]
     if ledger is None:
-        return _json_error(503, "unavailable", "ledger store not configured")
+        return json_error(503, "unavailable", "ledger store not configured")
     try:
         limit = int(request.query.get("limit", LEDGER_DEFAULT_LIMIT))
     except ValueError:
-        return _json_error(400, "bad_request", "limit must be an integer")
+        return json_error(400, "bad_request", "limit must be an integer")
     if not 1 <= limit <= LEDGER_MAX_LIMIT:
-        return _json_error(400, "bad_request", f"limit must be 1..{LEDGER_MAX_LIMIT}")
+        return json_error(400, "bad_request", f"limit must be 1..{LEDGER_MAX_LIMIT}")
     cursor = request.query.get("cursor") or None
     try:
         before = decode_cursor(cursor) if cursor else None
     except ValueError:
-        return _json_error(400, "bad_request", "invalid cursor")
+        return json_error(400, "bad_request", "invalid cursor")
     member_id = request.query.get("member_id") or None
     if member_id is not None and not is_valid_id(member_id):
-        return _json_error(400, "bad_request", "member_id is not a valid id")
+        return json_error(400, "bad_request", "member_id is not a valid id")
     # One extra row tells whether another page exists without a COUNT query.
     try:
         rows = await ledger.page(org_id, member_id, before, limit + 1)
     except Exception as exc:  # PostgreSQL down or failing over: 503, not a stack trace
         metrics.ERRORS.labels(stage="api").inc()
         log.warning("ledger read failed", extra={"org_id": org_id, "error": repr(exc)})
-        return _json_error(503, "unavailable", "ledger store is unavailable, retry shortly")
+        return json_error(503, "unavailable", "ledger store is unavailable, retry shortly")
     more = len(rows) > limit
     rows = rows[:limit]
     body = {
@@ -303,13 +230,13 @@ async def ledger_handler(request: web.Request) -> web.Response:
         "entries": [_ledger_entry(r) for r in rows],
         "next_cursor": encode_cursor(int(rows[-1]["seq"])) if more and rows else None,
     }
-    return web.json_response(body, dumps=_dumps, headers={"Cache-Control": "no-store"})
+    return web.json_response(body, dumps=dumps, headers={"Cache-Control": "no-store"})
 
 
 async def page_handler(request: web.Request) -> web.Response:
     """``GET /orgs/{org_id}``: the dashboard as HTML (token as bearer header or ``?token=``)."""
     org_id = request.match_info["org_id"]
-    denied = _authorize(request, org_id, allow_query=True)
+    denied = authorize(request, org_id, allow_query=True)
     if denied is not None:
         status = denied.status
         return _html_response(
@@ -394,18 +321,27 @@ def create_app(
     *,
     engine: DashboardSource | None = None,
     ledger: LedgerSource | None = None,
+    entitlements: EntitlementSource | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
-    """The aiohttp application; the caller owns the engine, ledger reader and their clients."""
-    app = web.Application(middlewares=[_count_requests])
+    """The aiohttp application; the caller owns the engine, ledger readers and their clients.
+
+    A route whose source is not given answers 503.
+    """
+    app = web.Application(middlewares=[_count_requests], client_max_size=BATCH_MAX_BODY_BYTES)
     app[SETTINGS_KEY] = settings
     app[AUTH_KEY] = TokenAuth.from_settings(settings)
     app[ENGINE_KEY] = engine
     app[LEDGER_KEY] = ledger
+    app[ENTITLEMENT_KEY] = entitlements
     app[READY_KEY] = dict(ready_checks or {})
-    app.router.add_get("/v1/orgs/{org_id}/credits", credits_handler)
-    app.router.add_get("/v1/orgs/{org_id}/ledger", ledger_handler)
-    app.router.add_get("/orgs/{org_id}", page_handler)
+    app.router.add_get("/v1/orgs/{org_id:[^/]+}/credits", credits_handler)
+    app.router.add_get("/v1/orgs/{org_id:[^/]+}/ledger", ledger_handler)
+    app.router.add_get(
+        "/v1/orgs/{org_id:[^/]+}/members/{member_id:[^/]+}/entitlement", entitlement_handler
+    )
+    app.router.add_post("/v1/entitlements", entitlements_handler)
+    app.router.add_get("/orgs/{org_id:[^/]+}", page_handler)
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
     app.router.add_get("/metrics", metrics_handler)
@@ -535,6 +471,7 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
         settings,
         engine=engine,
         ledger=PgLedgerReader(pool, settings.postgres_schema),
+        entitlements=engine,
         ready_checks=default_ready_checks(settings, redis, pool, admin),
     )
 
@@ -559,19 +496,22 @@ async def start_http(
     stack: AsyncExitStack,
     *,
     engine: DashboardSource | None,
+    entitlements: EntitlementSource | None = None,
     pg_pool: Any | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.AppRunner:
     """Serve the API inside another process (the worker) on ``http_host:http_port``.
 
-    ``pg_pool`` (an asyncpg pool, e.g. ``Ledger.pool``) backs the ledger endpoint; the server
+    ``pg_pool`` (an asyncpg pool, e.g. ``Ledger.pool``) backs the ledger endpoints; the server
     stops when ``stack`` closes. Probes and scrapes hit this server, so the worker should call
     this early in start-up: ``/healthz`` answers at once, ``/readyz`` reports the checks.
     """
+    schema = settings.postgres_schema
     app = create_app(
         settings,
         engine=engine,
-        ledger=PgLedgerReader(pg_pool, settings.postgres_schema) if pg_pool is not None else None,
+        ledger=PgLedgerReader(pg_pool, schema) if pg_pool is not None else None,
+        entitlements=entitlements,
         ready_checks=ready_checks,
     )
     runner = web.AppRunner(app, access_log=None)
@@ -586,7 +526,7 @@ async def serve_worker_http(
     settings: Settings,
     stack: AsyncExitStack,
     *,
-    engine: DashboardSource,
+    engine: Engine,
     ledger: Any,
     publisher: Any,
 ) -> web.AppRunner | None:
@@ -621,6 +561,7 @@ async def serve_worker_http(
             settings,
             stack,
             engine=engine,
+            entitlements=engine,
             pg_pool=ledger.pool,
             ready_checks={"postgres": postgres_ok, "redis": redis_ok, "kafka": kafka_ok},
         )

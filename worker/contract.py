@@ -189,6 +189,12 @@ class Engine(Protocol):
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The SPEC section 7 dashboard, or None for an unknown org."""
 
+    async def entitlements(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, dict[str, Any] | None] | None]:
+        """Per org of ``wanted``, each listed member's entitlement (``views.entitlement_view``,
+        None for an unknown member), or None for an unknown org; one read per call unit."""
+
     async def ping(self) -> None:
         """Raise unless the engine's store answers."""
 

@@ -52,7 +52,7 @@ from worker.contract import (
 )
 from worker.effects import Effect, Signal, decode_blob, expanded
 from worker.model import Grant, Member, Org, roll_member
-from worker.views import dashboard_view, state_view
+from worker.views import dashboard_view, entitlement_view, state_view
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -77,9 +77,12 @@ __all__ = [
 ]
 
 KEY_CACHE_MAX = 100_000
+"""Orgs whose key names are remembered (about 1.5 KB each)."""
+
 _OUTBOX = OrgKeys._fields.index("outbox")  # positions in OrgKeys / RedisEngine.key_args
 _UNKNOWN = OrgKeys._fields.index("unknown")
-"""Orgs whose key names are remembered (about 1.5 KB each)."""
+_ORG = OrgKeys._fields.index("org")
+_MEMBERS = OrgKeys._fields.index("members")
 
 CALL_MAX_ORGS = 200
 """Orgs per script call at most (with their items: the time one call holds Redis)."""
@@ -127,6 +130,15 @@ def load_apply_script() -> str:
     return "\n".join(parts)
 
 
+def load_entitlement_script() -> str:
+    """The read of ``entitlements``: ``lua/lib_layout.lua`` (the member record's positions),
+    then ``lua/entitlement.lua``."""
+    root = resources.files("worker") / "lua"
+    parts = [(root / name).read_text(encoding="utf-8") for name in ("lib_layout.lua",)]
+    parts.append((root / "entitlement.lua").read_text(encoding="utf-8"))
+    return "#!lua flags=no-writes\n" + "\n".join(parts)
+
+
 def _encode_item(item: Item) -> tuple[Any, ...]:
     if isinstance(item, UsageItem):
         # UsageItem's fields are in the script's order: event_id, member_id, task_id,
@@ -165,6 +177,51 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _org_record(org_id: str, integers_raw: bytes | str, fields: Mapping[str, str]) -> Org:
+    """The model's ``Org`` from the org hash: its ``s`` field and the other fields as text
+    (watermarks ``w:``, tier limits ``t:``; the fields left out stay at their defaults)."""
+    integers = org_integers(integers_raw)
+
+    def num(name: str) -> int:
+        return integers[name]
+
+    org = Org(
+        org_id=org_id, anchor=num("an"), clock=num("ck"), cstart=num("cs"), cend=num("ce"),
+        last_act=num("la"), pending_anchor=num("pa") or None, cycle_no=num("cn"),
+        pool=num("pl"), locked=num("lk") == 1, pdrawn=num("pd"), below=num("bw") == 1,
+        rf_enabled=num("re") == 1, rf_threshold=num("rt"), rf_amount=num("ra"),
+        rf_monthly=num("rm"), refilled=num("rd"), rf_pending_id=fields.get("rp") or None,
+        rf_pending_mc=num("rpm"), rf_counter=num("rc"), rf_limit_notified=num("rn") == 1,
+        invoice_extra=num("ie"), seq=num("sq"),
+    )  # fmt: skip
+    for k, v in fields.items():
+        if k.startswith("w:"):
+            org.watermarks[k[2:]] = int(v)
+        elif k.startswith("t:"):
+            org.tier_limits[k[2:]] = None if v == "none" else int(v)
+    return org
+
+
+def _member_record(mid: str, rec: bytes | str) -> Member:
+    """The model's ``Member`` from its record in the member hash (not rolled over)."""
+    mp = _MP
+    a = msgpack_decode(_binary(rec))
+    promos = a[mp["pr"]]
+    seats = a[mp["sh"]]
+    return Member(
+        member_id=mid, tier=a[mp["tier"]], next_tier=a[mp["nt"]],
+        active=a[mp["act"]] == 1, cycle_no=a[mp["cn"]], ag=a[mp["ag"]], au=a[mp["au"]],
+        bk=a[mp["bk"]], dr=a[mp["dr"]], bu=a[mp["bu"]], pu=a[mp["pu"]],
+        debt=a[mp["debt"]], dsince=a[mp["ds"]], limit=a[mp["lim"]],
+        paused=a[mp["pz"]] == 1, reason=a[mp["rs"]], mseq=a[mp["ms"]],
+        added_at=a[mp["aa"]], removed_at=a[mp["ra"]],
+        promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
+                for i in range(0, len(promos), 3)],
+        seats=[(seats[i], seats[i + 1]) for i in range(0, len(seats), 2)],
+        last_reason=a[mp["lr"]], last_at=a[mp["li"]],
+    )  # fmt: skip
+
+
 class RedisEngine:
     """Credit engine on Redis (standalone or Cluster): apply, outbox, dashboard."""
 
@@ -192,6 +249,7 @@ class RedisEngine:
         self._ack = client.register_script(load_script("ack.lua"))
         self._snapshot = client.register_script(load_script("snapshot.lua"))
         self._restore = client.register_script(load_script("restore.lua"))
+        self._entitlement = client.register_script(load_entitlement_script())
         self.claim_shards = settings.claim_shards
         self.shards = settings.redis_shards
         self._cluster = type(client).__name__ == "RedisCluster"
@@ -570,46 +628,11 @@ class RedisEngine:
         if "s" not in packed:
             return None
         raw_members = await self.client.hgetall(keys.members)
-        integers = org_integers(packed.pop("s"))
-        h = {k: _s(v) for k, v in packed.items()}
-
-        def num(name: str) -> int:
-            return integers[name]
-
-        org = Org(
-            org_id=org_id, anchor=num("an"), clock=num("ck"), cstart=num("cs"), cend=num("ce"),
-            last_act=num("la"), pending_anchor=num("pa") or None, cycle_no=num("cn"),
-            pool=num("pl"), locked=num("lk") == 1, pdrawn=num("pd"), below=num("bw") == 1,
-            rf_enabled=num("re") == 1, rf_threshold=num("rt"), rf_amount=num("ra"),
-            rf_monthly=num("rm"), refilled=num("rd"), rf_pending_id=h.get("rp") or None,
-            rf_pending_mc=num("rpm"), rf_counter=num("rc"), rf_limit_notified=num("rn") == 1,
-            invoice_extra=num("ie"), seq=num("sq"),
-        )  # fmt: skip
-        for k, v in h.items():
-            if k.startswith("w:"):
-                org.watermarks[k[2:]] = int(v)
-            elif k.startswith("t:"):
-                org.tier_limits[k[2:]] = None if v == "none" else int(v)
-        mp = _MP
+        org = _org_record(org_id, packed.pop("s"), {k: _s(v) for k, v in packed.items()})
         for mid_raw, rec in raw_members.items():
-            mid = _s(mid_raw)
-            a = msgpack_decode(_binary(rec))
-            promos = a[mp["pr"]]
-            seats = a[mp["sh"]]
-            m = Member(
-                member_id=mid, tier=a[mp["tier"]], next_tier=a[mp["nt"]],
-                active=a[mp["act"]] == 1, cycle_no=a[mp["cn"]], ag=a[mp["ag"]], au=a[mp["au"]],
-                bk=a[mp["bk"]], dr=a[mp["dr"]], bu=a[mp["bu"]], pu=a[mp["pu"]],
-                debt=a[mp["debt"]], dsince=a[mp["ds"]], limit=a[mp["lim"]],
-                paused=a[mp["pz"]] == 1, reason=a[mp["rs"]], mseq=a[mp["ms"]],
-                added_at=a[mp["aa"]], removed_at=a[mp["ra"]],
-                promos=[Grant(promos[i], promos[i + 1], promos[i + 2])
-                        for i in range(0, len(promos), 3)],
-                seats=[(seats[i], seats[i + 1]) for i in range(0, len(seats), 2)],
-                last_reason=a[mp["lr"]], last_at=a[mp["li"]],
-            )  # fmt: skip
+            m = _member_record(_s(mid_raw), rec)
             roll_member(m, org.cycle_no, self.tiers_mc)
-            org.members[mid] = m
+            org.members[m.member_id] = m
         return org
 
     async def counters(self, org_id: str) -> dict[str, int]:
@@ -622,6 +645,51 @@ class RedisEngine:
         """Normalised state, comparable with ``Model.state_view``."""
         org = await self.load_org(org_id)
         return None if org is None else state_view(org)
+
+    async def entitlements(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, dict[str, Any] | None] | None]:
+        """Per org of ``wanted``, each listed member's entitlement (``views.entitlement_view``;
+        None for a member the org does not have), or None for an org Redis does not know.
+
+        One read-only ``entitlement.lua`` call per call unit (:meth:`call_unit`: one call on a
+        single Redis), so each org is read at one moment. Members not yet rolled over since
+        the last cycle end are shown rolled over, as on the dashboard.
+        """
+        asked = [(org_id, list(dict.fromkeys(ids))) for org_id, ids in wanted.items()]
+        by_unit: dict[int, list[tuple[str, list[str]]]] = {}
+        for org_id, ids in asked:
+            by_unit.setdefault(self.call_unit(org_id), []).append((org_id, ids))
+
+        async def read(orgs: list[tuple[str, list[str]]]) -> list[tuple[str, list[str], Any]]:
+            keys: list[bytes] = []
+            args: list[bytes | str | int] = []
+            for org_id, ids in orgs:
+                org_keys_ = self.key_args(org_id)
+                keys += (org_keys_[_ORG], org_keys_[_MEMBERS])
+                args.append(len(ids))
+                args.extend(ids)
+            reply = await self._entitlement(keys=keys, args=args)
+            return [(o, ids, r) for (o, ids), r in zip(orgs, reply, strict=True)]
+
+        out: dict[str, dict[str, dict[str, Any] | None] | None] = {}
+        for part in await asyncio.gather(*(read(orgs) for orgs in by_unit.values())):
+            for org_id, ids, (integers, records, limits) in part:
+                if not integers:
+                    out[org_id] = None
+                    continue
+                fields = {_s(limits[i]): _s(limits[i + 1]) for i in range(0, len(limits), 2)}
+                org = _org_record(org_id, integers, fields)
+                found: dict[str, dict[str, Any] | None] = {}
+                for mid, rec in zip(ids, records, strict=True):
+                    if rec is None:
+                        found[mid] = None
+                        continue
+                    m = _member_record(mid, rec)
+                    roll_member(m, org.cycle_no, self.tiers_mc)
+                    found[mid] = entitlement_view(org, m)
+                out[org_id] = found
+        return out
 
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The admin dashboard JSON of SPEC section 7, or None for an unknown org.

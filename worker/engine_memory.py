@@ -135,6 +135,11 @@ class MemoryEngine:
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         return views.dashboard(self.model, org_id)
 
+    async def entitlements(
+        self, wanted: Mapping[str, Sequence[str]]
+    ) -> dict[str, dict[str, dict[str, Any] | None] | None]:
+        return {o: views.entitlements(self.model, o, list(ids)) for o, ids in wanted.items()}
+
     async def ping(self) -> None:
         return None
 

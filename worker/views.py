@@ -1,7 +1,8 @@
 """Views of the rules' state: the SPEC section 7 dashboard and the comparable state snapshot.
 
 The rules (``worker/model.py``) keep the state; the views turn it into what the API serves
-(``dashboard_view``: credit strings, RFC 3339 times) and what the tests compare engine against
+(``dashboard_view``: credit strings, RFC 3339 times; ``entitlement_view``: one member's
+go/no-go for the agent runtime) and what the tests compare engine against
 model with (``state_view``). Both engines build the same ``Org`` (``RedisEngine.load_org`` from
 Redis, ``Model`` in memory) and show it through these functions, so the dashboard cannot differ
 between them. Money and times are formatted by the wire contract's one formatter each
@@ -15,7 +16,7 @@ from typing import Any
 
 from schemas.amounts import format_credits as format_mc
 from schemas.timestamps import format_timestamp as iso
-from worker.model import Model, Org, effective_limit, member_order
+from worker.model import Member, Model, Org, effective_limit, member_order
 
 
 def dashboard(model: Model, org_id: str) -> dict[str, Any] | None:
@@ -65,6 +66,50 @@ def dashboard_view(org: Org, tiers_mc: Mapping[str, int]) -> dict[str, Any]:
             "refill_pending": org.rf_pending_id is not None,
         },
         "members": members,
+    }
+
+
+def entitlements(model: Model, org_id: str, member_ids: list[str]) -> dict[str, Any] | None:
+    """The model's entitlements of members of ``org_id`` (None for an unknown org; a member
+    the org does not have maps to None)."""
+    org = model.orgs.get(org_id)
+    if org is None:
+        return None
+    return {
+        mid: None if mid not in org.members else entitlement_view(org, org.members[mid])
+        for mid in member_ids
+    }
+
+
+def entitlement_view(org: Org, m: Member) -> dict[str, Any]:
+    """What the agent runtime checks before it starts a task for member ``m`` (rolled to the
+    org's cycle).
+
+    ``allowed`` follows the member's pause state as the control topic shows it (a removed
+    member is paused with ``member_removed``); ``remaining`` is the dashboard's (promotions,
+    allocation and block left); ``pool_available`` is what the member could still draw from
+    the pool now: nothing while the pool is locked or the seat removed, else the pool balance
+    capped by what the member's pool limit leaves this cycle.
+    """
+    lim = effective_limit(org, m)
+    if org.locked or not m.active:
+        pool_available = 0
+    elif lim is None:
+        pool_available = org.pool
+    else:
+        pool_available = min(org.pool, max(0, lim - m.dr))
+    remaining = (m.ag - m.au) + m.bk + sum(g.rem for g in m.promos)
+    return {
+        "org_id": org.org_id,
+        "member_id": m.member_id,
+        "allowed": m.active and not m.paused,
+        "active": m.active,
+        "state": "paused" if m.paused else "running",
+        "pause_reason": m.reason if m.paused else None,
+        "remaining": format_mc(remaining),
+        "pool_available": format_mc(pool_available),
+        "negative_balance": format_mc(m.debt),
+        "as_of_seq": org.seq,
     }
 
 

@@ -32,13 +32,23 @@ def _ms(minutes: int) -> int:
 def _cmd(n: int, org_id: str, type_: str, **fields: Any) -> CommandItem:
     raw = {"type": type_, "command_id": f"{org_id}-c{n}", "org_id": org_id, "at": _at(n)}
     raw.update(fields)
-    record = decode_admin(orjson.dumps(raw), now_ms=_ms(10_000), tiers=("pro", "max"))
+    # Decoded as the worker decodes it, with a wall clock late enough for any test's commands.
+    record = decode_admin(orjson.dumps(raw), now_ms=_ms(10**6), tiers=("pro", "max"))
     assert not isinstance(record, Rejection), record
     return CommandItem(command=record.command, source="test:0", offset=n)
 
 
-def _use(n: int, member: str, credits_mc: int) -> UsageItem:
-    return UsageItem(f"ev-{member}-{n}", member, f"task-{n}", credits_mc, _ms(n), "test:0", n)
+def _use(n: int, member: str, credits_mc: int, task_id: str | None = None) -> UsageItem:
+    task = f"task-{n}" if task_id is None else task_id
+    return UsageItem(f"ev-{member}-{n}", member, task, credits_mc, _ms(n), "test:0", n)
+
+
+command = _cmd
+"""An admin command of the org at minute ``n`` after ``T0`` (offset ``n``), decoded as the
+worker decodes it."""
+
+usage = _use
+"""A usage event of a member at minute ``n`` after ``T0`` (offset ``n``)."""
 
 
 def acme_items() -> list[CommandItem | UsageItem]:
