@@ -54,6 +54,7 @@ from worker.api_entitlement import (
     entitlement_handler,
     entitlements_handler,
 )
+from worker.api_export import EXPORT_KEY, LedgerExportSource, PgLedgerExport, ledger_csv_handler
 from worker.sqlfiles import named_queries, quote_ident
 
 if TYPE_CHECKING:
@@ -322,6 +323,7 @@ def create_app(
     engine: DashboardSource | None = None,
     ledger: LedgerSource | None = None,
     entitlements: EntitlementSource | None = None,
+    export: LedgerExportSource | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller owns the engine, ledger readers and their clients.
@@ -334,9 +336,11 @@ def create_app(
     app[ENGINE_KEY] = engine
     app[LEDGER_KEY] = ledger
     app[ENTITLEMENT_KEY] = entitlements
+    app[EXPORT_KEY] = export
     app[READY_KEY] = dict(ready_checks or {})
     app.router.add_get("/v1/orgs/{org_id:[^/]+}/credits", credits_handler)
     app.router.add_get("/v1/orgs/{org_id:[^/]+}/ledger", ledger_handler)
+    app.router.add_get("/v1/orgs/{org_id:[^/]+}/ledger.csv", ledger_csv_handler)
     app.router.add_get(
         "/v1/orgs/{org_id:[^/]+}/members/{member_id:[^/]+}/entitlement", entitlement_handler
     )
@@ -472,6 +476,7 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
         engine=engine,
         ledger=PgLedgerReader(pool, settings.postgres_schema),
         entitlements=engine,
+        export=PgLedgerExport(pool, settings.postgres_schema),
         ready_checks=default_ready_checks(settings, redis, pool, admin),
     )
 
@@ -512,6 +517,7 @@ async def start_http(
         engine=engine,
         ledger=PgLedgerReader(pg_pool, schema) if pg_pool is not None else None,
         entitlements=entitlements,
+        export=PgLedgerExport(pg_pool, schema) if pg_pool is not None else None,
         ready_checks=ready_checks,
     )
     runner = web.AppRunner(app, access_log=None)

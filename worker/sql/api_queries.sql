@@ -1,5 +1,5 @@
--- Named queries of the read API (worker/api.py). "{schema}" is replaced by the quoted schema
--- name from settings; every value is an asyncpg $n parameter.
+-- Named queries of the read API (worker/api.py, worker/api_export.py). "{schema}" is replaced
+-- by the quoted schema name from settings; every value is an asyncpg $n parameter.
 
 -- name: ledger_page
 -- $1 org_id, $2 seq upper bound exclusive (NULL: newest), $3 limit. Newest first; keyset
@@ -31,3 +31,32 @@ LIMIT $4
 SELECT topic, partition, next_offset
 FROM {schema}.consumer_offsets
 WHERE group_id = $1
+
+-- name: export_start
+-- $1 org_id. The highest seq PostgreSQL holds for the org (no row: the org is unknown) and the
+-- cycle of its newest ledger entry (NULL: none yet), read in one snapshot. An export stops at
+-- this seq, so rows flushed while it streams do not change it.
+SELECT o.last_seq,
+       (SELECT l.cycle_start_ms
+        FROM {schema}.ledger_entries l
+        WHERE l.org_id = $1
+        ORDER BY l.seq DESC
+        LIMIT 1) AS newest_cycle_start_ms
+FROM {schema}.org_seq o
+WHERE o.org_id = $1
+
+-- name: ledger_cycle_page
+-- $1 org_id, $2 cycle_start_ms, $3 seq lower bound exclusive, $4 seq upper bound inclusive,
+-- $5 limit. Oldest first; keyset pagination on the (org_id, seq) primary key, one short query
+-- per page so a slow download never holds a connection of the pool. No index on
+-- cycle_start_ms (every index costs on the hot write path): the first page walks the org's
+-- older entries through the primary key.
+SELECT seq, org_id, member_id, source_kind, source_id, task_id, movement, bucket, grant_id,
+       amount_mc, cycle_start_ms, late, at_ms, recorded_at
+FROM {schema}.ledger_entries
+WHERE org_id = $1
+  AND cycle_start_ms = $2
+  AND seq > $3
+  AND seq <= $4
+ORDER BY seq
+LIMIT $5
