@@ -55,6 +55,7 @@ from worker.api_entitlement import (
     entitlements_handler,
 )
 from worker.api_export import EXPORT_KEY, LedgerExportSource, PgLedgerExport, ledger_csv_handler
+from worker.openapi import openapi_handler
 from worker.sqlfiles import named_queries, quote_ident
 
 if TYPE_CHECKING:
@@ -328,7 +329,8 @@ def create_app(
 ) -> web.Application:
     """The aiohttp application; the caller owns the engine, ledger readers and their clients.
 
-    A route whose source is not given answers 503.
+    A route whose source is not given answers 503. Every route is described in
+    ``schemas/openapi.json`` (``tests/integration/test_openapi.py`` fails otherwise).
     """
     app = web.Application(middlewares=[_count_requests], client_max_size=BATCH_MAX_BODY_BYTES)
     app[SETTINGS_KEY] = settings
@@ -349,6 +351,7 @@ def create_app(
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_handler)
     return app
 
 
