@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench bench-latency lint format
+.PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench bench-latency bench-entitlement lint format
 
 help:
 	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
@@ -19,6 +19,7 @@ help:
 	@echo "make stack-clean stop them and delete their data (.stack/)"
 	@echo "make bench       end-to-end benchmark"
 	@echo "make bench-latency pause latency under steady traffic, beside both backlog shapes"
+	@echo "make bench-entitlement entitlement requests/s and latency at a steady rate (2,000/s)"
 
 venv: $(STAMP)
 
@@ -58,6 +59,9 @@ demo: venv stack-up topics
 
 bench-latency: venv stack-up
 	$(PY) -m bench.latency --shapes
+
+bench-entitlement: venv stack-up
+	$(PY) -m bench.entitlement
 
 bench: venv stack-up
 	@if [ -f bench/__main__.py ]; then $(PY) -m bench; \

@@ -672,8 +672,13 @@ class RedisEngine:
             reply = await self._entitlement(keys=keys, args=args)
             return [(o, ids, r) for (o, ids), r in zip(orgs, reply, strict=True)]
 
+        units = list(by_unit.values())
+        if len(units) == 1:  # the usual case (always on a single Redis): no task to schedule
+            parts = [await read(units[0])]
+        else:
+            parts = await asyncio.gather(*(read(orgs) for orgs in units))
         out: dict[str, dict[str, dict[str, Any] | None] | None] = {}
-        for part in await asyncio.gather(*(read(orgs) for orgs in by_unit.values())):
+        for part in parts:
             for org_id, ids, (integers, records, limits) in part:
                 if not integers:
                     out[org_id] = None
