@@ -1,17 +1,25 @@
 """HTTP read API, admin dashboard page, health and metrics (aiohttp).
 
-Routes:
+Routes (every one described in ``schemas/openapi.json``):
 
 - ``GET /v1/orgs/{org_id}/credits``: the live dashboard JSON of SPEC section 7, from Redis.
 - ``GET /v1/orgs/{org_id}/ledger?member_id=&cursor=&limit=``: ledger entries from PostgreSQL,
   newest first, keyset-paged by ``seq`` with an opaque cursor.
+- ``GET /v1/orgs/{org_id}/ledger.csv?cycle=YYYY-MM-DD``: one cycle's ledger as streamed CSV
+  for finance (``worker/api_export.py``).
+- ``GET /v1/orgs/{org_id}/members/{member_id}/entitlement`` and ``POST /v1/entitlements``
+  (up to 1,000 members): may a member start a task now, from Redis in one read
+  (``worker/api_entitlement.py``).
 - ``GET /orgs/{org_id}``: the same dashboard as an HTML page that reloads itself.
 - ``GET /healthz`` (process alive), ``GET /readyz`` (Kafka, Redis, PostgreSQL reachable),
-  ``GET /metrics`` (Prometheus text).
+  ``GET /metrics`` (Prometheus text), ``GET /openapi.json`` (the API's OpenAPI 3.1 document,
+  ``worker/openapi.py``).
 
 Reads need ``Authorization: Bearer <token>`` (the page also accepts ``?token=``); tokens come
 from ``Settings.api_tokens`` as ``{"token": "org_id" | "*"}``. A token scoped to one org gets
-403 on every other org, so no response ever carries another org's data.
+403 on every other org (in a batch: when any item names another org), so no response ever
+carries another org's data. Health, readiness, metrics and the OpenAPI document are open.
+Auth, errors and the store retry are shared through ``worker/api_base.py``.
 
 The app runs inside the worker process (``serve_worker_http``, called by the runner) or
 standalone via ``metering api`` (``run_api``).
