@@ -45,6 +45,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from bench.e2e import (
     _free_port,
+    _proc_cpu_s,
+    _service_cpu_s,
     _worker_env,
     all_topics,
     bench_settings,
@@ -90,6 +92,9 @@ class Run:
     missing: int = 0
     produced: int = 0
     produce_seconds: float = 0.0
+    worker_cpu_s: float = 0.0  # CPU seconds while the events were produced
+    redis_cpu_s: float = 0.0
+    postgres_cpu_s: float = 0.0
 
 
 async def create_topics(s: Settings, probe: str) -> None:
@@ -332,7 +337,12 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
         floor = asyncio.create_task(probe_floor(s.kafka_bootstrap, probe, stop, run.floor))
         total = orgs * members * EVENTS_PER_MEMBER
         log(f"  producing {total:,} events at {rate:,.0f}/s ({total / rate:.0f} s) ...")
+        cpu0, services0 = _proc_cpu_s(proc.pid), _service_cpu_s()
         fifth = await produce_usage(s, run, seed=int(run_id, 16))
+        services1 = _service_cpu_s()
+        run.worker_cpu_s = _proc_cpu_s(proc.pid) - cpu0
+        run.redis_cpu_s = services1["Redis"] - services0["Redis"]
+        run.postgres_cpu_s = services1["PostgreSQL"] - services0["PostgreSQL"]
         stop.set()
         await floor
         pauses = await read_pauses(s, len(fifth), within=30)
@@ -346,7 +356,8 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
         run.commits = await commit_latencies(s)
         log(
             f"  pause p99 {percentiles(run.pauses)['p99']:.1f} ms over {len(run.pauses):,},"
-            f" {run.missing} missing; floor p99 {percentiles(run.floor)['p99']:.1f} ms"
+            f" {run.missing} missing; floor p99 {percentiles(run.floor)['p99']:.1f} ms;"
+            f" worker {run.worker_cpu_s / max(run.produced, 1) * 1e6:.0f} us CPU per event"
         )
     finally:
         if proc is not None and proc.returncode is None:
@@ -384,7 +395,20 @@ def render(runs: list[Run], argv: list[str]) -> str:
             )
         if r.missing:
             lines.append(f"| {r.rate:,.0f} | | pauses missing after 30 s | {r.missing} | | | | |")
-    return head + "\n".join(lines) + "\n"
+    cpu = [
+        "",
+        "CPU per event while the events were produced (process CPU-seconds / events produced):",
+        "",
+        "| rate (events/s) | worker us/event | Redis us/event | PostgreSQL us/event |",
+        "|---|---|---|---|",
+    ]
+    for r in runs:
+        n = max(r.produced, 1)
+        cpu.append(
+            f"| {r.rate:,.0f} | {r.worker_cpu_s / n * 1e6:.0f} | {r.redis_cpu_s / n * 1e6:.0f} |"
+            f" {r.postgres_cpu_s / n * 1e6:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n" + "\n".join(cpu) + "\n"
 
 
 def write_markdown(text: str) -> None:

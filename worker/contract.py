@@ -14,7 +14,7 @@ outbox.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -141,6 +141,14 @@ class Engine(Protocol):
         is returned, although orgs of the calls that reached the store may have been applied:
         applying the same calls again is safe (their offsets come back ``replayed`` and their
         effects wait in the outbox, ``outbox_pending``)."""
+
+    def apply_stream(
+        self, calls: Sequence[OrgCall]
+    ) -> AsyncGenerator[list[tuple[int, OrgResult]], None]:
+        """``apply_many``, with each org's result handed over as soon as the store call that
+        finished the org returns: an async iterator of ``(index into calls, result)`` lists,
+        every index exactly once. On an error the iteration raises; the indexes not handed
+        over yet may or may not have been applied (as for ``apply_many``)."""
 
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0

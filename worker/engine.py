@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -329,6 +329,21 @@ class RedisEngine:
         first (:meth:`claim`). On an error the exception propagates: orgs of script calls that
         did run are applied, and applying the same calls again is safe (docs/delivery.md).
         """
+        results: list[OrgResult] = [OrgResult(c.org_id, [], []) for c in calls]
+        async for part in self.apply_stream(calls):
+            for idx, res in part:
+                results[idx] = res
+        return results
+
+    async def apply_stream(
+        self, calls: Sequence[OrgCall]
+    ) -> AsyncGenerator[list[tuple[int, OrgResult]], None]:
+        """:meth:`apply_many`, each script call's finished orgs handed over as soon as that
+        call returns (``(index into calls, result)`` lists, every index once), so the caller
+        can publish a pause without waiting for the rest of the batch. An org that needs
+        another round (items left over, org-wide work pending) is handed over when its last
+        call returns. On an error the iteration raises once the calls in flight have ended;
+        indexes not handed over may have been applied (see :meth:`apply_many`)."""
         n = len(calls)
         results = [OrgResult(c.org_id, [], []) for c in calls]
         encoded = [[_encode_item(i) for i in c.items] for c in calls]
@@ -342,35 +357,53 @@ class RedisEngine:
             async with sem:
                 return group, await self._call_group(group, calls, encoded, start, expect)
 
+        def finished(group: list[int], reply: Any, again: list[int]) -> list[tuple[int, OrgResult]]:
+            """The orgs of one script call's reply that are done; the others go to ``again``."""
+            done: list[tuple[int, OrgResult]] = []
+            meta = orjson.loads(reply[0])
+            for j, idx in enumerate(group):
+                consumed, pending, outs = meta[j]
+                res = results[idx]
+                if consumed < 0:  # refused unchanged: Redis is behind expect_seq
+                    res.behind = RedisBehind(res.org_id, int(pending), expect[idx])
+                    done.append((idx, res))
+                    continue
+                expect[idx] = 0  # later calls of a chunked apply follow our own writes
+                if consumed:
+                    res.outcomes.extend(_outcomes(outs[:consumed]))
+                res.effects.extend(decode_blob(res.org_id, reply[j + 1]))
+                start[idx] += consumed
+                if start[idx] >= len(encoded[idx]) and not pending:
+                    done.append((idx, res))
+                    continue
+                # Every call with a budget of at least one member makes progress for some
+                # org; an org that consumed nothing twice with nothing pending is broken.
+                stalls[idx] = stalls[idx] + 1 if consumed == 0 and not pending else 0
+                if stalls[idx] > 1:
+                    raise RuntimeError(f"engine made no progress on org {res.org_id!r}")
+                again.append(idx)
+            return done
+
         while todo:
             groups = self._pack(todo, calls, encoded, start)
-            if len(groups) == 1:
-                replies = [await run(groups[0])]
-            else:
-                replies = await asyncio.gather(*(run(g) for g in groups))
             todo = []
-            for group, reply in replies:
-                meta = orjson.loads(reply[0])
-                for j, idx in enumerate(group):
-                    consumed, pending, outs = meta[j]
-                    res = results[idx]
-                    if consumed < 0:  # refused unchanged: Redis is behind expect_seq
-                        res.behind = RedisBehind(res.org_id, int(pending), expect[idx])
-                        continue
-                    expect[idx] = 0  # later calls of a chunked apply follow our own writes
-                    if consumed:
-                        res.outcomes.extend(_outcomes(outs[:consumed]))
-                    res.effects.extend(decode_blob(res.org_id, reply[j + 1]))
-                    start[idx] += consumed
-                    if start[idx] >= len(encoded[idx]) and not pending:
-                        continue
-                    # Every call with a budget of at least one member makes progress for some
-                    # org; an org that consumed nothing twice with nothing pending is broken.
-                    stalls[idx] = stalls[idx] + 1 if consumed == 0 and not pending else 0
-                    if stalls[idx] > 1:
-                        raise RuntimeError(f"engine made no progress on org {res.org_id!r}")
-                    todo.append(idx)
-        return results
+            if len(groups) == 1:
+                group, reply = await run(groups[0])
+                done = finished(group, reply, todo)
+                if done:
+                    yield done
+                continue
+            tasks = [asyncio.ensure_future(run(g)) for g in groups]
+            try:
+                for next_done in asyncio.as_completed(tasks):
+                    group, reply = await next_done
+                    done = finished(group, reply, todo)
+                    if done:
+                        yield done
+            finally:
+                # On an error (or a caller that stopped early) the calls still in flight run
+                # to their end: cancelling one mid-reply would only lose what it applied.
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _pack(
         self,

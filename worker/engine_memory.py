@@ -9,7 +9,7 @@ lives in the process: a restart forgets everything, so it is not for production.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
@@ -47,6 +47,14 @@ class MemoryEngine:
                 continue
             out.append(OrgResult(org_id, result.outcomes, result.effects))
         return out
+
+    async def apply_stream(
+        self, calls: Sequence[OrgCall]
+    ) -> AsyncGenerator[list[tuple[int, OrgResult]], None]:
+        # One org at a time, as the store would finish them one call after the other.
+        for i, call in enumerate(calls):
+            (result,) = await self.apply_many([call])
+            yield [(i, result)]
 
     async def apply(
         self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0

@@ -292,6 +292,10 @@ class _RedisDown:
         self.attempts += 1
         raise ConnectionError("redis is down")
 
+    async def apply_stream(self, calls: Any) -> Any:
+        await self.apply_many(calls)
+        yield  # an async generator that fails before its first part
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 

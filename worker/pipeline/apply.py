@@ -29,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import aclosing
+from functools import partial
 
 from worker import metrics
 from worker.config import Settings
@@ -48,7 +50,7 @@ from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, classify
 from worker.pipeline.intake import command_type_label
 from worker.pipeline.parking import ParkingLot
-from worker.publisher import EffectEncoder
+from worker.publisher import EffectEncoder, Publisher
 from worker.recovery import rebuild_org
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,14 @@ class FlushProgress:
             raise RuntimeError("an earlier batch failed to flush") from self.broken
 
 
+class _HandlingFailed(Exception):
+    """Handling a part of the engine's results failed with ``error``: not retried."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Applier:
     """The apply stage's engine calls and their outcomes."""
 
@@ -89,7 +99,7 @@ class Applier:
         *,
         engine: Engine,
         ledger: PgLedger,
-        encoder: EffectEncoder,
+        publisher: Publisher,
         backoff: Backoff,
         parking: ParkingLot,
         progress: FlushProgress,
@@ -97,7 +107,8 @@ class Applier:
         self._s = settings
         self._engine = engine
         self._ledger = ledger
-        self._encoder = encoder
+        self._publisher = publisher
+        self._encoder: EffectEncoder = publisher.encoder
         self._backoff = backoff
         self._parking = parking
         self._progress = progress
@@ -155,51 +166,106 @@ class Applier:
         self._unchecked.add(org_id)
         metrics.rebuilt("redis_behind")
 
-    async def _call(self, orgs: list[OrgWork], attempts: int) -> list[OrgResult]:
-        """One ``apply_many`` for ``orgs`` (retried on outages)."""
+    async def _call(
+        self,
+        orgs: list[OrgWork],
+        attempts: int,
+        handle: Callable[[list[tuple[OrgWork, OrgResult]]], Awaitable[None]],
+    ) -> None:
+        """The engine calls for ``orgs`` (retried on outages), ``handle`` awaited with each
+        part of the results as the engine hands it over. ``orgs`` is left holding the orgs
+        not handled yet (all of them when this returns normally: none)."""
 
-        async def call() -> list[OrgResult]:
+        async def call() -> None:
             calls = []
             for org_id, pend in orgs:
                 expect = 0 if org_id in self._unchecked else self.expected_seq(org_id)
                 calls.append(OrgCall(org_id, [p.item for p in pend], expect))
+            handled: set[int] = set()
             try:
-                return await self._engine.apply_many(calls)
+                async with aclosing(self._engine.apply_stream(calls)) as parts:
+                    async for part in parts:
+                        handled.update(i for i, _ in part)
+                        try:
+                            await handle([(orgs[i], res) for i, res in part])
+                        except Exception as exc:
+                            # Recorded in part, maybe: never retried (it would record twice).
+                            raise _HandlingFailed(exc) from exc
+            except _HandlingFailed:
+                raise
             except Exception:
                 # Orgs of script calls that ran before the error are applied, their reply
                 # lost: their next results must be completed from the outbox (_fill_gaps).
+                # The handled ones are done: the retry is for the others only.
+                orgs[:] = [w for i, w in enumerate(orgs) if i not in handled]
                 self._unsure.update(org_id for org_id, _ in orgs)
                 raise
+            orgs.clear()
 
-        results = await self._backoff.retry(
-            "redis", call, data_error=is_redis_data_error, data_attempts=attempts
-        )
-        for org_id, _ in orgs:
+        called = [org_id for org_id, _ in orgs]
+        try:
+            await self._backoff.retry(
+                "redis",
+                call,
+                data_error=is_redis_data_error,
+                data_attempts=attempts,
+                fatal=(_HandlingFailed,),
+            )
+        except _HandlingFailed as failed:
+            raise failed.error from None
+        for org_id in called:
             self._unchecked.discard(org_id)
-        return results
 
     async def _round(self, batch: Batch, orgs: list[OrgWork], attempts: int, depth: int) -> None:
-        """Apply ``orgs``; orgs Redis lost are rebuilt and applied again."""
+        """Apply ``orgs``; orgs Redis lost are rebuilt and applied again.
+
+        Each part the engine hands over is recorded and its messages handed to the producer at
+        once (:meth:`publish`): a pause leaves when the script call that decided it returns, not
+        when the whole batch is applied. The effects are in the outbox already, so a crash
+        after that hand-over re-publishes them at the restart (at-least-once, docs/delivery.md).
+        """
         while orgs:
-            try:
-                results = await self._call(orgs, attempts)
-            except DataFailure as failure:
-                await self._isolate(batch, orgs, failure, depth)
-                return
-            done: list[tuple[OrgWork, OrgResult]] = []
             behind: list[OrgWork] = []
-            for work, res in zip(orgs, results, strict=True):
-                if res.behind is not None:
-                    log.warning("%s: rebuilding the org from the ledger", res.behind)
-                    behind.append(work)
-                else:
-                    done.append((work, res))
-            await self._fill_gaps(done)
-            for (org_id, pend), res in done:
-                self._record(batch, org_id, pend, res.outcomes, res.effects)
+            left = list(orgs)
+            try:
+                await self._call(left, attempts, partial(self._handle, batch, behind))
+            except DataFailure as failure:
+                await self._isolate(batch, left, failure, depth)
+                orgs = behind
+                for org_id, _ in behind:
+                    await self._rebuild_behind(org_id)
+                continue
             for org_id, _ in behind:
                 await self._rebuild_behind(org_id)
             orgs = behind
+
+    async def _handle(
+        self, batch: Batch, behind: list[OrgWork], part: list[tuple[OrgWork, OrgResult]]
+    ) -> None:
+        """Record one part of the engine's results and hand its messages over; orgs Redis
+        lost go to ``behind``."""
+        done: list[tuple[OrgWork, OrgResult]] = []
+        for work, res in part:
+            if res.behind is not None:
+                log.warning("%s: rebuilding the org from the ledger", res.behind)
+                behind.append(work)
+            else:
+                done.append((work, res))
+        await self._fill_gaps(done)
+        for (org_id, pend), res in done:
+            self._record(batch, org_id, pend, res.outcomes, res.effects)
+        await self.publish(batch)
+
+    async def publish(self, batch: Batch) -> None:
+        """Hand the batch's messages not handed over yet to the producer (Kafka's acks are
+        awaited in the commit stage, ``Batch.wait_publish``)."""
+        publisher = self._publisher
+        if batch.sent >= len(batch.messages):
+            return
+        messages = batch.messages[batch.sent :]
+        wait = await self._backoff.retry("publish", lambda: publisher.send(messages))
+        batch.sent = len(batch.messages)
+        batch.waits.append(wait)
 
     async def _isolate(
         self, batch: Batch, orgs: list[OrgWork], failure: DataFailure, depth: int

@@ -7,6 +7,7 @@ it fills; nothing here does I/O.
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,9 @@ class Batch:
     commit: dict[TopicPartition, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     wait_publish: Callable[[], Awaitable[Any]] | None = None
+    """Waits for Kafka's acks of every message of the batch (set once all are handed over)."""
+    sent: int = 0  # messages[:sent] are handed to the producer
+    waits: list[Callable[[], Awaitable[Any]]] = field(default_factory=list)  # one per hand-over
     orgs_with_commands: set[str] = field(default_factory=set)
     charged_mc: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # by bucket
     is_retry: bool = False
@@ -94,6 +98,24 @@ class Batch:
     intake_at: float = 0.0  # handed to the producer (the latency a pause sees), committed
     apply_at: float = 0.0
     applied_at: float = 0.0
+
+    def acks_of_sends(self) -> Callable[[], Awaitable[None]] | None:
+        """One wait for the acks of every hand-over so far (None: nothing was sent)."""
+        waits = list(self.waits)
+        if not waits:
+            return None
+        if len(waits) == 1:
+            return waits[0]
+
+        async def wait_all() -> None:
+            # Every wait is awaited, even after one fails, so no ack error goes unretrieved;
+            # the first error is raised (the commit stage then sends everything again).
+            results = await asyncio.gather(*(w() for w in waits), return_exceptions=True)
+            for res in results:
+                if isinstance(res, BaseException):
+                    raise res
+
+        return wait_all
 
 
 class BatchSizer:

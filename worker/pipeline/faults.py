@@ -73,5 +73,11 @@ class PoisonedEngine:
             raise ResponseError("ERR user_script:1: fault injection: this org's data is corrupt")
         return await self._inner.apply_many(calls)
 
+    async def apply_stream(self, calls: Any) -> Any:
+        if any(c.org_id == self._org for c in calls):
+            await self.apply_many(calls)  # raises, the other orgs applied, nothing handed over
+        async for part in self._inner.apply_stream(calls):
+            yield part
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -98,7 +98,7 @@ class Pipeline:
             settings,
             engine=engine,
             ledger=ledger,
-            encoder=publisher.encoder,
+            publisher=publisher,
             backoff=self.backoff,
             parking=self.parking,
             progress=self.progress,
@@ -386,11 +386,10 @@ class Pipeline:
                 with metrics.timed(metrics.REDIS_SCRIPT_SECONDS, script="batch"):
                     await self.applier.apply(batch)
                 self.crash.reached("after_script", batch.kafka_no)
-                # Hand-over only: Kafka's acks are awaited in the commit stage.
-                batch.wait_publish = await self.backoff.retry(
-                    "publish",
-                    lambda batch=batch: self.publisher.send(batch.messages),  # type: ignore[misc]
-                )
+                # Hand-over only (most messages went as their engine calls returned): Kafka's
+                # acks are awaited in the commit stage.
+                await self.applier.publish(batch)
+                batch.wait_publish = batch.acks_of_sends()
                 batch.applied_at = time.monotonic()
                 if not batch.is_retry:
                     self.sizer.observe(batch.records, batch.applied_at - batch.apply_at)
