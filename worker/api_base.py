@@ -8,6 +8,8 @@ from each other, so there is no import cycle.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import inspect
 import logging
@@ -21,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.ids import is_valid_id
 from worker import metrics
+from worker.tokens import Grant, parse_tokens
 
 if TYPE_CHECKING:
     from worker.config import Settings
@@ -34,34 +37,77 @@ class StoreUnavailable(Exception):
 
 # --- Auth ------------------------------------------------------------------------------------
 class TokenAuth:
-    """Bearer-token check against ``Settings.api_tokens`` (constant-time comparison)."""
+    """Bearer-token check against ``Settings.api_tokens`` (constant-time comparison).
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = [(t.encode(), scope) for t, scope in tokens.items() if t]
+    Each token has a ``Grant`` (``worker/tokens.py``): an org (or ``"*"``) and a role.
+    """
+
+    def __init__(self, tokens: Mapping[str, Grant]) -> None:
+        self._tokens = [(t.encode(), grant) for t, grant in tokens.items() if t]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenAuth:
         """Parse ``Settings.api_tokens``; a malformed value is a configuration error."""
-        raw = orjson.loads(settings.api_tokens.get_secret_value() or "{}")
-        if not isinstance(raw, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
-        ):
-            raise ValueError('api_tokens must be a JSON object {"token": "org_id" | "*"}')
-        return cls(raw)
+        return cls(parse_tokens(settings.api_tokens.get_secret_value()))
 
-    def scope(self, token: str | None) -> str | None:
-        """The org a token may read (``"*"``: all), ``None`` for a missing or unknown token."""
+    def grant(self, token: str | None) -> Grant | None:
+        """The grant of a token, ``None`` for a missing or unknown token."""
         if not token:
             return None
         # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes
         # (they match no token) rather than fail.
         given = token.encode("utf-8", "surrogateescape")
-        found: str | None = None
+        found: Grant | None = None
         # Compare against every token so the time taken does not reveal which one matched.
-        for known, scope in self._tokens:
+        for known, grant in self._tokens:
             if hmac.compare_digest(known, given):
-                found = scope
+                found = grant
         return found
+
+    def scope(self, token: str | None) -> str | None:
+        """The org a token may read (``"*"``: all), ``None`` for a missing or unknown token."""
+        grant = self.grant(token)
+        return None if grant is None else grant.org
+
+    def session_grant(self, session: str, now_s: int) -> tuple[bytes, Grant] | None:
+        """The token key and grant of a page session cookie (``session_value``), if valid.
+
+        The cookie is ``<issued unix seconds>.<HMAC-SHA256(token, issued)>``: derived from the
+        token, so it needs no server-side store and is valid on every API replica, and it
+        expires ``SESSION_SECONDS`` after it was issued. Every token is tried (constant time).
+        """
+        issued_text, _, mac = session.partition(".")
+        if not issued_text.isdigit() or len(issued_text) > 12 or not mac:
+            return None
+        issued = int(issued_text)
+        if not issued <= now_s + 60 or now_s - issued > SESSION_SECONDS:
+            return None
+        given = mac.encode("ascii", "replace")
+        found: tuple[bytes, Grant] | None = None
+        for known, grant in self._tokens:
+            if hmac.compare_digest(_mac(known, f"session|{issued}").encode(), given):
+                found = (known, grant)
+        return found
+
+
+SESSION_SECONDS = 12 * 3600
+"""How long a page session cookie is valid after the page was opened with the token."""
+
+
+def _mac(key: bytes, message: str) -> str:
+    digest = hmac.new(key, message.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def session_value(token_key: bytes, now_s: int) -> str:
+    """A new page session cookie value for the token ``token_key`` (see ``session_grant``)."""
+    return f"{now_s}.{_mac(token_key, f'session|{now_s}')}"
+
+
+def form_token(token_key: bytes, session: str, org_id: str) -> str:
+    """The per-form CSRF token of one session and org: only a page rendered for this session
+    carries it, and it is useless with another session or org."""
+    return _mac(token_key, f"form|{session}|{org_id}")
 
 
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings")
@@ -101,6 +147,12 @@ def request_scope(request: web.Request, *, allow_query: bool = False) -> str | N
 def may_read(scope: str, org_id: str) -> bool:
     """Whether a token of ``scope`` may read ``org_id``."""
     return scope == "*" or scope == org_id
+
+
+def request_grant(request: web.Request, *, allow_query: bool = False) -> Grant | None:
+    """The grant of the request's bearer token (or ``?token=``), None when it has none."""
+    auth: TokenAuth = request.app[AUTH_KEY]
+    return auth.grant(request_token(request, allow_query=allow_query))
 
 
 def authorize(request: web.Request, org_id: str, *, allow_query: bool) -> web.Response | None:

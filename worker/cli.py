@@ -30,7 +30,15 @@ import orjson
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from schemas.timestamps import datetime_to_ms, format_timestamp
+from worker.admin_commands import (
+    AdminPublisher,
+    InvalidCommand,
+    build_admin_command,
+    check_admin_command,
+    parse_credits,
+    parse_limit,
+    rfc3339,
+)
 from worker.config import Settings
 
 EXIT_OK = 0
@@ -53,41 +61,27 @@ class CliError(Exception):
 def credits_arg(text: str) -> str:
     """A positive credit amount with at most 3 decimals, kept as a decimal string."""
     try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of credits") from None
-    if not value.is_finite() or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: credits must be greater than 0")
-    exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -3:
-        raise argparse.ArgumentTypeError(f"{text!r}: at most 3 decimal places (1 millicredit)")
-    return format(value, "f")
+        return parse_credits(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def non_negative_credits_arg(text: str) -> str:
     """Like ``credits_arg`` but 0 is allowed (refill threshold)."""
-    if text.strip() in ("0", "0.0", "0.00", "0.000"):
-        return "0"
-    return credits_arg(text)
+    try:
+        return parse_credits(text, allow_zero=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def limit_arg(allow_inherit: bool) -> Callable[[str], str | None]:
     """A pool limit: whole credits, ``none`` (no limit) or, for members, ``inherit``."""
 
     def parse(text: str) -> str | None:
-        lowered = text.strip().lower()
-        if lowered in ("none", "null", "unlimited"):
-            return None
-        if lowered == "inherit":
-            if allow_inherit:
-                return "inherit"
-            raise argparse.ArgumentTypeError("'inherit' applies to member limits only")
-        if not lowered.isdigit():
-            choices = "a whole number of credits, 'none'" + (
-                " or 'inherit'" if allow_inherit else ""
-            )
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {choices}")
-        return str(int(lowered))
+        try:
+            return parse_limit(text, allow_inherit=allow_inherit)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
@@ -102,7 +96,7 @@ def timestamp_arg(text: str) -> str:
         ) from None
     if parsed.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no timezone (add Z or +hh:mm)")
-    return _rfc3339(parsed)
+    return rfc3339(parsed)
 
 
 def anchor_day_arg(text: str) -> int:
@@ -116,85 +110,27 @@ def anchor_day_arg(text: str) -> int:
     return day
 
 
-def _rfc3339(value: dt.datetime) -> str:
-    return format_timestamp(datetime_to_ms(value))
-
-
-def now_rfc3339() -> str:
-    """Current wall-clock time as RFC 3339 UTC with milliseconds."""
-    return _rfc3339(dt.datetime.now(dt.UTC))
-
-
 # --- Admin commands ----------------------------------------------------------------------------
-def build_admin_command(
-    cmd_type: str,
-    org_id: str,
-    fields: dict[str, Any],
-    *,
-    command_id: str | None = None,
-    at: str | None = None,
-) -> dict[str, Any]:
-    """An AdminCommand dict (SPEC section 6) with a fresh ``command_id`` and ``at`` = now."""
-    command: dict[str, Any] = {
-        "type": cmd_type,
-        "command_id": command_id or f"cli-{uuid.uuid4()}",
-        "org_id": org_id,
-        "at": at or now_rfc3339(),
-    }
-    command.update(fields)
-    return command
-
-
 def validate_admin_command(command: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Check a command with the worker's own admin decoder (``schemas.decode_admin``) before it
     is published, so what the CLI accepts the worker accepts; ``CliError`` (status 2) if not."""
     try:
-        from schemas import Rejection, decode_admin
-    except ImportError:  # a build without the schemas package: the worker still validates
-        return command
-    result = decode_admin(
-        orjson.dumps(command),
-        now_ms=int(dt.datetime.now(dt.UTC).timestamp() * 1000),
-        max_bytes=settings.max_message_bytes,
-        max_skew_ms=settings.max_clock_skew_seconds * 1000,
-        tiers=settings.tiers,
-    )
-    if isinstance(result, Rejection):
-        hint = ""
-        if result.code == "unknown_tier":
-            hint = f" (known tiers: {', '.join(sorted(settings.tiers))})"
-        raise CliError(
-            f"invalid {command['type']} command: {result.code}: {result.detail}{hint}", EXIT_USAGE
-        )
-    return command
+        return check_admin_command(command, settings)
+    except InvalidCommand as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 async def publish_admin_command(settings: Settings, command: dict[str, Any]) -> dict[str, Any]:
     """Publish one AdminCommand to ``Settings.topic_admin`` keyed by org; returns its position."""
-    from aiokafka import AIOKafkaProducer
-
-    from worker.connections import kafka_client_kwargs
-
-    kwargs = kafka_client_kwargs(settings)
-    kwargs["client_id"] = f"{settings.client_id}-cli"
-    producer = AIOKafkaProducer(**kwargs, acks="all", enable_idempotence=True)
+    publisher = AdminPublisher(settings, timeout_s=KAFKA_TIMEOUT_SECONDS)
     try:
-        await asyncio.wait_for(producer.start(), KAFKA_TIMEOUT_SECONDS)
-        meta = await asyncio.wait_for(
-            producer.send_and_wait(
-                settings.topic_admin,
-                orjson.dumps(command),
-                key=str(command["org_id"]).encode(),
-            ),
-            KAFKA_TIMEOUT_SECONDS,
-        )
+        return await publisher.publish(command)
     except TimeoutError:
         raise CliError(
             f"Kafka at {settings.kafka_bootstrap} did not answer in {KAFKA_TIMEOUT_SECONDS:g} s"
         ) from None
     finally:
-        await producer.stop()
-    return {"topic": meta.topic, "partition": meta.partition, "offset": meta.offset}
+        await publisher.close()
 
 
 def _admin_fields(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:

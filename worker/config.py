@@ -6,7 +6,6 @@ with secrets masked.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from schemas.ids import is_valid_id
+from worker.tokens import parse_tokens
 
 # Ports are deliberately off the well-known ones so the local stack never clashes with a
 # system Redis (6379), PostgreSQL (5432) or Kafka (9092) that may already run on the machine.
@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     api_tokens: SecretStr = SecretStr("{}")
-    """JSON object ``{"token": "org_id" | "*"}``: which org a bearer token may read."""
+    """JSON object from token to grant (``worker/tokens.py``): ``"org_id"`` (read-only),
+    ``"*"`` (operator) or ``{"org": "org_id" | "*", "role": "read" | "admin"}``."""
 
     # --- Logging and local stack ---------------------------------------------------------------
     log_format: Literal["json", "console"] = "console"
@@ -132,21 +133,7 @@ class Settings(BaseSettings):
     def _tokens_are_a_json_object(cls, v: SecretStr) -> SecretStr:
         # Checked here, not when the API starts: --check-config must catch it. The message
         # never echoes the value (it holds secrets).
-        text = v.get_secret_value().strip() or "{}"
-        try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise ValueError(
-                f'must be JSON, an object {{"token": "org_id" | "*"}} '
-                f"(not valid JSON at character {getattr(exc, 'pos', '?')})"
-            ) from None
-        if not isinstance(parsed, dict):
-            raise ValueError('must be a JSON object {"token": "org_id" | "*"}')
-        for token, scope in parsed.items():
-            if not token or not isinstance(scope, str):
-                raise ValueError('every entry must be "token": "org_id" or "token": "*"')
-            if scope != "*" and not is_valid_id(scope):
-                raise ValueError('a token\'s org must be a valid id or "*"')
+        parse_tokens(v.get_secret_value())
         return v
 
     @field_validator("redis_key_prefix")
