@@ -10,13 +10,16 @@ Routes (every one described in ``schemas/openapi.json``):
 - ``GET /v1/orgs/{org_id}/members/{member_id}/entitlement`` and ``POST /v1/entitlements``
   (up to 1,000 members): may a member start a task now, from Redis in one read
   (``worker/api_entitlement.py``).
-- ``GET /orgs/{org_id}``: the same dashboard as an HTML page that reloads itself.
+- ``GET /orgs/{org_id}``: the admin page (HTML, reloads itself), ``GET
+  /v1/orgs/{org_id}/admin`` (its document as JSON) and the page's form posts
+  ``POST /orgs/{org_id}/actions/...``, which publish admin commands (``worker/api_admin.py``).
 - ``GET /healthz`` (process alive), ``GET /readyz`` (Kafka, Redis, PostgreSQL reachable),
   ``GET /metrics`` (Prometheus text), ``GET /openapi.json`` (the API's OpenAPI 3.1 document,
   ``worker/openapi.py``).
 
-Reads need ``Authorization: Bearer <token>`` (the page also accepts ``?token=``); tokens come
-from ``Settings.api_tokens`` as ``{"token": "org_id" | "*"}``. A token scoped to one org gets
+Reads need ``Authorization: Bearer <token>`` (the page also accepts ``?token=`` and its session
+cookie); tokens come from ``Settings.api_tokens`` with a grant each (``worker/tokens.py``: an
+org or ``"*"``, role ``read`` or ``admin``). A token scoped to one org gets
 403 on every other org (in a batch: when any item names another org), so no response ever
 carries another org's data. Health, readiness, metrics and the OpenAPI document are open.
 Auth, errors and the store retry are shared through ``worker/api_base.py``.
@@ -31,12 +34,10 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
-import html
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, suppress
-from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
@@ -45,6 +46,9 @@ from schemas.amounts import format_credits
 from schemas.ids import is_valid_id
 from schemas.timestamps import format_timestamp
 from worker import metrics
+from worker.admin_commands import AdminPublisher
+from worker.admin_store import AdminHistorySource, PgAdminHistory
+from worker.api_admin import CommandSink, add_admin_routes
 from worker.api_base import (
     AUTH_KEY,
     SETTINGS_KEY,
@@ -76,7 +80,6 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 
 LEDGER_DEFAULT_LIMIT = 100
 LEDGER_MAX_LIMIT = 1_000
-PAGE_REFRESH_SECONDS = 5
 _CURSOR_PREFIX = b"l1:"
 _READY_TIMEOUT_SECONDS = 2.0
 
@@ -86,6 +89,9 @@ class DashboardSource(Protocol):
 
     def dashboard(self, org_id: str) -> Any:
         """The dashboard dict of ``org_id``, or ``None`` for an unknown org (may be async)."""
+
+    async def admin_view(self, org_id: str) -> dict[str, Any] | None:
+        """The admin page's document of ``org_id`` (``views.admin_view``), None if unknown."""
 
 
 class LedgerSource(Protocol):
@@ -243,41 +249,6 @@ async def ledger_handler(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=dumps, headers={"Cache-Control": "no-store"})
 
 
-async def page_handler(request: web.Request) -> web.Response:
-    """``GET /orgs/{org_id}``: the dashboard as HTML (token as bearer header or ``?token=``)."""
-    org_id = request.match_info["org_id"]
-    denied = authorize(request, org_id, allow_query=True)
-    if denied is not None:
-        status = denied.status
-        return _html_response(
-            render_message_page(status, "Sign-in required" if status == 401 else "Forbidden"),
-            status=status,
-        )
-    try:
-        data = await _dashboard(request, org_id)
-    except StoreUnavailable as exc:
-        return _html_response(render_message_page(503, str(exc)), status=503)
-    if data is None:
-        return _html_response(render_message_page(404, f"Unknown org {org_id}"), status=404)
-    return _html_response(render_dashboard(data))
-
-
-def _html_response(body: str, status: int = 200) -> web.Response:
-    return web.Response(
-        text=body,
-        status=status,
-        content_type="text/html",
-        charset="utf-8",
-        headers={
-            # The page may carry its token in the URL: keep it out of caches and referrers.
-            "Cache-Control": "no-store",
-            "Referrer-Policy": "no-referrer",
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
-
-
 async def healthz_handler(request: web.Request) -> web.Response:
     """``GET /healthz``: the process answers."""
     return web.json_response({"status": "ok"})
@@ -333,12 +304,16 @@ def create_app(
     ledger: LedgerSource | None = None,
     entitlements: EntitlementSource | None = None,
     export: LedgerExportSource | None = None,
+    admin_history: AdminHistorySource | None = None,
+    admin_sink: CommandSink | None = None,
     ready_checks: Mapping[str, ReadyCheck] | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller owns the engine, ledger readers and their clients.
 
-    A route whose source is not given answers 503. Every route is described in
-    ``schemas/openapi.json`` (``tests/integration/test_openapi.py`` fails otherwise).
+    A route whose source is not given answers 503 (the admin page without ``admin_sink`` shows
+    no write controls; without ``admin_history`` it shows the live sections only). Every route
+    is described in ``schemas/openapi.json`` (``tests/integration/test_openapi.py`` fails
+    otherwise).
     """
     app = web.Application(middlewares=[_count_requests], client_max_size=BATCH_MAX_BODY_BYTES)
     app[SETTINGS_KEY] = settings
@@ -355,87 +330,12 @@ def create_app(
         "/v1/orgs/{org_id:[^/]+}/members/{member_id:[^/]+}/entitlement", entitlement_handler
     )
     app.router.add_post("/v1/entitlements", entitlements_handler)
-    app.router.add_get("/orgs/{org_id:[^/]+}", page_handler)
+    add_admin_routes(app, admin_view=engine, history=admin_history, sink=admin_sink)
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_handler)
     return app
-
-
-# --- HTML ------------------------------------------------------------------------------------
-def _e(value: object) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _date(value: object) -> str:
-    """``2026-12-01T00:00:00Z`` -> ``2026-12-01 00:00 UTC`` (unparsable values shown as-is)."""
-    if not isinstance(value, str):
-        return "" if value is None else str(value)
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return value
-    return parsed.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _member_state(member: Mapping[str, Any]) -> str:
-    if not member.get("active", True):
-        return "removed"
-    if member.get("state") == "paused":
-        reason = member.get("pause_reason")
-        return f"paused ({reason})" if reason else "paused"
-    return str(member.get("state") or "running")
-
-
-def _template(name: str) -> str:
-    return resources.files("worker").joinpath(f"templates/{name}").read_text(encoding="utf-8")
-
-
-def render_dashboard(data: Mapping[str, Any]) -> str:
-    """The dashboard page for one org's SPEC section 7 document (all values escaped)."""
-    pool = data.get("pool") or {}
-    rows = []
-    for m in data.get("members") or []:
-        limit = m.get("pool_limit")
-        state = _member_state(m)
-        css = "removed" if state == "removed" else ("paused" if "paused" in state else "")
-        rows.append(
-            f'<tr class="{css}" data-member="{_e(m.get("member_id"))}">'
-            f'<td class="member">{_e(m.get("member_id"))}</td>'
-            f'<td class="tier">{_e(m.get("tier"))}</td>'
-            f'<td class="num granted">{_e(m.get("granted"))}</td>'
-            f'<td class="num used">{_e(m.get("used"))}</td>'
-            f'<td class="num remaining">{_e(m.get("remaining"))}</td>'
-            f'<td class="num pool_drawn">{_e(m.get("pool_drawn"))}</td>'
-            f'<td class="num pool_limit">{_e("no limit" if limit is None else limit)}</td>'
-            f'<td class="num negative_balance">{_e(m.get("negative_balance"))}</td>'
-            f'<td class="state">{_e(state)}</td>'
-            "</tr>"
-        )
-    pool_flags = []
-    if pool.get("locked"):
-        pool_flags.append("locked (refill failed)")
-    if pool.get("refill_pending"):
-        pool_flags.append("refill pending")
-    return _template("dashboard.html").format(
-        org_id=_e(data.get("org_id")),
-        refresh=PAGE_REFRESH_SECONDS,
-        pool_balance=_e(pool.get("balance")),
-        pool_used=_e(pool.get("used_this_cycle")),
-        cycle_start=_e(_date(data.get("cycle_start"))),
-        reset_at=_e(_date(data.get("reset_at"))),
-        reset_at_raw=_e(data.get("reset_at")),
-        pool_status=_e(", ".join(pool_flags) or "ok"),
-        member_rows="\n".join(rows) or '<tr><td colspan="9" class="empty">No members yet</td></tr>',
-        member_count=len(data.get("members") or []),
-        generated_at=_e(dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")),
-    )
-
-
-def render_message_page(status: int, message: str) -> str:
-    """A minimal error page (no data of any org)."""
-    return _template("message.html").format(status=status, message=_e(message))
 
 
 # --- Standalone process ----------------------------------------------------------------------
@@ -488,8 +388,17 @@ async def build_standalone(settings: Settings, stack: AsyncExitStack) -> web.App
         ledger=PgLedgerReader(pool, settings.postgres_schema),
         entitlements=engine,
         export=PgLedgerExport(pool, settings.postgres_schema),
+        admin_history=PgAdminHistory(pool, settings.postgres_schema),
+        admin_sink=_admin_publisher(settings, stack),
         ready_checks=default_ready_checks(settings, redis, pool, admin),
     )
+
+
+def _admin_publisher(settings: Settings, stack: AsyncExitStack) -> AdminPublisher:
+    """The admin page's producer (started on its first command), closed with ``stack``."""
+    publisher = AdminPublisher(settings)
+    stack.push_async_callback(publisher.close)
+    return publisher
 
 
 def make_dashboard_engine(settings: Settings) -> Engine:
@@ -529,6 +438,8 @@ async def start_http(
         ledger=PgLedgerReader(pg_pool, schema) if pg_pool is not None else None,
         entitlements=entitlements,
         export=PgLedgerExport(pg_pool, schema) if pg_pool is not None else None,
+        admin_history=PgAdminHistory(pg_pool, schema) if pg_pool is not None else None,
+        admin_sink=_admin_publisher(settings, stack),
         ready_checks=ready_checks,
     )
     runner = web.AppRunner(app, access_log=None)

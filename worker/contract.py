@@ -197,6 +197,9 @@ class Engine(Protocol):
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         """The SPEC section 7 dashboard, or None for an unknown org."""
 
+    async def admin_view(self, org_id: str) -> dict[str, Any] | None:
+        """The admin page's document (``views.admin_view``), or None for an unknown org."""
+
     async def entitlements(
         self, wanted: Mapping[str, Sequence[str]]
     ) -> dict[str, dict[str, dict[str, Any] | None] | None]:

@@ -52,7 +52,7 @@ from worker.contract import (
 )
 from worker.effects import Effect, Signal, decode_blob, expanded
 from worker.model import Grant, Member, Org, roll_member
-from worker.views import dashboard_view, entitlement_view, state_view
+from worker.views import admin_view, dashboard_view, entitlement_view, state_view
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -736,3 +736,8 @@ class RedisEngine:
         """
         org = await self.load_org(org_id)
         return None if org is None else dashboard_view(org, self.tiers_mc)
+
+    async def admin_view(self, org_id: str) -> dict[str, Any] | None:
+        """The admin page's document (``views.admin_view``), or None for an unknown org."""
+        org = await self.load_org(org_id)
+        return None if org is None else admin_view(org, self.tiers_mc)

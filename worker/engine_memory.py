@@ -143,6 +143,9 @@ class MemoryEngine:
     async def dashboard(self, org_id: str) -> dict[str, Any] | None:
         return views.dashboard(self.model, org_id)
 
+    async def admin_view(self, org_id: str) -> dict[str, Any] | None:
+        return views.admin(self.model, org_id)
+
     async def entitlements(
         self, wanted: Mapping[str, Sequence[str]]
     ) -> dict[str, dict[str, dict[str, Any] | None] | None]:

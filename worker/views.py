@@ -69,6 +69,58 @@ def dashboard_view(org: Org, tiers_mc: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def admin(model: Model, org_id: str) -> dict[str, Any] | None:
+    """The model's admin view of ``org_id`` (None for an unknown org)."""
+    org = model.orgs.get(org_id)
+    return None if org is None else admin_view(org, model.tiers_mc)
+
+
+def _limit_setting(limit: int | str | None) -> str | None:
+    if isinstance(limit, str):
+        return limit  # "inherit"
+    return None if limit is None else format_mc(limit)
+
+
+def admin_view(org: Org, tiers_mc: Mapping[str, int]) -> dict[str, Any]:
+    """The admin page's document: the SPEC section 7 dashboard plus the settings behind it.
+
+    Added to the dashboard: the org clock; the auto-refill settings and state (``refilled``:
+    successful refills this cycle; ``pending``: the open refill request); the seat tiers with
+    their credits per cycle and pool limit (``null``: no limit); per member the limit setting
+    (``"inherit"``, ``null`` or credits), when the current debt began (``debt_since``, org
+    clock) and what this cycle's usage was paid from (``used_allocation``, ``used_promotions``,
+    ``used_pool``).
+    """
+    doc = dashboard_view(org, tiers_mc)
+    doc["clock"] = iso(org.clock)
+    doc["pool"]["auto_refill"] = {
+        "enabled": org.rf_enabled,
+        "threshold": format_mc(org.rf_threshold),
+        "amount": format_mc(org.rf_amount),
+        "monthly_limit": format_mc(org.rf_monthly),
+        "refilled_this_cycle": format_mc(org.refilled),
+        "pending": None
+        if org.rf_pending_id is None
+        else {"request_id": org.rf_pending_id, "credits": format_mc(org.rf_pending_mc)},
+    }
+    doc["tiers"] = [
+        {
+            "tier": tier,
+            "credits": format_mc(credits),
+            "pool_limit": _limit_setting(org.tier_limits.get(tier)),
+        }
+        for tier, credits in sorted(tiers_mc.items(), key=lambda kv: (kv[1], kv[0]))
+    ]
+    for row in doc["members"]:
+        m = org.members[row["member_id"]]
+        row["limit_setting"] = _limit_setting(m.limit)
+        row["debt_since"] = iso(m.dsince) if m.debt > 0 and m.dsince else None
+        row["used_allocation"] = format_mc(m.au)
+        row["used_promotions"] = format_mc(m.pu)
+        row["used_pool"] = format_mc(m.bu)
+    return doc
+
+
 def entitlements(model: Model, org_id: str, member_ids: list[str]) -> dict[str, Any] | None:
     """The model's entitlements of members of ``org_id`` (None for an unknown org; a member
     the org does not have maps to None)."""

@@ -383,13 +383,16 @@ async def test_a_failing_store_is_503_not_a_stack_trace(api_settings: Settings) 
         async def dashboard(self, org_id: str) -> dict[str, Any] | None:
             raise ConnectionError("redis://:pw@cache down")
 
+        async def admin_view(self, org_id: str) -> dict[str, Any] | None:
+            raise ConnectionError("redis://:pw@cache down")
+
     class DownLedger:
         async def page(self, *args: Any) -> list[dict[str, Any]]:
             raise ConnectionRefusedError("postgres down")
 
     app = create_app(api_settings, engine=DownEngine(), ledger=DownLedger())
     async with TestClient(TestServer(app)) as c:
-        for path in ("/v1/orgs/acme/credits", "/v1/orgs/acme/ledger"):
+        for path in ("/v1/orgs/acme/credits", "/v1/orgs/acme/ledger", "/v1/orgs/acme/admin"):
             resp = await c.get(path, headers=ACME)
             assert resp.status == 503
             body = await resp.json()
@@ -397,5 +400,6 @@ async def test_a_failing_store_is_503_not_a_stack_trace(api_settings: Settings) 
             assert "pw" not in orjson.dumps(body).decode()
         page = await c.get("/orgs/acme?token=tok-acme")
         assert page.status == 503
+        assert "pw" not in await page.text()
         # Auth still comes first: a bad token learns nothing about the stores.
         assert (await c.get("/v1/orgs/acme/credits")).status == 401

@@ -23,6 +23,7 @@ from api_orgs import build_model, build_redis_engine
 from pydantic import SecretStr
 
 from worker import views
+from worker.admin_page import amount
 from worker.api import create_app
 from worker.config import Settings
 
@@ -59,10 +60,13 @@ class _Dom(HTMLParser):
         self.rows: list[dict[str, str]] = []
         self._stack: list[tuple[str, str | None, str | None]] = []
         self._text: dict[int, list[str]] = {}
+        self._in_members = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "tr" and "data-member" in a:
+        if tag == "table":
+            self._in_members = a.get("id") == "members"
+        if tag == "tr" and "data-member" in a and self._in_members:
             self.rows.append({})
         self._stack.append((tag, a.get("id"), a.get("class")))
         self._text[len(self._stack)] = []
@@ -77,7 +81,9 @@ class _Dom(HTMLParser):
             self._text.setdefault(depth - 1, []).append(text)
         if elem_id:
             self.by_id[elem_id] = text
-        if tag == "td" and css and self.rows:
+        if tag == "table":
+            self._in_members = False
+        if tag == "td" and css and self.rows and self._in_members:
             column = css.split()[-1]
             self.rows[-1][column] = text
 
@@ -173,8 +179,9 @@ async def test_page_shows_the_numbers_of_the_api(server: str) -> None:
     assert doc == views.dashboard(model, "acme")  # the engine in Redis agrees with the rules
 
     assert dom.by_id["org-id"] == "acme"
-    assert dom.by_id["pool-balance"] == doc["pool"]["balance"] == "1000"
-    assert dom.by_id["pool-used"] == doc["pool"]["used_this_cycle"]
+    assert doc["pool"]["balance"] == "1000"
+    assert dom.by_id["pool-balance"] == "1,000"
+    assert dom.by_id["pool-used"] == amount(doc["pool"]["used_this_cycle"])
     assert dom.by_id["reset-at"] == "2026-12-01 00:00 UTC"
     assert doc["reset_at"] == "2026-12-01T00:00:00Z"
     assert dom.by_id["member-count"] == str(len(doc["members"]))
@@ -183,11 +190,13 @@ async def test_page_shows_the_numbers_of_the_api(server: str) -> None:
     assert set(seen) == {m["member_id"] for m in doc["members"]}
     for m in doc["members"]:
         row = seen[m["member_id"]]
-        assert set(row) == set(MEMBER_COLUMNS)
+        assert set(row) == {*MEMBER_COLUMNS, "actions"}
+        assert row["actions"] == ""  # a read-only token: no menu
         assert row["tier"] == m["tier"]
         for key in ("granted", "used", "remaining", "pool_drawn", "negative_balance"):
-            assert row[key] == m[key], (m["member_id"], key)
-        assert row["pool_limit"] == ("no limit" if m["pool_limit"] is None else m["pool_limit"])
+            assert row[key] == amount(m[key]), (m["member_id"], key)
+        limit = "no limit" if m["pool_limit"] is None else amount(m["pool_limit"])
+        assert row["pool_limit"].rsplit(" (", 1)[0] == limit
         assert row["state"] == _expected_state(m)
     # A member id with markup is shown as text, not interpreted.
     assert "<carol & co>" in seen

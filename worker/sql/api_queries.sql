@@ -60,3 +60,34 @@ WHERE org_id = $1
   AND seq <= $4
 ORDER BY seq
 LIMIT $5
+
+-- name: admin_decided
+-- $1 org_id, $2 command_ids. The admin page's pending changes: which of its commands the worker
+-- has decided (applied or rejected), through the admin_commands primary key.
+SELECT command_id, status, code, type
+FROM {schema}.admin_commands
+WHERE command_id = ANY($2::text[])
+  AND org_id = $1
+
+-- name: admin_notifications
+-- $1 org_id, $2 type, $3 limit. The org's notifications of one type, newest first (credit
+-- requests, the refill failure behind a locked pool). Walks the org's notifications backwards
+-- through the (org_id, seq) primary key; notifications are rare next to ledger entries.
+SELECT seq, member_id, detail, at_ms
+FROM {schema}.notifications
+WHERE org_id = $1
+  AND type = $2
+ORDER BY seq DESC
+LIMIT $3
+
+-- name: admin_daily_usage
+-- $1 org_id, $2 cycle_start_ms. Credits used per UTC day of one cycle and bucket paid from:
+-- the "charge" movements (promo, allocation, block; debt and invoice for what was unpaid).
+-- Settlements are not counted again: the usage they pay was charged as debt on its day.
+SELECT (at_ms / 86400000)::bigint AS day, bucket, (-sum(amount_mc))::bigint AS used_mc
+FROM {schema}.ledger_entries
+WHERE org_id = $1
+  AND cycle_start_ms = $2
+  AND movement = 'charge'
+GROUP BY 1, 2
+ORDER BY 1, 2
