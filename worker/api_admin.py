@@ -276,10 +276,17 @@ async def admin_json_handler(request: web.Request) -> web.Response:
 
 # --- Writes ----------------------------------------------------------------------------------
 def _cross_site(request: web.Request) -> bool:
-    if request.headers.get("Sec-Fetch-Site") == "cross-site":
-        return True
+    """Whether the browser says the post comes from another origin.
+
+    ``Sec-Fetch-Site`` (sent by current browsers) must be ``same-origin`` (or ``none``: typed
+    by the user). Without it, an ``Origin`` must be this server's; ``Origin: null`` is what a
+    browser sends for a page served with ``Referrer-Policy: no-referrer``, as this one is.
+    """
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
     origin = request.headers.get("Origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return False
     return origin != f"{request.scheme}://{request.host}"
 
