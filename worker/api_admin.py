@@ -26,7 +26,6 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
@@ -329,66 +328,66 @@ def _mode_limit(mode: str, text: str, *, inherit: bool) -> str | None:
     raise ValueError("choose one of the options")
 
 
-def action_handler(action: str) -> Callable[[web.Request], Any]:
-    """The handler of ``POST /orgs/{org_id}/actions/<action>``."""
+async def action_handler(request: web.Request) -> web.Response:
+    """``POST /orgs/{org_id}/actions/{action}``: one form of the page."""
+    return await _handle_action(request, request.match_info["action"])
 
-    async def handle(request: web.Request) -> web.Response:
-        org_id = request.match_info["org_id"]
-        if _cross_site(request):
-            return _message(403, "Cross-site request refused")
-        identity = page_identity(request, allow_token=False)
-        if identity is None:
-            return _message(401, "Sign-in required")
-        form = await request.post()
-        given = form.get("form_token")
-        expected = identity.form_token(org_id)
-        if not isinstance(given, str) or not hmac.compare_digest(
-            given.encode("utf-8", "surrogateescape"), expected.encode()
-        ):
-            return _message(403, "This form has expired or was not sent by the admin page")
-        if not identity.grant.may_admin(org_id):
-            return _message(403, "This token may not change this org")
-        if not is_valid_id(org_id):
-            return _message(404, "Unknown org")
-        sink = request.app[SINK_KEY]
-        if sink is None:
-            return _message(503, "Changes are not configured on this server")
-        settings = request.app[SETTINGS_KEY]
-        dialog, target = None, None
-        try:
-            cmd_type, fields, dialog, target = _form_fields(action, form)
-            command = build_admin_command(cmd_type, org_id, fields, id_prefix="page")
-            check_admin_command(command, settings)
-        except (ValueError, InvalidCommand) as exc:
-            return await _render(
-                request,
-                org_id,
-                identity=identity,
-                dialog=dialog or _dialog_of(action),
-                target=target,
-                error=str(exc),
-                status=400,
-            )
-        try:
-            await sink.publish(command)
-        except Exception as exc:  # Kafka away: nothing was published, say so
-            metrics.ERRORS.labels(stage="api").inc()
-            log.warning("admin command not published", extra={"error": repr(exc)})
-            return _message(503, "The change could not be sent; try again shortly")
-        recent = request.app[RECENT_KEY]
-        recent[(org_id, command["command_id"])] = describe(command)
-        while len(recent) > RECENT_KEPT:
-            recent.popitem(last=False)
-        log.info(
-            "admin command published from the page",
-            extra={"org_id": org_id, "command_id": command["command_id"], "type": cmd_type},
-        )
-        location = f"/orgs/{quote(org_id, safe='')}?" + urlencode(
-            {"pending": command["command_id"]}
-        )
-        raise web.HTTPSeeOther(location=location)
 
-    return handle
+async def _handle_action(request: web.Request, action: str) -> web.Response:
+    org_id = request.match_info["org_id"]
+    if _cross_site(request):
+        return _message(403, "Cross-site request refused")
+    identity = page_identity(request, allow_token=False)
+    if identity is None:
+        return _message(401, "Sign-in required")
+    form = await request.post()
+    given = form.get("form_token")
+    expected = identity.form_token(org_id)
+    if not isinstance(given, str) or not hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode()
+    ):
+        return _message(403, "This form has expired or was not sent by the admin page")
+    if not identity.grant.may_admin(org_id):
+        return _message(403, "This token may not change this org")
+    if not is_valid_id(org_id):
+        return _message(404, "Unknown org")
+    sink = request.app[SINK_KEY]
+    if sink is None:
+        return _message(503, "Changes are not configured on this server")
+    settings = request.app[SETTINGS_KEY]
+    dialog, target = None, None
+    try:
+        cmd_type, fields, dialog, target = _form_fields(action, form)
+        command = build_admin_command(cmd_type, org_id, fields, id_prefix="page")
+        check_admin_command(command, settings)
+    except (ValueError, InvalidCommand) as exc:
+        return await _render(
+            request,
+            org_id,
+            identity=identity,
+            dialog=dialog or _dialog_of(action),
+            target=target,
+            error=str(exc),
+            status=400,
+        )
+    try:
+        await sink.publish(command)
+    except Exception as exc:  # Kafka away: nothing was published, say so
+        metrics.ERRORS.labels(stage="api").inc()
+        log.warning("admin command not published", extra={"error": repr(exc)})
+        return _message(503, "The change could not be sent; try again shortly")
+    recent = request.app[RECENT_KEY]
+    recent[(org_id, command["command_id"])] = describe(command)
+    while len(recent) > RECENT_KEPT:
+        recent.popitem(last=False)
+    log.info(
+        "admin command published from the page",
+        extra={"org_id": org_id, "command_id": command["command_id"], "type": cmd_type},
+    )
+    location = f"/orgs/{quote(org_id, safe='')}?" + urlencode({"pending": command["command_id"]})
+    resp = _html(render_message_page(303, "Change sent; back to the page"), status=303)
+    resp.headers["Location"] = location
+    return resp
 
 
 def _dialog_of(action: str) -> str:
@@ -409,5 +408,5 @@ def add_admin_routes(
     app[RECENT_KEY] = OrderedDict()
     app.router.add_get("/orgs/{org_id:[^/]+}", page_handler)
     app.router.add_get("/v1/orgs/{org_id:[^/]+}/admin", admin_json_handler)
-    for action in ACTIONS:
-        app.router.add_post(f"/orgs/{{org_id:[^/]+}}/actions/{action}", action_handler(action))
+    actions = "|".join(ACTIONS)
+    app.router.add_post(f"/orgs/{{org_id:[^/]+}}/actions/{{action:(?:{actions})}}", action_handler)

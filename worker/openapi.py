@@ -98,6 +98,20 @@ def _schemas() -> dict[str, Any]:
             "pause_reason": _NULL_STR,
         }
     )
+    admin_member = _obj(
+        {
+            **member["properties"],
+            "limit_setting": {
+                "oneOf": [{"const": "inherit"}, _ref("Amount"), {"type": "null"}],
+                "description": "The member's own setting: inherit (the tier's), null (no "
+                "limit) or credits.",
+            },
+            "debt_since": _nullable("Timestamp"),
+            "used_allocation": _ref("Amount"),
+            "used_promotions": _ref("Amount"),
+            "used_pool": _ref("Amount"),
+        }
+    )
     return {
         "Id": {
             "type": "string",
@@ -136,6 +150,58 @@ def _schemas() -> dict[str, Any]:
                 }
             ),
             "description": "The admin dashboard of SPEC section 7.",
+        },
+        "AdminView": {
+            **_obj(
+                {
+                    "org_id": _ref("Id"),
+                    "cycle_start": _ref("Timestamp"),
+                    "reset_at": _ref("Timestamp"),
+                    "clock": _ref("Timestamp"),
+                    "pool": _obj(
+                        {
+                            "balance": _ref("Amount"),
+                            "used_this_cycle": _ref("Amount"),
+                            "locked": {"type": "boolean"},
+                            "refill_pending": {"type": "boolean"},
+                            "auto_refill": _obj(
+                                {
+                                    "enabled": {"type": "boolean"},
+                                    "threshold": _ref("Amount"),
+                                    "amount": _ref("Amount"),
+                                    "monthly_limit": _ref("Amount"),
+                                    "refilled_this_cycle": _ref("Amount"),
+                                    "pending": {
+                                        "oneOf": [
+                                            _obj(
+                                                {
+                                                    "request_id": _ref("Id"),
+                                                    "credits": _ref("Amount"),
+                                                }
+                                            ),
+                                            {"type": "null"},
+                                        ]
+                                    },
+                                }
+                            ),
+                        }
+                    ),
+                    "tiers": {
+                        "type": "array",
+                        "items": _obj(
+                            {
+                                "tier": {"type": "string"},
+                                "credits": _ref("Amount"),
+                                "pool_limit": _nullable("Amount"),
+                            }
+                        ),
+                    },
+                    "members": {"type": "array", "items": admin_member},
+                }
+            ),
+            "description": "The admin page's live document: the SPEC section 7 dashboard plus "
+            "auto-refill settings and state, tier limits, and per member the limit setting "
+            "(inherit, null or credits), when the debt began and what paid this cycle's usage.",
         },
         "LedgerEntry": _obj(
             {
@@ -331,12 +397,45 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/orgs/{org_id}/admin": {
+            "get": {
+                "operationId": "getAdminView",
+                "summary": "The admin page's live document (Redis): dashboard, auto-refill, "
+                "tier and member limits.",
+                "security": _SECURED,
+                "parameters": [_ORG],
+                "responses": {
+                    "200": _json("AdminView", "The document."),
+                    **_errors(401, 403, 404, 503),
+                },
+            }
+        },
         "/orgs/{org_id}": {
             "get": {
                 "operationId": "getDashboardPage",
-                "summary": "The dashboard as an HTML page (token as bearer header or ?token=).",
-                "security": [{"bearer": []}, {"queryToken": []}],
-                "parameters": [_ORG],
+                "summary": "The admin page as HTML (token as bearer header, ?token= or the "
+                "session cookie the page sets); write controls for admin tokens only.",
+                "security": [{"bearer": []}, {"queryToken": []}, {"session": []}],
+                "parameters": [
+                    _ORG,
+                    {
+                        "name": "dialog",
+                        "in": "query",
+                        "schema": {
+                            "enum": ["purchase", "auto-refill", "tier-limit", "member-limit"]
+                        },
+                        "description": "Open a form (admin tokens only).",
+                    },
+                    {"name": "member", "in": "query", "schema": {"type": "string"}},
+                    {"name": "tier", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "pending",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "A command_id published from the page (repeatable): "
+                        "shown as pending until the worker decided it.",
+                    },
+                ],
                 "responses": {
                     str(s): _text("text/html", d)
                     for s, d in (
@@ -345,6 +444,47 @@ def _paths() -> dict[str, Any]:
                         (403, "Forbidden."),
                         (404, "Unknown org."),
                         (503, "Live balances unavailable."),
+                    )
+                },
+            }
+        },
+        "/orgs/{org_id}/actions/{action}": {
+            "post": {
+                "operationId": "postAdminForm",
+                "summary": "A form of the admin page: publishes one AdminCommand to the admin "
+                "topic, then redirects to the page showing it pending.",
+                "description": "Needs the page's session cookie, the form's form_token and a "
+                "token with the admin role on the org; cross-site posts are refused. Fields: "
+                "member-limit: member_id, mode (none | limit | inherit), limit; tier-limit: "
+                "tier, mode (none | limit), limit; pool-purchase: credits; auto-refill: "
+                "enabled (true when set), threshold, amount, monthly_limit.",
+                "security": [{"session": []}],
+                "parameters": [
+                    _ORG,
+                    {
+                        "name": "action",
+                        "in": "path",
+                        "required": True,
+                        "schema": {
+                            "enum": ["member-limit", "tier-limit", "pool-purchase", "auto-refill"]
+                        },
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {"schema": {"type": "object"}}
+                    },
+                },
+                "responses": {
+                    str(s): _text("text/html", d)
+                    for s, d in (
+                        (303, "Published: see /orgs/{org_id}?pending=<command_id>."),
+                        (400, "Invalid input: the form again, with the reason."),
+                        (401, "No valid session cookie."),
+                        (403, "Cross-site, no or a wrong form token, or not an admin token."),
+                        (404, "An id no org can have."),
+                        (503, "Kafka did not take the command (or writes are not configured)."),
                     )
                 },
             }
@@ -392,10 +532,10 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": "credit-metering read API",
+            "title": "credit-metering API",
             "version": __version__,
-            "description": "Live balances, entitlements, ledger and health of the "
-            "credit-metering worker. Amounts are decimal credit strings; errors are "
+            "description": "Live balances, entitlements, ledger, the admin page and "
+            "health of the credit-metering worker. Amounts are decimal credit strings; errors are "
             '`{"error": code, "message": ...}`. See docs/operations.md.',
         },
         "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
@@ -407,7 +547,13 @@ def document() -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": 'A token of METERING_API_TOKENS ({"token": "org_id" | "*"}).',
+                    "description": "A token of METERING_API_TOKENS (docs/operations.md).",
+                },
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "metering_session",
+                    "description": "Set by GET /orgs/{org_id} opened with a token.",
                 },
                 "queryToken": {"type": "apiKey", "in": "query", "name": "token"},
             },

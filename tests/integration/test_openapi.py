@@ -4,8 +4,10 @@ codes, media types and JSON bodies) conform to the document."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 import pytest
@@ -15,6 +17,7 @@ from api_stores import ACME, ADMIN, GLOBEX, Stores, api_settings, open_stores
 from openapi_validator import schema_problems, validate
 
 from worker import openapi
+from worker.api_base import form_token, session_value
 from worker.config import Settings
 
 ENT = "/v1/orgs/{org_id}/members/{member_id}/entitlement"
@@ -25,7 +28,21 @@ BATCH_ITEMS = [
     {"org_id": "no-such-org", "member_id": "x"},
 ]
 
-# (operation path, method, URL, headers, JSON body or None, expected status)
+# An operator's page session and the form tokens of its forms.
+_SESSION = session_value(b"tok-admin", int(time.time()))
+_FORM = {
+    "Cookie": f"metering_session={_SESSION}",
+    "Content-Type": "application/x-www-form-urlencoded",
+}
+_ACTION = "/orgs/{org_id}/actions/{action}"
+
+
+def _form(org_id: str, **fields: str) -> bytes:
+    token = form_token(b"tok-admin", _SESSION, org_id)
+    return urlencode({"form_token": token, **fields}).encode()
+
+
+# (operation path, method, URL, headers, JSON body (bytes: sent as is) or None, status)
 CASES: list[tuple[str, str, str, dict[str, str], Any, int]] = [
     ("/v1/orgs/{org_id}/credits", "get", "/v1/orgs/acme/credits", ACME, None, 200),
     ("/v1/orgs/{org_id}/credits", "get", "/v1/orgs/acme/credits", {}, None, 401),
@@ -56,6 +73,15 @@ CASES: list[tuple[str, str, str, dict[str, str], Any, int]] = [
     ("/orgs/{org_id}", "get", "/orgs/acme", {}, None, 401),
     ("/orgs/{org_id}", "get", "/orgs/acme", GLOBEX, None, 403),
     ("/orgs/{org_id}", "get", "/orgs/nope", ADMIN, None, 404),
+    ("/v1/orgs/{org_id}/admin", "get", "/v1/orgs/acme/admin", ACME, None, 200),
+    ("/v1/orgs/{org_id}/admin", "get", "/v1/orgs/acme/admin", {}, None, 401),
+    ("/v1/orgs/{org_id}/admin", "get", "/v1/orgs/acme/admin", GLOBEX, None, 403),
+    ("/v1/orgs/{org_id}/admin", "get", "/v1/orgs/nope/admin", ADMIN, None, 404),
+    (_ACTION, "post", "/orgs/acme/actions/pool-purchase", _FORM, _form("acme", credits="5"), 303),
+    (_ACTION, "post", "/orgs/acme/actions/pool-purchase", _FORM, _form("acme", credits="x"), 400),
+    (_ACTION, "post", "/orgs/acme/actions/tier-limit", {}, b"tier=pro&mode=none", 401),
+    (_ACTION, "post", "/orgs/acme/actions/tier-limit", _FORM, b"tier=pro&mode=none", 403),
+    (_ACTION, "post", "/orgs/%01/actions/pool-purchase", _FORM, _form("\x01", credits="5"), 404),
     ("/healthz", "get", "/healthz", {}, None, 200),
     ("/readyz", "get", "/readyz", {}, None, 200),
     ("/metrics", "get", "/metrics", {}, None, 200),
@@ -70,6 +96,8 @@ DOWN_CASES: list[tuple[str, str, str, dict[str, str], Any, int]] = [
     (ENT, "get", "/v1/orgs/acme/members/alice/entitlement", ACME, None, 503),
     ("/v1/entitlements", "post", "/v1/entitlements", ACME, {"items": BATCH_ITEMS[:1]}, 503),
     ("/orgs/{org_id}", "get", "/orgs/acme?token=tok-acme", {}, None, 503),
+    ("/v1/orgs/{org_id}/admin", "get", "/v1/orgs/acme/admin", ACME, None, 503),
+    (_ACTION, "post", "/orgs/acme/actions/pool-purchase", _FORM, _form("acme", credits="5"), 503),
     ("/readyz", "get", "/readyz", {}, None, 503),
 ]
 
@@ -94,6 +122,12 @@ class _Down:
     async def dashboard(self, org_id: str) -> Any:
         raise ConnectionError("down")
 
+    async def admin_view(self, org_id: str) -> Any:
+        raise ConnectionError("down")
+
+    async def publish(self, command: Any) -> Any:
+        raise ConnectionError("kafka down")
+
     async def entitlements(self, wanted: Any) -> Any:
         raise ConnectionError("down")
 
@@ -110,16 +144,35 @@ def _down_app(stores: Stores) -> web.Application:
 
     down = _Down()
     return stores.app(
-        engine=down, ledger=down, entitlements=down, export=down, ready_checks={"redis": failing}
+        engine=down,
+        ledger=down,
+        entitlements=down,
+        export=down,
+        admin_sink=down,
+        ready_checks={"redis": failing},
     )
+
+
+class _Sink:
+    """Takes the page's commands without Kafka."""
+
+    def __init__(self) -> None:
+        self.commands: list[dict[str, Any]] = []
+
+    async def publish(self, command: dict[str, Any]) -> dict[str, Any]:
+        self.commands.append(command)
+        return {"topic": "admin", "partition": 0, "offset": len(self.commands) - 1}
 
 
 async def _check(
     doc: dict[str, Any], client: TestClient, case: tuple[str, str, str, dict[str, str], Any, int]
 ) -> None:
     template, method, url, headers, body, want = case
-    data = None if body is None else orjson.dumps(body)
-    resp = await client.request(method.upper(), url, headers=headers, data=data)
+    client.session.cookie_jar.clear()  # each case brings its own credentials
+    data = body if body is None or isinstance(body, bytes) else orjson.dumps(body)
+    resp = await client.request(
+        method.upper(), url, headers=headers, data=data, allow_redirects=False
+    )
     raw = await resp.read()
     assert resp.status == want, (url, resp.status, raw[:300])
     responses = doc["paths"][template][method]["responses"]
@@ -133,9 +186,11 @@ async def _check(
 
 
 async def test_real_answers_conform_to_the_document(doc: dict[str, Any], stores: Stores) -> None:
-    async with TestClient(TestServer(stores.app())) as client:
+    sink = _Sink()
+    async with TestClient(TestServer(stores.app(admin_sink=sink))) as client:
         for case in CASES:
             await _check(doc, client, case)
+    assert [c["type"] for c in sink.commands] == ["pool_purchase"]
     async with TestClient(TestServer(_down_app(stores))) as client:
         for case in DOWN_CASES:
             await _check(doc, client, case)
