@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 .PHONY: help venv stack-up stack-down stack-status stack-clean topics test test-unit demo bench bench-latency bench-entitlement lint format
 
 help:
-	@echo "make demo        set up, start the stack, run the worker on a simulated workload"
+	@echo "make demo        set up, start the stack, run the worker on a simulated workload,"
+	@echo "                 then serve the admin page (its URL and token are printed)"
 	@echo "make test        set up, start the stack, run the whole test suite"
 	@echo "make lint        ruff check, ruff format --check, mypy --strict (worker/, schemas/, devstack/)"
 	@echo "make stack-up    start Kafka, Redis (+cluster) and PostgreSQL under .stack/"
@@ -54,8 +55,10 @@ test: venv stack-up
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# The story, then the admin page with a token (Ctrl-C ends it); DEMO_ARGS= for the story only.
+DEMO_ARGS ?= --serve
 demo: venv stack-up topics
-	$(PY) -m devstack.demo
+	$(PY) -m devstack.demo $(DEMO_ARGS)
 
 bench-latency: venv stack-up
 	$(PY) -m bench.latency --shapes

@@ -479,12 +479,75 @@ async def _delete_redis_keys(settings: Settings) -> None:
         await client.aclose()
 
 
+def _port(preferred: int) -> int:
+    """``preferred`` if free on 127.0.0.1, else any free port."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError("no free port")
+
+
+async def serve(demo: Demo, port: int) -> None:
+    """The admin page over the demo's data, with a worker applying what it publishes, until
+    Ctrl-C. Prints the page's URL with a fresh operator token."""
+    import secrets
+
+    import asyncpg
+    from aiohttp import web
+    from pydantic import SecretStr
+
+    from worker.admin_commands import AdminPublisher
+    from worker.admin_store import PgAdminHistory
+    from worker.api import PgLedgerReader, create_app
+    from worker.connections import pg_connect_kwargs
+    from worker.runner import run_worker
+
+    token = secrets.token_urlsafe(18)
+    read_token = secrets.token_urlsafe(18)
+    grants = {token: "*", read_token: {"org": "acme", "role": "read"}}
+    settings = demo.s.model_copy(update={"api_tokens": SecretStr(orjson.dumps(grants).decode())})
+    pool = await asyncpg.create_pool(**pg_connect_kwargs(settings), min_size=1, max_size=2)
+    publisher = AdminPublisher(settings)
+    app = create_app(
+        settings,
+        engine=demo.engine,
+        ledger=PgLedgerReader(pool, settings.postgres_schema),
+        admin_history=PgAdminHistory(pool, settings.postgres_schema),
+        admin_sink=publisher,
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = _port(port)
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    worker = asyncio.create_task(run_worker(settings, stop=demo.stopping, engine=demo.engine))
+    out = demo.out
+    out.header("the admin page (Ctrl-C to stop)")
+    out.say(f"admin (operator token): http://127.0.0.1:{port}/orgs/acme?token={token}")
+    out.say(f"read-only, acme only:   http://127.0.0.1:{port}/orgs/acme?token={read_token}")
+    out.say("             and globex: " + f"http://127.0.0.1:{port}/orgs/globex?token={token}")
+    out.say("changes made on the page are applied by a worker running beside it; the page's")
+    out.say("commands carry the wall-clock time, so the org clock jumps from March to today.")
+    try:
+        await worker
+    finally:
+        await runner.cleanup()
+        await publisher.close()
+        await pool.close()
+
+
 async def run_demo(
     base: Settings,
     *,
     keep: bool = False,
     idle_exit: float = 1.5,
     engine_factory: Callable[[Settings], Any] | None = None,
+    serve_port: int | None = None,
 ) -> int:
     """Run the story against the services ``base`` points at; returns an exit status."""
     from worker.runner import make_engine
@@ -507,6 +570,8 @@ async def run_demo(
     status = 0
     try:
         await story(demo)
+        if serve_port is not None:
+            await serve(demo, serve_port)
     except DemoInterrupted:
         out.line()
         out.line("interrupted: the current act was finished and committed; stopping here.")
@@ -532,6 +597,15 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds without input after which each worker run stops (default 1.5)",
     )
     p.add_argument("--verbose", action="store_true", help="show the worker's own log lines")
+    p.add_argument(
+        "--serve",
+        nargs="?",
+        type=int,
+        const=8080,
+        metavar="PORT",
+        help="then serve the admin page on 127.0.0.1:PORT (default 8080, else a free port) "
+        "with a worker beside it, printing its URL with a token, until Ctrl-C",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if not args.verbose:
@@ -544,8 +618,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(run_demo(base, keep=args.keep, idle_exit=args.idle_exit))
-    return uvloop.run(run_demo(base, keep=args.keep, idle_exit=args.idle_exit))
+        return asyncio.run(
+            run_demo(base, keep=args.keep, idle_exit=args.idle_exit, serve_port=args.serve)
+        )
+    return uvloop.run(
+        run_demo(base, keep=args.keep, idle_exit=args.idle_exit, serve_port=args.serve)
+    )
 
 
 if __name__ == "__main__":
