@@ -146,6 +146,9 @@ class Pipeline:
             # broker's whole wait time (500 ms by default). Short waits keep a record that
             # arrives a few milliseconds from being fetched.
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            # The broker answers once this much is waiting (or after the wait above): under
+            # steady traffic a few fetches per wait instead of one per handful of records.
+            fetch_min_bytes=self.s.fetch_min_bytes,
             # Partition p of both input topics to one worker: one owner per org.
             partition_assignment_strategy=(CoPartitionedAssignor,),
         )
