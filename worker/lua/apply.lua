@@ -28,7 +28,7 @@
 local results, blobs = {}, {}
 for g, group in ipairs(GROUPS) do
   local org_id, items, expect = group[1], group[2], tonumber(group[3]) or 0
-  load_org(g, org_id)
+  load_org(g, org_id, items)
   if expect > 0 and (not EXISTS or O.sq < expect) then
     -- Redis behind PostgreSQL (restarted behind its AOF, emptied): decide nothing on stale
     -- state. Nothing was written; the caller rebuilds the org from the ledger and calls again.

@@ -50,7 +50,9 @@ local E, NE
 -- Unknown-offset marks (lib_items.lua): looked up or added, new ones, decided ones.
 local SEEN, NEW_U, UNKNOWN_SEEN_DROP
 
-local function load_org(g, org_id)
+-- load_org reads the org hash's integers, pending refill and queued work, and the watermarks of
+-- the sources the org's items come from, in one HMGET.
+local function load_org(g, org_id, items)
   local base = (g - 1) * KEYS_PER_ORG
   K_O, K_M, K_X, K_P = KEYS[base + 1], KEYS[base + 2], KEYS[base + 3], KEYS[base + 4]
   K_Q, K_B, K_E, K_U = KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]
@@ -61,13 +63,26 @@ local function load_org(g, org_id)
   MEM, MDIRTY = {}, {}
   E, NE = {}, 0
   SEEN, NEW_U, UNKNOWN_SEEN_DROP = {}, {}, {}
-  local h = redis.call('HMGET', K_O, 's', 'rp', 'jb')
+  local fields, srcs = {'s', 'rp', 'jb'}, {}
+  for _, it in ipairs(items) do
+    local src = (it[1] == ITEM_USAGE) and it[7] or it[3]
+    if type(src) == 'string' and W[src] == nil then
+      W[src] = false -- none, unless the read below finds one
+      srcs[#srcs + 1] = src
+      fields[#fields + 1] = 'w:' .. src
+    end
+  end
+  local h = redis.call('HMGET', K_O, unpack(fields))
   if h[1] then
     EXISTS = true
     local a = cmsgpack.unpack(h[1])
     for i, f in ipairs(ORG_FIELDS) do O[f] = a[i] or 0 end
     O.rp = h[2] or ''
     if h[3] and h[3] ~= '' then JOBS = cjson.decode(h[3]) end
+  end
+  for i, src in ipairs(srcs) do
+    local raw = h[3 + i]
+    if raw then W[src] = tonumber(raw) end
   end
 end
 
