@@ -24,6 +24,21 @@ from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType
 TIMEOUT = 30.0
 
 
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+)
+"""Headless Chromium for tests: no network of its own, no first-run work, a fixed window."""
+
+
 def chromium_path() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
@@ -33,7 +48,10 @@ def chromium_path() -> str:
 
 class Browser:
     def __init__(self) -> None:
-        self._profile = tempfile.TemporaryDirectory(prefix="metering-cdp-")
+        self._profile = tempfile.TemporaryDirectory(
+            prefix="metering-cdp-",
+            ignore_cleanup_errors=True,  # a late helper's file
+        )
         self._proc: asyncio.subprocess.Process | None = None
         self._session: ClientSession | None = None
         self._ws: ClientWebSocketResponse | None = None
@@ -54,18 +72,9 @@ class Browser:
         profile = Path(self._profile.name)
         self._proc = await asyncio.create_subprocess_exec(
             chromium_path(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
+            *CHROMIUM_FLAGS,
             "--remote-debugging-port=0",
             f"--user-data-dir={profile}",
-            "--window-size=1280,900",
             "about:blank",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -102,8 +111,14 @@ class Browser:
         if self._session is not None:
             await self._session.close()
         if self._proc is not None and self._proc.returncode is None:
-            self._proc.kill()
-            await self._proc.wait()
+            # SIGTERM lets Chromium stop its helper processes, which write into the profile
+            # until they exit; a kill only if it does not stop.
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), 10)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
         self._profile.cleanup()
 
     async def _read(self) -> None:
