@@ -57,6 +57,7 @@ from worker.api_base import (
     authorize,
     dumps,
     json_error,
+    org_document,
     read_store,
 )
 from worker.api_entitlement import (
@@ -191,17 +192,7 @@ async def _dashboard(request: web.Request, org_id: str) -> dict[str, Any] | None
 
 async def credits_handler(request: web.Request) -> web.Response:
     """``GET /v1/orgs/{org_id}/credits``."""
-    org_id = request.match_info["org_id"]
-    denied = authorize(request, org_id, allow_query=False)
-    if denied is not None:
-        return denied
-    try:
-        data = await _dashboard(request, org_id)
-    except StoreUnavailable as exc:
-        return json_error(503, "unavailable", str(exc))
-    if data is None:
-        return json_error(404, "not_found", f"unknown org {org_id!r}")
-    return web.json_response(data, dumps=dumps, headers={"Cache-Control": "no-store"})
+    return await org_document(request, _dashboard)
 
 
 async def ledger_handler(request: web.Request) -> web.Response:

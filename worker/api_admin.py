@@ -56,10 +56,8 @@ from worker.api_base import (
     SETTINGS_KEY,
     StoreUnavailable,
     TokenAuth,
-    authorize,
-    dumps,
     form_token,
-    json_error,
+    org_document,
     read_store,
     request_token,
     session_value,
@@ -260,17 +258,7 @@ async def _render(
 
 async def admin_json_handler(request: web.Request) -> web.Response:
     """``GET /v1/orgs/{org_id}/admin``: the admin page's live document."""
-    org_id = request.match_info["org_id"]
-    denied = authorize(request, org_id, allow_query=False)
-    if denied is not None:
-        return denied
-    try:
-        doc = await _admin_doc(request, org_id)
-    except StoreUnavailable as exc:
-        return json_error(503, "unavailable", str(exc))
-    if doc is None:
-        return json_error(404, "not_found", f"unknown org {org_id!r}")
-    return web.json_response(doc, dumps=dumps, headers={"Cache-Control": "no-store"})
+    return await org_document(request, _admin_doc)
 
 
 # --- Writes ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -191,3 +191,21 @@ async def read_store(read: Callable[[], Any], what: str, org_id: str | None) -> 
         log.warning("%s read failed", what, extra={"org_id": org_id, "error": repr(exc)})
         raise StoreUnavailable("live balances are unavailable, retry shortly") from exc
     return result
+
+
+async def org_document(
+    request: web.Request, read: Callable[[web.Request, str], Awaitable[dict[str, Any] | None]]
+) -> web.Response:
+    """A JSON document of the path's org: 401/403 as ``authorize``, 503 when the store
+    fails, 404 for an org it does not know, else the document (never cached)."""
+    org_id = request.match_info["org_id"]
+    denied = authorize(request, org_id, allow_query=False)
+    if denied is not None:
+        return denied
+    try:
+        doc = await read(request, org_id)
+    except StoreUnavailable as exc:
+        return json_error(503, "unavailable", str(exc))
+    if doc is None:
+        return json_error(404, "not_found", f"unknown org {org_id!r}")
+    return web.json_response(doc, dumps=dumps, headers={"Cache-Control": "no-store"})

@@ -12,6 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from api_orgs import build_model, build_redis_engine
+from api_stores import write_effects
 from pydantic import SecretStr
 
 from schemas.amounts import format_credits as format_mc
@@ -19,9 +20,8 @@ from worker import metrics, views
 from worker.api import PgLedgerReader, create_app, decode_cursor, encode_cursor
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
-from worker.effects import from_dict
 from worker.engine import RedisEngine
-from worker.ledger import FlushBatch, Ledger, migrate
+from worker.ledger import migrate
 from worker.model import Model
 
 TOKENS = {"tok-acme": "acme", "tok-globex": "globex", "tok-admin": "*"}
@@ -68,14 +68,7 @@ async def stores(
     engine, effects = await build_redis_engine(api_settings)
     assert effects == model_effects  # the engine and the rules agree before the API is asked
     await migrate(api_settings)
-    ledger = await Ledger.connect(api_settings)
-    try:
-        batch = FlushBatch()
-        for org_id, org_effects in effects.items():
-            batch.add_effects(from_dict({"org_id": org_id, **e}) for e in org_effects)
-        await ledger.write(batch)
-    finally:
-        await ledger.close()
+    await write_effects(api_settings, effects)
     # The API's own pool: no search_path, its queries name the schema explicitly.
     pool = await asyncpg.create_pool(**pg_connect_kwargs(api_settings), min_size=1, max_size=2)
     try:

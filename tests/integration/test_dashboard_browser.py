@@ -8,7 +8,6 @@ Needs Debian's ``chromium`` package (``/usr/bin/chromium``); the screenshot is s
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import ClientSession, web
 from api_orgs import build_model, build_redis_engine
+from cdp import CHROMIUM_FLAGS, chromium_path
 from pydantic import SecretStr
 
 from worker import views
@@ -42,13 +42,6 @@ MEMBER_COLUMNS = (
     "negative_balance",
     "state",
 )
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.fail("chromium is not installed (Debian package `chromium`)", pytrace=False)
-    return path
 
 
 class _Dom(HTMLParser):
@@ -126,18 +119,9 @@ async def server(settings: Settings, redis_url: str, redis: Any) -> AsyncIterato
 async def _chromium_run(url: str, *extra: str) -> str:
     with tempfile.TemporaryDirectory(prefix="metering-chromium-") as profile:
         proc = await asyncio.create_subprocess_exec(
-            _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
+            chromium_path(),
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
-            "--window-size=1280,900",
             *extra,
             url,
             stdout=asyncio.subprocess.PIPE,
