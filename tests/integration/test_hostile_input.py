@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,7 @@ async def test_unknown_org_flood_does_not_hold_back_known_orgs(
     await h.start()
     worker = WorkerProcess(s, tmp_path, "flood", extra_env={"METERING_LOG_LEVEL": "DEBUG"})
     await worker.start()
+    stack = AsyncExitStack()
     try:
         h.w.org("canary", ["c"])
         h.w.command("canary", "pool_purchase", 100, credits_mc=10**9)
@@ -394,6 +396,7 @@ async def test_unknown_org_flood_does_not_hold_back_known_orgs(
                 await asyncio.gather(*futures)
 
         engine = RedisEngine.from_settings(s)
+        stack.push_async_callback(engine.close)  # closed even when an assertion fails
         # Charged = visible in the live balances (Redis): the canary member's "used" credits,
         # polled, tell when each canary was charged (each adds exactly 1 credit).
         base = await _used(engine)
@@ -409,9 +412,10 @@ async def test_unknown_org_flood_does_not_hold_back_known_orgs(
         watcher = asyncio.create_task(watch())
         flooding = asyncio.create_task(produce_flood())
         sent: list[float] = []
-        # Canaries every 100 ms while the flood is produced and worked off (a few seconds).
+        # Canaries every 100 ms while the flood is produced and worked off (a few seconds), and
+        # at least 60 of them however slowly the broker acknowledges each one.
         until = time.monotonic() + 6.0
-        while not flooding.done() or time.monotonic() < until:
+        while not flooding.done() or time.monotonic() < until or len(sent) < 60:
             h.w.usage("canary", "c", 1 * C, minutes_ago=1)
             m = h.w.messages[-1]
             await (await h.producer.send(m.topic, m.value, key=m.key, partition=canary_partition))
@@ -430,11 +434,9 @@ async def test_unknown_org_flood_does_not_hold_back_known_orgs(
         await asyncio.sleep(s.unknown_grace_seconds + 3)
         await h.send_pending()
         await wait_drained(s, [s.topic_usage, s.topic_admin], [worker], timeout=180)
-        try:
-            await check_pipeline(s, h.w, engine=engine)
-        finally:
-            await engine.close()
+        await check_pipeline(s, h.w, engine=engine)
     finally:
+        await stack.aclose()
         worker.kill()
         await worker.wait(10)
         await h.stop()
