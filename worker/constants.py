@@ -111,6 +111,8 @@ DUPLICATE = "duplicate"
 REPLAYED = "replayed"
 REJECTED = "rejected"
 UNKNOWN = "unknown"
+ELSEWHERE = "elsewhere"
+"""Not decided here: the org's home is another partition (the code names it)."""
 
 E_UNKNOWN_ORG = "unknown_org"
 E_UNKNOWN_MEMBER = "unknown_member"

@@ -53,7 +53,9 @@ Item = UsageItem | CommandItem
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one item: ``status`` is applied/duplicate/replayed/rejected/unknown."""
+    """What became of one item: ``status`` is applied/duplicate/replayed/rejected/unknown, or
+    ``elsewhere`` (not decided here: ``code`` is the org's home partition, where the record
+    is to be forwarded, docs/delivery.md "One owner per org")."""
 
     status: str
     code: str | None = None
@@ -83,11 +85,14 @@ class OrgCall(NamedTuple):
 
     ``expect_seq`` (0: no check) is the org's effect seq that PostgreSQL holds or will hold:
     an engine holding the org at a lower seq (or not at all) refuses the org unchanged.
+    ``replay``: the items are recorded decisions replayed by a rebuild, applied wherever they
+    were decided (no home check).
     """
 
     org_id: str
     items: Sequence[Item]
     expect_seq: int = 0
+    replay: bool = False
 
 
 @dataclass(slots=True)
@@ -151,13 +156,17 @@ class Engine(Protocol):
         over yet may or may not have been applied (as for ``apply_many``)."""
 
     async def apply(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0, replay: bool = False
     ) -> ApplyResult:
         """``apply_many`` for one org, charges expanded; raises :class:`RedisBehind` when the
         engine refused the org."""
 
     async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
         """Claim namespaced ids (``e|``/``c|``) for the records carrying them (``CLAIM_*``)."""
+
+    async def release_claims(self, entries: Sequence[tuple[str, str]]) -> None:
+        """Drop the claims of records that did not decide their id (forwarded to their org's
+        home): each ``(id, claim)`` removed only while that record still holds it."""
 
     async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[Effect]:
         """Effects not yet acknowledged with ``seq > after_seq``, in seq order (charges

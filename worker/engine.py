@@ -164,7 +164,10 @@ def _outcomes(rows: list[list[Any]]) -> list[Outcome]:
 def org_integers(raw: bytes | str) -> dict[str, int]:
     """The org hash's ``s`` field (MessagePack) by name (``worker/layout.py`` ORG_FIELDS)."""
     values = msgpack_decode(_binary(raw))
-    return dict(zip(layout.ORG_FIELDS, values, strict=True))
+    # A record written before a field was added is shorter: the missing fields are 0.
+    out = dict.fromkeys(layout.ORG_FIELDS, 0)
+    out.update(zip(layout.ORG_FIELDS, values, strict=False))
+    return out
 
 
 def _binary(value: bytes | str) -> bytes:
@@ -246,6 +249,7 @@ class RedisEngine:
         ).decode()
         self._apply = client.register_script(load_apply_script())
         self._claim = client.register_script(load_script("claim.lua"))
+        self._release = client.register_script(load_script("release.lua"))
         self._ack = client.register_script(load_script("ack.lua"))
         self._snapshot = client.register_script(load_script("snapshot.lua"))
         self._restore = client.register_script(load_script("restore.lua"))
@@ -298,12 +302,12 @@ class RedisEngine:
         return self.shard(org_id) if self._cluster else 0
 
     async def apply(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0, replay: bool = False
     ) -> ApplyResult:
         """Apply items of one org in order; one outcome per item plus the effects produced
         (charges expanded). Raises :class:`RedisBehind`, having changed nothing, when Redis
         holds the org below ``expect_seq``. See :meth:`apply_many`."""
-        (result,) = await self.apply_many([OrgCall(org_id, items, expect_seq)])
+        (result,) = await self.apply_many([OrgCall(org_id, items, expect_seq, replay)])
         if result.behind is not None:
             raise result.behind
         return ApplyResult(result.outcomes, expanded(result.effects))
@@ -446,7 +450,8 @@ class RedisEngine:
             org_id = calls[idx].org_id
             keys.extend(self.key_args(org_id))
             s = start[idx]
-            spec.append((org_id, encoded[idx][s : s + CALL_MAX_ITEMS], expect[idx]))
+            replay = 1 if calls[idx].replay else 0
+            spec.append((org_id, encoded[idx][s : s + CALL_MAX_ITEMS], expect[idx], replay))
         # bytes, not str: redis-py would encode a str argument again
         args: list[bytes | str | int] = [orjson.dumps(spec), self._config, self.walk_budget]
         reply = await self._apply(keys=keys, args=args)
@@ -476,33 +481,56 @@ class RedisEngine:
         if not entries:
             return []
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        shards = self.claim_shards
-        by_shard: dict[int, list[int]] = {}
-        for i, (ident, _) in enumerate(entries):
-            by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
         ttl = 2 * self.window_ms + 60_000
-        order = list(by_shard.items())
-
-        def call(shards: list[tuple[int, list[int]]]) -> Any:
-            keys: list[str] = []
-            for shard, _ in shards:
-                keys += self.claim_keys(shard, now)
-            spec = [[entries[i] for i in positions] for _, positions in shards]
-            return self._claim(keys=keys, args=[ttl, orjson.dumps(spec)])
-
-        replies: list[Any] = []
-        if self._cluster:
-            # One call per shard, each routed to the node of its slot.
-            for reply in await asyncio.gather(*(call([one]) for one in order)):
-                replies.extend(reply)
-        else:
-            replies = await call(order)  # one call: a single Redis takes any keys together
+        order, replies = await self._per_claim_shard(entries, now, self._claim, [ttl])
         out = [CLAIM_NEW] * len(entries)
         for (_, positions), reply in zip(order, replies, strict=True):
             verdicts = reply if isinstance(reply, bytes) else str(reply).encode()
             for i, verdict in zip(positions, verdicts, strict=True):
                 out[i] = verdict - 48  # b"0" -> 0
         return out
+
+    async def release_claims(
+        self, entries: Sequence[tuple[str, str]], *, now_ms: int | None = None
+    ) -> None:
+        """Drop the claims of records that did not decide their id (``(id, claim)`` pairs, as
+        :meth:`claim` took them); a claim another record holds stays."""
+        if entries:
+            now = int(time.time() * 1000) if now_ms is None else now_ms
+            await self._per_claim_shard(entries, now, self._release, [])
+
+    async def _per_claim_shard(
+        self,
+        entries: Sequence[tuple[str, str]],
+        now: int,
+        script: Any,
+        head: list[Any],
+    ) -> tuple[list[tuple[int, list[int]]], list[Any]]:
+        """``script`` over the claim shards of ``entries``: ARGV ``head`` then the entries per
+        shard as JSON. All shards in one call on a single Redis (any keys may share a call
+        there), one call per shard on a Redis Cluster, each routed to its slot's node. Returns
+        the shards (with the positions of their entries) and one reply per shard."""
+        shards = self.claim_shards
+        by_shard: dict[int, list[int]] = {}
+        for i, (ident, _) in enumerate(entries):
+            by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
+        order = list(by_shard.items())
+
+        def call(part: list[tuple[int, list[int]]]) -> Any:
+            keys: list[str] = []
+            for shard, _ in part:
+                keys += self.claim_keys(shard, now)
+            spec = [[entries[i] for i in positions] for _, positions in part]
+            return script(keys=keys, args=[*head, orjson.dumps(spec)])
+
+        replies: list[Any] = []
+        if self._cluster:
+            for reply in await asyncio.gather(*(call([one]) for one in order)):
+                replies.append(reply[0] if isinstance(reply, list) else reply)
+        else:
+            reply = await call(order)
+            replies = reply if isinstance(reply, list) else [reply] * len(order)
+        return order, replies
 
     async def member_signals(
         self, wanted: Mapping[str, Sequence[str]]

@@ -39,9 +39,9 @@ class MemoryEngine:
 
     async def apply_many(self, calls: Sequence[OrgCall]) -> list[OrgResult]:
         out: list[OrgResult] = []
-        for org_id, items, expect_seq in calls:
+        for org_id, items, expect_seq, replay in calls:
             try:
-                result = await self.apply(org_id, items, expect_seq=expect_seq)
+                result = await self.apply(org_id, items, expect_seq=expect_seq, replay=replay)
             except RedisBehind as behind:
                 out.append(OrgResult(org_id, [], [], behind))
                 continue
@@ -57,13 +57,13 @@ class MemoryEngine:
             yield [(i, result)]
 
     async def apply(
-        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0
+        self, org_id: str, items: Sequence[Item], *, expect_seq: int = 0, replay: bool = False
     ) -> ApplyResult:
         org = self.model.orgs.get(org_id)
         have = org.seq if org is not None else 0
         if expect_seq > 0 and have < expect_seq:
             raise RedisBehind(org_id, have, expect_seq)
-        result = self.model.apply(org_id, items)
+        result = self.model.apply(org_id, items, replay=replay)
         effects: list[Effect] = [from_dict(e) for e in result.effects]
         self.outbox.setdefault(org_id, []).extend(effects)
         return ApplyResult(result.outcomes, effects)
@@ -78,6 +78,11 @@ class MemoryEngine:
             else:
                 out.append(CLAIM_MINE if have == claim else CLAIM_TAKEN)
         return out
+
+    async def release_claims(self, entries: Sequence[tuple[str, str]]) -> None:
+        for ident, claim in entries:
+            if self.claims.get(ident) == claim:
+                del self.claims[ident]
 
     async def outbox_pending(self, org_id: str, after_seq: int = 0) -> list[Effect]:
         return [e for e in self.outbox.get(org_id, []) if e.seq > after_seq]

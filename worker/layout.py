@@ -106,6 +106,7 @@ ORG_FIELDS: Final = (
     "dt",  # member debt
     "nt",  # next cycle's allocation total
     "np",  # earliest promo expiry (lower bound)
+    "hm",  # home partition + 1: where the org is decided (0: none, decided where it arrives)
 )
 """The org's integers: one field ``s`` of the org hash, ``%d`` values joined by commas in this
 order (one read and one write per call instead of one per field)."""

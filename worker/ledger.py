@@ -177,6 +177,7 @@ class FlushBatch:
     signals: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     parked_add: list[tuple[Any, ...]] = field(default_factory=list)
     parked_del: list[str] = field(default_factory=list)
+    parked_move: dict[str, int] = field(default_factory=dict)  # event -> home partition
     org_seq: dict[str, int] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
@@ -192,6 +193,7 @@ class FlushBatch:
             or self.signals
             or self.parked_add
             or self.parked_del
+            or self.parked_move
             or self.org_seq
             or self.offsets
             or self.snapshots
@@ -314,6 +316,7 @@ class FlushBatch:
                 self.signals[key] = row
         self.parked_add.extend(other.parked_add)
         self.parked_del.extend(other.parked_del)
+        self.parked_move.update(other.parked_move)
         for org, seq in other.org_seq.items():
             if seq > self.org_seq.get(org, 0):
                 self.org_seq[org] = seq
@@ -347,6 +350,9 @@ class ParkedEvent:
     key: bytes | None
     value: bytes
     parked_at_ms: int
+    owner_partition: int = -1
+    """The partition whose worker retries it: the home of its org once known to be another
+    than ``source_partition`` (-1: the source partition)."""
     decided: bool = False
     """PostgreSQL already holds the event as decided: remove the row, never offer it again."""
 
@@ -628,6 +634,8 @@ class Ledger:
         """The orgs' seqs, the snapshots they now cover, and the offsets, last, in the same
         transaction as the rows."""
         q = self._q
+        if b.parked_move:
+            await conn.execute(q["move_parked"], list(b.parked_move), list(b.parked_move.values()))
         if b.org_seq:
             await conn.execute(q["upsert_org_seq"], list(b.org_seq), list(b.org_seq.values()))
         if b.snapshots:
@@ -658,7 +666,8 @@ class Ledger:
     async def parked_for_partitions(
         self, topic: str, partitions: Sequence[int], limit: int = 10_000
     ) -> list[ParkedEvent]:
-        """Parked events that came from these partitions, oldest first."""
+        """Parked events these partitions' worker retries (read there, or handed over as the
+        home of their org), oldest first."""
         if not partitions:
             return []
         rows = await self._pool.fetch(
@@ -679,6 +688,7 @@ class Ledger:
                 key=r["msg_key"],
                 value=r["msg_value"],
                 parked_at_ms=r["parked_at_ms"],
+                owner_partition=r["owner"],
                 decided=r["decided"],
             )
             for r in rows

@@ -16,6 +16,10 @@ from schemas.encode import HEADER_ERROR_CODE, dlq_headers
 HEADER_SEQ = "metering.seq"
 """Org-wide effect sequence number: the dedupe key for consumers of re-published effects."""
 
+HEADER_FORWARDED_FROM = "forwarded.from"
+"""On a record forwarded to its org's home partition: ``<topic>:<partition>:<offset>`` of the
+record it copies (for people and tools; the worker never trusts it)."""
+
 
 @dataclass(slots=True, frozen=True)
 class OutMessage:
@@ -25,6 +29,7 @@ class OutMessage:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None  # None: the producer's partitioner (by key)
 
     @property
     def is_dlq(self) -> bool:
@@ -86,4 +91,16 @@ def dlq_of(topic: str, raw: RawSource, code: str, detail: str | None = None) -> 
         source_topic=raw.topic,
         source_partition=raw.partition,
         source_offset=raw.offset,
+    )
+
+
+def forward_of(raw: RawSource, home: int) -> OutMessage:
+    """A consumed record sent on to its org's home partition: same topic, key and value."""
+    origin = f"{raw.topic}:{raw.partition}:{raw.offset}".encode()
+    return OutMessage(
+        topic=raw.topic,
+        key=raw.key,
+        value=raw.value,
+        headers=((HEADER_FORWARDED_FROM, origin),),
+        partition=home,
     )

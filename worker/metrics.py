@@ -86,6 +86,13 @@ DLQ_MESSAGES = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+FORWARDED_MESSAGES = Counter(
+    "metering_forwarded_messages_total",
+    "Input records sent on to their org's home partition (a producer that does not key by "
+    "org), by input topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
 PUBLISHED_MESSAGES = Counter(
     "metering_published_messages_total",
     "Effect messages published (control, notifications, billing), by topic.",

@@ -33,6 +33,7 @@ from worker.constants import (
     E_UNKNOWN_ORG,
     E_UNKNOWN_REQUEST,
     E_UNKNOWN_TIER,
+    ELSEWHERE,
     INACTIVITY_MONTHS,
     MAX_AMOUNT_MC,
     MAX_BALANCE_MC,
@@ -51,6 +52,12 @@ Limit = int | None | str
 """A member pool limit: ``"inherit"`` (use the tier's), ``None`` (no limit) or mc."""
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def source_partition(source: str) -> int | None:
+    """The partition of an item's ``"<topic>:<partition>"`` source (None: not from Kafka)."""
+    _, sep, tail = source.rpartition(":")
+    return int(tail) if sep and tail.isdigit() and tail.isascii() else None
 
 
 # --- Calendar (UTC) --------------------------------------------------------------------------
@@ -194,6 +201,8 @@ class Org:
     tier_limits: dict[str, int | None] = field(default_factory=dict)
     invoice_extra: int = 0
     seq: int = 0
+    home: int | None = None
+    """The partition the org is decided from (its creating org_upsert's); None: anywhere."""
     watermarks: dict[str, int] = field(default_factory=dict)
     unknown_seen: set[tuple[str, int]] = field(default_factory=set)
     members: dict[str, Member] = field(default_factory=dict)
@@ -240,12 +249,17 @@ class Model:
         self.block_mc = block_credits * MC_PER_CREDIT
         self.orgs: dict[str, Org] = {}
         self._effects: list[dict[str, Any]] = []
+        self._replay = False
 
     # --- public API --------------------------------------------------------------------------
 
-    def apply(self, org_id: str, items: Sequence[Item]) -> ModelResult:
-        """Apply items of one org in order; returns outcomes and the effects produced."""
+    def apply(self, org_id: str, items: Sequence[Item], *, replay: bool = False) -> ModelResult:
+        """Apply items of one org in order; returns outcomes and the effects produced.
+
+        ``replay``: recorded decisions replayed by a rebuild, applied wherever they were
+        decided (no home check, :meth:`_elsewhere`)."""
         self._effects = []
+        self._replay = replay
         outcomes = [self._apply_one(org_id, item) for item in items]
         effects, self._effects = self._effects, []
         return ModelResult(outcomes, effects)
@@ -572,6 +586,17 @@ class Model:
 
     # --- items -------------------------------------------------------------------------------
 
+    def _elsewhere(self, org: Org, item: Item) -> Outcome | None:
+        """The home check (one decider per org, docs/delivery.md "One owner per org"): an item
+        read from a partition other than the org's home is not decided here; nothing is
+        recorded for it (no watermark), so a replay of its offset is sent on again."""
+        if org.home is None or self._replay:
+            return None
+        part = source_partition(item.source)
+        if part is None or part == org.home:
+            return None
+        return Outcome(ELSEWHERE, str(org.home))
+
     def _gate(self, org: Org, item: Item) -> Outcome | None:
         """The replay check (an offset already applied); None when the item must be decided.
 
@@ -600,6 +625,9 @@ class Model:
         org = self.orgs.get(org_id)
         if org is None:
             return Outcome(UNKNOWN, E_UNKNOWN_ORG)
+        away = self._elsewhere(org, item)
+        if away is not None:
+            return away
         m = org.members.get(item.member_id)
         if m is None:
             # Remembered so that a replay of this offset after the member_add is decided
@@ -669,6 +697,7 @@ class Model:
                 return Outcome(REJECTED, E_INVALID_COMMAND)
             start, end = cycle_containing(at, day)
             org = Org(org_id=org_id, anchor=day, clock=at, cstart=start, cend=end, last_act=at)
+            org.home = source_partition(item.source)
             self.orgs[org_id] = org
             self._mark(org, item)
             self._emit(
@@ -683,6 +712,9 @@ class Model:
                 offset=item.offset,
             )
             return Outcome(APPLIED)
+        away = self._elsewhere(org, item)
+        if away is not None:
+            return away
         gate = self._gate(org, item)
         if gate is not None:
             return gate

@@ -110,7 +110,11 @@ class Publisher:
         futures: list[tuple[OutMessage, asyncio.Future[Any]]] = []
         for m in messages:
             fut = await self._producer.send(
-                m.topic, value=m.value, key=m.key, headers=list(m.headers) or None
+                m.topic,
+                value=m.value,
+                key=m.key,
+                headers=list(m.headers) or None,
+                partition=m.partition,
             )
             futures.append((m, fut))
 
@@ -129,6 +133,8 @@ class Publisher:
                     raise res
                 if m.is_dlq:
                     metrics.dlq(m.topic)
+                elif m.partition is not None:
+                    metrics.FORWARDED_MESSAGES.labels(topic=m.topic).inc()
                 else:
                     metrics.PUBLISHED_MESSAGES.labels(topic=m.topic).inc()
 

@@ -83,7 +83,7 @@ def replay_items(rows: Iterable[Any]) -> list[Any]:
     """Engine items for recorded decisions (rows of the ``rebuild_inputs`` query)."""
     items: list[Any] = []
     for r in rows:
-        source = r["source"] or "rebuild:0"
+        source = r["source"] or ""  # (rows recorded before sources were)
         if r["kind"] == "usage":
             items.append(
                 UsageItem(
@@ -125,7 +125,7 @@ async def rebuild_org(
     done = 0
     for start in range(0, len(items), REPLAY_CHUNK):
         chunk = items[start : start + REPLAY_CHUNK]
-        result = await engine.apply(org_id, chunk)
+        result = await engine.apply(org_id, chunk, replay=True)
         for e in result.effects:
             top = max(top, last_seq(e))
         done += len(chunk)

@@ -30,7 +30,7 @@ from worker.engine import (
     RedisEngine,
     org_integers,
 )
-from worker.model import Item, UsageItem, to_ms
+from worker.model import CommandItem, Item, UsageItem, to_ms
 
 C = 1000
 T0 = to_ms(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
@@ -63,8 +63,9 @@ async def test_replaying_any_prefix_changes_nothing(
         items = [_rename(i, org, real) for i in items]
         res = await engine.apply(real, items)
         for item, out in zip(items, res.outcomes, strict=True):
-            # Items that were not decided (unknown org/member) are retried by design.
-            if out.status != "unknown" and out.code != "unknown_org":
+            # Items that were not decided (unknown org/member, or read from a partition other
+            # than the org's home: sent on there) are retried by design.
+            if out.status not in ("unknown", "elsewhere") and out.code != "unknown_org":
                 decided.setdefault(real, []).append(item)
     for real, items in decided.items():
         before = await engine.state_view(real)
@@ -432,3 +433,32 @@ async def test_out_of_memory_refuses_the_whole_call(settings: Settings, tmp_path
         await client.aclose()
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_the_home_partition_survives_a_snapshot_and_binds_every_later_call(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    # The org_upsert's partition is the org's home (kept in the org record and in its
+    # snapshot); items read from another partition are answered "elsewhere" and write
+    # nothing; a rebuild's replay (replay=True) is decided wherever it was recorded.
+    engine = RedisEngine(client, settings)
+    create = cmd("org_upsert", T0, billing_anchor_day=1)
+    await engine.apply("o", [CommandItem(create.command, "admin:4", 0)])
+    add = cmd("member_add", T0, member_id="a", tier="pro")
+    away = await engine.apply("o", [CommandItem(add.command, "admin:1", 0)])
+    assert [(o.status, o.code) for o in away.outcomes] == [("elsewhere", "4")]
+    assert away.effects == []
+    await engine.apply("o", [CommandItem(add.command, "admin:4", 1)])
+    snap = (await engine.snapshots(["o"]))["o"]
+    await engine.reset_org("o")
+    await engine.restore_org(snap)
+    raw = await client.hget(engine.keys("o").org, "s")
+    assert org_integers(raw)["hm"] == 5  # partition 4, stored + 1
+    before = await engine.state_view("o")
+    usage = UsageItem("e1", "a", "t", C, T0 + 1, "usage:2", 3)
+    res = await engine.apply("o", [usage, usage._replace(event_id="e2", offset=4)])
+    assert [(o.status, o.code) for o in res.outcomes] == [("elsewhere", "4")] * 2
+    assert await engine.state_view("o") == before
+    assert (await engine.apply("o", [usage], replay=True)).outcomes[0].status == "applied"
+    home = usage._replace(event_id="e3", source="usage:4")
+    assert (await engine.apply("o", [home])).outcomes[0].status == "applied"

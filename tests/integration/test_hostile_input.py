@@ -381,7 +381,11 @@ async def test_unknown_org_flood_does_not_hold_back_known_orgs(
         # The flood goes to every partition but the canary's: records of one partition are
         # decided in offset order, so a canary behind 50,000 records of its own partition
         # waits for them whatever the worker does; the other partitions must not hold it back.
-        canary_partition = 0
+        # The canary's partition is its org's home: where its admin commands went (by key).
+        from aiokafka.partitioner import DefaultPartitioner
+
+        every = list(range(s.topic_partitions))
+        canary_partition = DefaultPartitioner()(b"canary", every, every)
 
         async def produce_flood() -> None:
             assert h.producer is not None

@@ -1,5 +1,6 @@
 """One owner per org, proven where it matters: Redis goes back to an older snapshot while
-several workers run.
+several workers run, with producers that key by org and with producers that spray every org
+over all partitions.
 
 Admin commands and usage of one org arrive on partition ``p`` of two topics. With Kafka's
 default assignment those two partitions belong to different workers for most group sizes, so
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
-from scenario_harness import PrivateRedis, Scenario, verify, wait_members
+from scenario_harness import PrivateRedis, Scenario, end_offsets, verify, wait_members
 
 from bench.workload import Commands, WorkloadSpec
 from worker.config import Settings
@@ -98,6 +99,77 @@ async def test_redis_restored_from_an_older_snapshot_under_several_workers(
         await sc.stop_all()
         logs = "".join(w.log_path.read_text() for w in sc.workers)
         assert "rebuilding the org from the ledger" in logs  # the lost phase was noticed
+        await verify(sc, production_order=False)
+    finally:
+        await sc.kill_all()
+
+
+def _sprayed(messages: list[object]) -> list[object]:
+    """The same records with random keys: the producer scatters each org over all partitions."""
+    from bench.workload import Message
+
+    return [Message(uuid.uuid4().hex.encode(), m.value) for m in messages]  # type: ignore[attr-defined]
+
+
+async def test_sprayed_producers_and_redis_restored_under_several_workers(
+    isolated_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    """Usage and admin commands keyed at random, so every org's records reach every worker;
+    Redis is put back to a snapshot taken before a phase of admin commands and usage. Each
+    org is decided at its home partition only (records read elsewhere are sent on there), so
+    the books are exact: ledger, dashboards and signals equal the model's fed in the order
+    PostgreSQL recorded, every event charged once, and copies were sent on."""
+    s = _settings(isolated_settings, private_redis)
+    spec = WorkloadSpec(
+        orgs=8,
+        members_per_org=4,
+        events=2_400,
+        prefix=f"spr{uuid.uuid4().hex[:6]}",
+        span_seconds=3 * 3600,
+        pool_credits=3_000,
+    )
+    sc = Scenario(s, tmp_path, spec)
+    sc.usage = _sprayed(sc.usage)  # type: ignore[arg-type]
+    cmds = Commands(prefix=f"{spec.prefix}x")
+    orgs = [spec.org_id(i) for i in range(spec.orgs)]
+    third = len(sc.usage) // 3
+
+    async def admin(messages: list[object]) -> None:
+        sprayed = _sprayed(messages)
+        await sc.produce(s.topic_admin, sprayed)
+        sc.setup.extend(sprayed)  # type: ignore[arg-type]
+
+    try:
+        await sc.apply_setup()  # keyed: each org's creation and members on its partition
+        for _ in range(WORKERS):
+            await sc.worker().start()
+        await wait_members(s, WORKERS, timeout=60)
+        await sc.produce_usage(sc.usage[:third])
+        await sc.drain()
+        snapshot = await private_redis.snapshot(tmp_path / "redis-snapshot")
+
+        # The phase Redis will lose: admin commands and usage, decided and in PostgreSQL.
+        at = spec.start + timedelta(hours=1)
+        await admin(
+            [cmds.tier_limit_set(o, "pro", 150_000, at) for o in orgs]
+            + [cmds.pool_purchase(o, 200_000, at) for o in orgs]
+        )
+        await sc.produce_usage(sc.usage[third : third + third // 2])
+        await sc.drain()
+        await private_redis.restore(snapshot)
+        await sc.produce_usage(sc.usage[third + third // 2 : 2 * third])
+        at = spec.start + timedelta(hours=2)
+        await admin(
+            [cmds.member_limit_set(o, spec.member_id(1), 60_000, at) for o in orgs]
+            + [cmds.pool_purchase(o, 100_000, at) for o in orgs]
+        )
+        await sc.produce_usage(sc.usage[2 * third :])
+        await sc.drain(timeout=120)
+        await sc.stop_all()
+        logs = "".join(w.log_path.read_text() for w in sc.workers)
+        assert "rebuilding the org from the ledger" in logs  # the lost phase was noticed
+        ends = await end_offsets(s, [s.topic_usage])
+        assert sum(ends.values()) > len(sc.usage), "no usage record was sent on to its home"
         await verify(sc, production_order=False)
     finally:
         await sc.kill_all()

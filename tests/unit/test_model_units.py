@@ -78,3 +78,38 @@ def test_invariant_checker_catches_a_broken_state() -> None:
     signal = next(e for e in res.effects if e["kind"] == "signal")
     assert any("two" in p for p in check_invariants(org, [*res.effects, dict(signal, seq=99)]))
     assert any("seq" in p for p in check_invariants(org, list(reversed(res.effects))))
+
+
+def test_an_org_is_decided_only_from_the_partition_that_created_it() -> None:
+    """The org_upsert's partition is the org's home: items read from another partition are
+    answered ``elsewhere`` with the home and change nothing (no seq, no watermark, so a
+    replay is sent on again); from the home they are decided; a rebuild's replay is decided
+    wherever it was recorded; items with no Kafka source decide anywhere."""
+    m = Model()
+    at = T(2026, 1, 5)
+
+    def command(typ: str, cid: str, src: str, off: int, **fields: object) -> CommandItem:
+        return CommandItem({"type": typ, "command_id": cid, "at_ms": at, **fields}, src, off)
+
+    def usage(eid: str, src: str, off: int) -> UsageItem:
+        return UsageItem(eid, "m", "t", 1000, at, src, off)
+
+    created = m.apply("o", [command("org_upsert", "c1", "admin:2", 0, billing_anchor_day=1)])
+    assert [o.status for o in created.outcomes] == ["applied"]
+    assert m.orgs["o"].home == 2
+    away = m.apply("o", [command("member_add", "c2", "admin:3", 0, member_id="m", tier="pro")])
+    assert [(o.status, o.code) for o in away.outcomes] == [("elsewhere", "2")]
+    assert away.effects == [] and "m" not in m.orgs["o"].members
+    assert m.orgs["o"].watermarks == {"admin:2": 0}
+    home = m.apply("o", [command("member_add", "c2", "admin:2", 1, member_id="m", tier="pro")])
+    assert [o.status for o in home.outcomes] == ["applied"]
+    seq = m.orgs["o"].seq
+    again = m.apply("o", [usage("e1", "usage:3", 7), usage("e1", "usage:3", 7)])
+    assert [o.status for o in again.outcomes] == ["elsewhere", "elsewhere"]
+    assert m.orgs["o"].seq == seq
+    assert [o.status for o in m.apply("o", [usage("e1", "usage:2", 4)]).outcomes] == ["applied"]
+    replayed = m.apply("o", [usage("e2", "usage:3", -1)], replay=True)
+    assert [o.status for o in replayed.outcomes] == ["applied"]
+    assert [o.status for o in m.apply("o", [usage("e3", "", -1)]).outcomes] == ["applied"]
+    m.apply("n", [command("org_upsert", "c9", "", -1, billing_anchor_day=1)])
+    assert m.orgs["n"].home is None

@@ -251,6 +251,21 @@ def _verdict(**kw: object) -> Verdict:
             {"is_usage": False, "status": "rejected", "code": "unknown_tier", "has_effect": True},
             Verdict(Action.COMMAND_ENGINE_REJECTED, "unknown_tier"),
         ),
+        (
+            "usage read away from its org's home: sent on",
+            {"status": "elsewhere", "code": "3"},
+            Verdict(Action.FORWARD, "3"),
+        ),
+        (
+            "command read away from its org's home: sent on",
+            {"is_usage": False, "status": "elsewhere", "code": "0"},
+            Verdict(Action.FORWARD, "0"),
+        ),
+        (
+            "parked retry of an org homed elsewhere: handed to that partition, even past grace",
+            {"status": "elsewhere", "code": "5", "parked_at_ms": NOW - GRACE},
+            Verdict(Action.MOVE_PARKED, "5"),
+        ),
     ],
 )
 def test_classify(case: str, kw: dict[str, object], want: Verdict) -> None:

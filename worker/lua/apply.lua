@@ -7,10 +7,11 @@
 --       paused zset, pool-dependents zset, debtors zset, promo expiry zset, unknown-offset
 --       marks set. On a Redis Cluster every key of one call shares one hash tag (the orgs of
 --       one virtual shard, worker/constants.py).
--- ARGV: 1 JSON [[org_id, items, expect_seq], ...] in KEYS order; items are positional
+-- ARGV: 1 JSON [[org_id, items, expect_seq, replay], ...] in KEYS order; items are positional
 --       (lib_layout.lua ITEM_USAGE / ITEM_COMMAND); expect_seq (0: none) is the org's effect
 --       seq the caller knows PostgreSQL holds or will hold: an org below it lost writes and is
---       refused unchanged;
+--       refused unchanged; replay (1) marks a rebuild's replay of recorded decisions, which
+--       skips the home check (lib_items.lua elsewhere);
 --       2 config JSON [{tier: mc}, block_mc, max usage, max amount, max balance];
 --       3 walk budget (member records the call may visit for org-wide work).
 -- Returns {meta JSON [[consumed, pending, outcomes] per org], effects JSON per org ...}; a
@@ -28,6 +29,7 @@
 local results, blobs = {}, {}
 for g, group in ipairs(GROUPS) do
   local org_id, items, expect = group[1], group[2], tonumber(group[3]) or 0
+  REPLAY = group[4] == 1
   load_org(g, org_id, items)
   if expect > 0 and (not EXISTS or O.sq < expect) then
     -- Redis behind PostgreSQL (restarted behind its AOF, emptied): decide nothing on stale

@@ -41,6 +41,37 @@ local function decided(drop)
 end
 
 -- ---------------------------------------------------------------------------------------
+-- Routing: one decider per org (docs/delivery.md "One owner per org"). An org is decided
+-- only from its home partition, the partition of the org_upsert that created it (the same
+-- partition number of every input topic). An item read from another partition is not decided
+-- here: its outcome names the home ('elsewhere', '<partition>') and the pipeline forwards the
+-- record there. Nothing is written for it (no watermark, no mark): a replay of its offset is
+-- sent on again, and no item of that partition is ever applied to the org to move a
+-- watermark past it. Orgs created before homes existed have none (hm 0) and are decided
+-- where their records arrive; so are items with no Kafka source (tests, tools), and a
+-- rebuild's replay (REPLAY), which re-applies decisions already recorded.
+-- ---------------------------------------------------------------------------------------
+local PART = {} -- source -> its partition + 1 (0: not a '<topic>:<partition>' source)
+
+local function part_of(src)
+  local p = PART[src]
+  if p == nil then
+    local digits = type(src) == 'string' and string.match(src, ':(%d+)$')
+    p = digits and (tonumber(digits) + 1) or 0
+    PART[src] = p
+  end
+  return p
+end
+
+local function elsewhere(src)
+  local hm = O.hm
+  if hm == 0 or REPLAY then return nil end
+  local p = part_of(src)
+  if p == 0 or p == hm then return nil end
+  return {'elsewhere', fmt(hm - 1)}
+end
+
+-- ---------------------------------------------------------------------------------------
 -- Items
 -- ---------------------------------------------------------------------------------------
 local INTERRUPTED = {}
@@ -62,6 +93,8 @@ end
 local function do_usage(it)
   local eid, mid, task, c, occ, src, off = it[2], it[3], it[4], it[5], it[6], it[7], it[8]
   if not EXISTS then return {'unknown', 'unknown_org'} end
+  local away = elsewhere(src)
+  if away then return away end
   local m = get(mid)
   if not m then
     mark(src, off)
@@ -419,11 +452,14 @@ local function do_command(it)
     for _, f in ipairs(ORG_FIELDS) do O[f] = 0; ODIRTY[f] = true end
     O.rp = ''; ODIRTY.rp = true
     O.an, O.ck, O.cs, O.ce, O.la = day, at, s, e, at
+    O.hm = part_of(src) -- its home: where the org is decided from now on
     EXISTS = true
     mark(src, off)
     emit(row_command(0, cid, typ, 'applied', NULL, raw, src, off))
     return {'applied', NULL}
   end
+  local away = elsewhere(src)
+  if away then return away end
   local g, drop = gate(src, off)
   if g then return g end
   if type(cmd.at_ms) == 'number' then

@@ -5,7 +5,7 @@
 local ITEM_USAGE, ITEM_COMMAND = 1, 2
 local EK = {ledger = 1, usage = 2, command = 3, signal = 4, notification = 5, refill_request = 6, invoice = 7, charge = 8}
 local MP = {tier = 1, nt = 2, act = 3, cn = 4, ag = 5, au = 6, bk = 7, dr = 8, bu = 9, pu = 10, debt = 11, ds = 12, lim = 13, pz = 14, rs = 15, ms = 16, aa = 17, ra = 18, inp = 19, inq = 20, inb = 21, pr = 22, sh = 23, lr = 24, li = 25}
-local ORG_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're', 'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np'}
+local ORG_FIELDS = {'an', 'pa', 'ck', 'cn', 'cs', 'ce', 'la', 'pl', 'lk', 'pd', 'bw', 're', 'rt', 'ra', 'rm', 'rd', 'rpm', 'rc', 'rn', 'ie', 'sq', 'at', 'bt', 'dt', 'nt', 'np', 'hm'}
 
 -- [1, seq, member_id, source_kind, source_id, task_id, movement, bucket, grant_id, amount_mc, cycle_start_ms, late, at_ms]
 local function row_ledger(seq, member_id, source_kind, source_id, task_id, movement, bucket, grant_id, amount_mc, cycle_start_ms, late, at_ms)

@@ -5,7 +5,7 @@
 -- each. Every function of the other libraries reads them, never a table kept from an earlier
 -- org. Writes: member sets as members are evaluated, everything else in write_back().
 
-local GROUPS = cjson.decode(ARGV[1]) -- [[org_id, items, expect_seq], ...] in KEYS order
+local GROUPS = cjson.decode(ARGV[1]) -- [[org_id, items, expect_seq, replay], ...] in KEYS order
 local CFG = cjson.decode(ARGV[2])
 local TIERS, BLOCK = CFG[1], CFG[2]
 local MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC = CFG[3], CFG[4], CFG[5]
@@ -49,6 +49,9 @@ local MEM, MDIRTY
 local E, NE
 -- Unknown-offset marks (lib_items.lua): looked up or added, new ones, decided ones.
 local SEEN, NEW_U, UNKNOWN_SEEN_DROP
+-- The current org's items are a rebuild's replay of recorded decisions: decided wherever they
+-- were recorded (no home check, lib_items.lua elsewhere).
+local REPLAY = false
 
 -- load_org reads the org hash's integers, pending refill and queued work, and the watermarks of
 -- the sources the org's items come from, in one HMGET.

@@ -50,6 +50,7 @@ from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, classify
 from worker.pipeline.intake import command_type_label
 from worker.pipeline.parking import ParkingLot
+from worker.pipeline.routing import Router
 from worker.publisher import EffectEncoder, Publisher
 from worker.recovery import rebuild_org
 
@@ -103,6 +104,7 @@ class Applier:
         backoff: Backoff,
         parking: ParkingLot,
         progress: FlushProgress,
+        router: Router,
     ) -> None:
         self._s = settings
         self._engine = engine
@@ -112,6 +114,7 @@ class Applier:
         self._backoff = backoff
         self._parking = parking
         self._progress = progress
+        self._router = router
         self.last_seq: dict[str, int] = {}  # highest effect seq of our calls, per org
         self.pg_seq: dict[str, int] = {}  # highest effect seq flushed to PostgreSQL, per org
         self._unchecked: set[str] = set()  # orgs just rebuilt: their next call does not check
@@ -254,6 +257,7 @@ class Applier:
         await self._fill_gaps(done)
         for (org_id, pend), res in done:
             self._record(batch, org_id, pend, res.outcomes, res.effects)
+        await self._router.send_on(batch)
         await self.publish(batch)
 
     async def publish(self, batch: Batch) -> None:
@@ -480,6 +484,13 @@ class Applier:
                 counts["rejected"] += 1
                 metrics.EVENTS_REJECTED.labels(reason=verdict.code or "rejected").inc()
                 self._reject_usage(batch, org_id, p, verdict.code or "rejected")
+            elif action is Action.FORWARD:
+                batch.forwards.append((org_id, p, int(verdict.code or 0)))
+            elif action is Action.MOVE_PARKED:
+                home = int(verdict.code or 0)
+                self._router.learn(org_id, home)
+                batch.flush.parked_move[p.ident] = home
+                counts["moved_parked"] += 1
             elif action is Action.COMMAND_ENGINE_REJECTED:
                 counts["rejected_command"] += 1
             else:  # COMMAND_PIPELINE_REJECTS

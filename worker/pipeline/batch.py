@@ -78,6 +78,8 @@ class Batch:
     messages: list[OutMessage] = field(default_factory=list)
     acks: dict[str, int] = field(default_factory=dict)
     unknown_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    forwards: list[tuple[str, Pending, int]] = field(default_factory=list)
+    """(org, input, home partition) the engine answered ``elsewhere`` for, not sent on yet."""
     signals: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     """Per org, per member: the highest member seq of the signals this batch publishes."""
     outboxed: int = 0  # effects this batch left in Redis outboxes until its ack
@@ -159,6 +161,7 @@ class Stats:
     rejected: int = 0
     parked: int = 0
     unparked: int = 0
+    forwarded: int = 0
     published: int = 0
     dead_letters: int = 0
     quarantined: int = 0

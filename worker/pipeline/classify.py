@@ -1,9 +1,10 @@
 """What the pipeline does with each engine outcome: a pure function, testable without services.
 
 The engine says what became of an item (``applied``, ``duplicate``, ``replayed``,
-``rejected`` + code, ``unknown`` + code). The pipeline still has to decide what that means for
-the input record: count it, park it (the org or member may be created soon), dead-letter it
-itself, or leave the dead letter to the effect the engine recorded. :func:`classify` is that
+``rejected`` + code, ``unknown`` + code, ``elsewhere`` + the org's home partition). The
+pipeline still has to decide what that means for the input record: count it, park it (the org
+or member may be created soon), send it on to its org's home, dead-letter it itself, or leave
+the dead letter to the effect the engine recorded. :func:`classify` is that
 decision, in one place; ``worker/pipeline/apply.py`` carries it out.
 """
 
@@ -27,6 +28,8 @@ class Action(Enum):
     PIPELINE_REJECTS = "pipeline_rejects"  # the pipeline dead-letters and records it itself
     COMMAND_ENGINE_REJECTED = "command_engine_rejected"
     COMMAND_PIPELINE_REJECTS = "command_pipeline_rejects"
+    FORWARD = "forward"  # the org's home is another partition: send the record on there
+    MOVE_PARKED = "move_parked"  # a parked retry of such an org: the home's owner retries it
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,10 @@ def classify(
     more event of this org (per-org and total caps).
     """
     parked = parked_at_ms is not None
+    if status == "elsewhere":
+        # Decided by the owner of the org's home partition (docs/delivery.md "One owner per
+        # org"); ``code`` names it.
+        return Verdict(Action.MOVE_PARKED if parked else Action.FORWARD, code)
     if not is_usage:
         if status == "applied":
             return Verdict(Action.COMMAND_APPLIED)

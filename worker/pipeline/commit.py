@@ -278,10 +278,11 @@ class Committer:
         st.rejected += c["rejected"] + c["rejected_command"]
         st.parked += c["parked"]
         st.unparked += c["unparked"]
+        st.forwarded += c["forwarded"]
         st.quarantined += c["quarantined"]
         dead = sum(1 for m in batch.messages if m.is_dlq)
         st.dead_letters += dead
-        st.published += len(batch.messages) - dead
+        st.published += len(batch.messages) - dead - c["forwarded"]
         decided = c["charged"] + c["rejected"]
         metrics.count_outcomes(
             {

@@ -44,6 +44,7 @@ from worker.contract import CLAIM_TAKEN, CommandItem, Engine, UsageItem
 from worker.ledger import Ledger
 from worker.pipeline.backoff import Backoff
 from worker.pipeline.batch import Batch, Malformed, Pending, claim_of
+from worker.pipeline.routing import Router
 from worker.publisher import RawSource, dlq_message
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ class Intake:
         """Namespaced ids of this worker's batches not yet committed -> the record that holds
         them: a later copy is a duplicate even if the claims (in Redis) were lost meanwhile
         and PostgreSQL does not hold the first one yet."""
+        self.router = Router(engine, backoff, self.in_flight)
+        """Orgs known to be decided on another partition, and the forwards there."""
 
     def release(self, batch: Batch) -> None:
         """The batch is committed (or abandoned): its ids are PostgreSQL's business now."""
@@ -199,6 +202,7 @@ class Intake:
         worker's own batches in flight are also remembered here (``in_flight``), which holds
         even when Redis lost its last second of claims.
         """
+        self.router.send_on_known(batch)
         event_ids: list[str] = []
         command_ids: list[str] = []
         entries: list[tuple[str, str]] = []

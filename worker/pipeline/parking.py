@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 RETRY_LIMIT = 5_000
 """Parked events offered per turn (the rest wait for the next turn)."""
 
+LOOK_ANYWAY_SECONDS = 10.0
+"""With nothing parked here, how often the lot is read anyway: another worker may have handed
+this worker's partitions events of orgs whose home they are (``parked_events.owner_partition``)."""
+
 
 class ParkingLot:
     """Caps and counts of the parking lot, and the retry turns of this worker's partitions."""
@@ -45,6 +49,7 @@ class ParkingLot:
         grace = settings.unknown_grace_seconds
         self.retry_interval = max(0.2, min(5.0, grace / 4 if grace else 1.0))
         self.last_retry = 0.0
+        self.last_read = 0.0
         self.retry_soon = False
 
     async def reload(self) -> None:
@@ -85,10 +90,11 @@ class ParkingLot:
         PostgreSQL already holds as decided (an outbox drained after a crash charged them) are
         only removed from the lot, never offered twice.
         """
-        self.last_retry = time.monotonic()
+        now = self.last_retry = time.monotonic()
         self.retry_soon = False
-        if not self.hint or not partitions:
+        if not partitions or (not self.hint and now - self.last_read < LOOK_ANYWAY_SECONDS):
             return None, 0
+        self.last_read = now
         try:
             await self.reload()
             rows = await self._ledger.parked_for_partitions(
@@ -109,13 +115,15 @@ class ParkingLot:
             if r.decided:
                 batch.flush.parked_del.append(r.event_id)
                 continue
+            # Offered as from the partition that retries it: its org's home once handed over.
+            owner = r.owner_partition if r.owner_partition >= 0 else r.source_partition
             item = UsageItem(
                 r.event_id,
                 r.member_id,
                 r.task_id,
                 r.credits_mc,
                 r.occurred_at_ms,
-                f"{r.source_topic}:{r.source_partition}",
+                f"{r.source_topic}:{owner}",
                 -1,
             )
             raw = RawSource(r.key, r.value, r.source_topic, r.source_partition, r.source_offset)

@@ -94,6 +94,7 @@ class Pipeline:
         self.progress = FlushProgress()
         self.parking = ParkingLot(settings, ledger)
         self.intake = Intake(settings, engine, ledger, self.backoff)
+        self.router = self.intake.router
         self.applier = Applier(
             settings,
             engine=engine,
@@ -102,6 +103,7 @@ class Pipeline:
             backoff=self.backoff,
             parking=self.parking,
             progress=self.progress,
+            router=self.router,
         )
         self.crash = CrashPoints()
         self.committer = Committer(

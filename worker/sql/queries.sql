@@ -99,16 +99,23 @@ DELETE FROM parked_events WHERE event_id = ANY($1::text[]);
 SELECT p.event_id, p.org_id, p.member_id, p.task_id, p.credits_mc, p.occurred_at_ms, p.code,
        p.source_topic, p.source_partition, p.source_offset, p.msg_key, p.msg_value,
        (extract(epoch FROM p.parked_at) * 1000)::bigint AS parked_at_ms,
+       COALESCE(p.owner_partition, p.source_partition) AS owner,
        EXISTS (SELECT 1 FROM usage_events u WHERE u.event_id = p.event_id) AS decided
 FROM unnest($2::integer[]) AS part(n)
 CROSS JOIN LATERAL (
     SELECT * FROM parked_events
-    WHERE source_topic = $1 AND source_partition = part.n
+    WHERE source_topic = $1 AND COALESCE(owner_partition, source_partition) = part.n
     ORDER BY parked_at, event_id
     LIMIT $3
 ) AS p
 ORDER BY p.parked_at, p.event_id
 LIMIT $3;
+
+-- name: move_parked
+-- Parked events of orgs whose home is another partition: retried by that partition's owner.
+UPDATE parked_events AS p SET owner_partition = m.home
+FROM unnest($1::text[], $2::integer[]) AS m(event_id, home)
+WHERE p.event_id = m.event_id;
 
 -- name: parked_counts
 SELECT org_id, count(*) AS n FROM parked_events GROUP BY org_id;
