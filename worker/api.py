@@ -62,7 +62,9 @@ from worker.api_base import (
 )
 from worker.api_entitlement import (
     BATCH_MAX_BODY_BYTES,
+    COALESCER_KEY,
     ENTITLEMENT_KEY,
+    Coalescer,
     EntitlementSource,
     entitlement_handler,
     entitlements_handler,
@@ -312,6 +314,7 @@ def create_app(
     app[ENGINE_KEY] = engine
     app[LEDGER_KEY] = ledger
     app[ENTITLEMENT_KEY] = entitlements
+    app[COALESCER_KEY] = Coalescer(entitlements) if entitlements is not None else None
     app[EXPORT_KEY] = export
     app[READY_KEY] = dict(ready_checks or {})
     app.router.add_get("/v1/orgs/{org_id:[^/]+}/credits", credits_handler)

@@ -362,3 +362,24 @@ async def test_entitlements_on_the_cluster_equal_the_rules(cluster_settings: Set
         assert got == {o: views.entitlements(model, o, ids) for o, ids in wanted.items()}
     finally:
         await engine.close()
+
+
+async def test_checks_that_arrive_together_share_one_read(
+    client: TestClient, engine: RedisEngine
+) -> None:
+    """Many runtimes asking at once: each gets its own member's answer (the same as when
+    asked alone), unknown members and orgs still 404, and the answers came from fewer store
+    reads than requests."""
+    import asyncio
+
+    from worker.api_entitlement import COALESCER_KEY
+
+    asks = [("initech", "ann"), ("initech", "ben"), ("initech", "nobody"), ("ghost", "ann")] * 10
+    alone = [await _get(client, org, mid, ADMIN) for org, mid in asks[:4]]
+    coalescer = client.server.app[COALESCER_KEY]
+    assert coalescer is not None
+    reads = coalescer.reads
+    together = await asyncio.gather(*(_get(client, org, mid, ADMIN) for org, mid in asks))
+    assert together == alone * 10
+    assert [status for status, _ in together[:4]] == [200, 200, 404, 404]
+    assert coalescer.reads - reads < len(asks)
