@@ -216,6 +216,18 @@ class Intake:
                 (event_ids if bad.is_usage else command_ids).append(ident)
                 entries.append((claim_id, claim_of(bad.raw)))
         if entries:
+            # This worker's own ids in flight, read before PostgreSQL is asked: a batch that
+            # commits while the query runs leaves them (``release``) only once PostgreSQL
+            # holds them, so an id is caught by one of the two whatever the timing, even when
+            # Redis lost the claims. (Read after the query, an id released meanwhile was in
+            # neither, and a copy of it was decided twice.)
+            held_here: set[str] = set()
+            in_flight = self.in_flight
+            if in_flight:
+                for claim_id, claim in entries:
+                    held = in_flight.get(claim_id)
+                    if held is not None and held != claim:
+                        held_here.add(claim_id)
             (decided_events, decided_commands), verdicts = await asyncio.gather(
                 self._backoff.retry(
                     "postgres", lambda: self._ledger.decided_ids(event_ids, command_ids)
@@ -223,12 +235,7 @@ class Intake:
                 self._backoff.retry("redis", lambda: self._engine.claim(entries)),
             )
             taken = {e[0] for e, v in zip(entries, verdicts, strict=True) if v == CLAIM_TAKEN}
-            in_flight = self.in_flight
-            if in_flight:
-                for claim_id, claim in entries:
-                    held = in_flight.get(claim_id)
-                    if held is not None and held != claim:
-                        taken.add(claim_id)
+            taken |= held_here
         else:
             decided_events, decided_commands, taken = set(), set(), set()
         counts = batch.counts
