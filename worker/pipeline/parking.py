@@ -30,7 +30,8 @@ from worker.publisher import RawSource
 log = logging.getLogger(__name__)
 
 RETRY_LIMIT = 5_000
-"""Parked events offered per turn (the rest wait for the next turn)."""
+"""Parked events offered per turn at most (the rest wait for the next turn); never more than
+``batch_max_records``, so a turn holds the records behind it no longer than a fetched batch."""
 
 LOOK_ANYWAY_SECONDS = 10.0
 """With nothing parked here, how often the lot is read anyway: another worker may have handed
@@ -48,6 +49,8 @@ class ParkingLot:
         self.hint = True  # parked rows may exist for our partitions
         grace = settings.unknown_grace_seconds
         self.retry_interval = max(0.2, min(5.0, grace / 4 if grace else 1.0))
+        self.limit = max(1, min(RETRY_LIMIT, settings.batch_max_records))
+        """Parked events offered per turn."""
         self.last_retry = 0.0
         self.last_read = 0.0
         self.retry_soon = False
@@ -98,7 +101,7 @@ class ParkingLot:
         try:
             await self.reload()
             rows = await self._ledger.parked_for_partitions(
-                self._s.topic_usage, partitions, RETRY_LIMIT
+                self._s.topic_usage, partitions, self.limit
             )
         except Exception as exc:
             metrics.ERRORS.labels(stage="postgres").inc()

@@ -42,7 +42,7 @@ from worker.pipeline.batch import Batch, BatchSizer, Stats
 from worker.pipeline.commit import Committer
 from worker.pipeline.faults import CrashPoints
 from worker.pipeline.intake import Intake
-from worker.pipeline.parking import RETRY_LIMIT, ParkingLot
+from worker.pipeline.parking import ParkingLot
 from worker.publisher import Publisher
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ class Pipeline:
                     offered = await self._retry_parked()
                     final_retry = False
                     continue
-                if offered >= RETRY_LIMIT and self.committer.retry_decided > 0:
+                if offered >= self.parking.limit and self.committer.retry_decided > 0:
                     final_retry = True  # a full turn that made progress: there may be more
                     continue
                 break
