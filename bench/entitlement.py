@@ -114,13 +114,19 @@ async def serve(port: int) -> None:
     app = create_app(s, engine=engine, entitlements=engine)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_port=True).start()
     print("ready", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
         await engine.close()
+
+
+async def start_servers(s: Settings, port: int, count: int) -> list[asyncio.subprocess.Process]:
+    """``count`` API processes on one port (``SO_REUSEPORT``: the kernel spreads the
+    connections over them), as ``metering api`` processes would run."""
+    return [await start_server(s, port) for _ in range(count)]
 
 
 async def start_server(s: Settings, port: int) -> asyncio.subprocess.Process:
@@ -264,11 +270,11 @@ async def one_run(
 def render(runs: list[Run], argv: list[str], orgs: int, members: int) -> str:
     lines = [
         f"`python -m bench.entitlement {' '.join(argv)}`: {orgs} orgs x {members} members, "
-        "API in its own process, open-loop load from this one, latency from each request's "
-        "due time (warm-up left out).",
+        "API in processes of its own, open-loop load from this one, latency from each "
+        "request's due time (warm-up left out).",
         "",
         "| run | target req/s | achieved req/s | members/s | p50 ms | p90 ms | p99 ms | max ms "
-        "| errors | missing | API process CPU | load generator CPU |",
+        "| errors | missing | API processes CPU | load generator CPU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -297,7 +303,7 @@ async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
     log(f"setup: {a.orgs} orgs x {a.members} members under Redis prefix {s.redis_key_prefix}")
     await setup(s, a.orgs, a.members)
     port = _free_port()
-    proc = await start_server(s, port)
+    procs = await start_servers(s, port, a.api_processes)
     rng = random.Random(7)
     pairs = [(f"bench-org-{o}", f"m{m:05d}") for o in range(a.orgs) for m in range(a.members)]
     runs: list[Run] = []
@@ -345,16 +351,18 @@ async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
                 continue
             run = Run(name, rate, per)
             log(f"{name}: {rate:,.0f} requests/s for {a.seconds:.0f} s ...")
-            api0, client0 = _proc_cpu_s(proc.pid), time.process_time()
+            api0, client0 = sum(_proc_cpu_s(p.pid) for p in procs), time.process_time()
             await one_run(conns, run, request, a.seconds, a.warmup)
-            run.api_cpu = _proc_cpu_s(proc.pid) - api0
+            run.api_cpu = sum(_proc_cpu_s(p.pid) for p in procs) - api0
             run.client_cpu = time.process_time() - client0
             runs.append(run)
     finally:
         for conn in conns:
             conn.close()
-        proc.terminate()
-        await proc.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            await p.wait()
         deleted = await delete_redis_keys(s)
         log(f"removed {deleted} Redis keys")
     print("\n" + render(runs, argv, a.orgs, a.members))
@@ -372,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rate", type=float, default=20.0, help="batch requests/s (0: none)")
     p.add_argument("--batch-size", type=int, default=100, help="members per batch request")
     p.add_argument("--connections", type=int, default=64, help="client connections")
+    p.add_argument("--api-processes", type=int, default=1, help="API processes sharing the port")
     p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     coro = serve(a.serve) if a.serve is not None else main_async(a, argv)

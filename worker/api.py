@@ -511,7 +511,9 @@ async def run_api(settings: Settings, stop: asyncio.Event | None = None) -> None
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        # reuse_port: several standalone API processes may serve one port (the kernel spreads
+        # connections over them), one way to add capacity for entitlement checks.
+        site = web.TCPSite(runner, settings.http_host, settings.http_port, reuse_port=True)
         await site.start()
         log.info(
             "api listening",
