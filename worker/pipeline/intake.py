@@ -16,9 +16,7 @@ the batch; against PostgreSQL's permanent record (one query per kind, ``decided_
 against the global claims in Redis (``Engine.claim``), which cover what other workers and
 earlier batches still have in flight, across orgs. The two lookups run concurrently. Nothing is
 written before the commit stage except the claims: a crash after claiming leaves claims whose
-records are read again and present the same claim (``CLAIM_MINE``), so nothing is lost. Within
-a batch the later records with an id already in it are claimed after the first ones, so the
-claim picks the id's one record there too: the one an earlier attempt claimed, if any.
+records are read again and present the same claim (``CLAIM_MINE``), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from schemas.decode import (
 from schemas.models import COMMAND_TYPES
 from worker import metrics
 from worker.config import Settings
-from worker.contract import CLAIM_MINE, CLAIM_TAKEN, CommandItem, Engine, UsageItem
+from worker.contract import CLAIM_TAKEN, CommandItem, Engine, UsageItem
 from worker.ledger import Ledger
 from worker.pipeline.backoff import Backoff
 from worker.pipeline.batch import Batch, Malformed, Pending, claim_of
@@ -124,6 +122,7 @@ class Intake:
         skew_ms = s.max_clock_skew_seconds * 1000
         seen_events: set[str] = set()
         seen_commands: set[str] = set()
+        counts = batch.counts
         for tp in sorted(records, key=lambda t: (t.topic != s.topic_admin, t.partition)):
             recs = records[tp]
             if not recs:
@@ -163,7 +162,7 @@ class Intake:
                     seen = seen_events if is_usage else seen_commands
                     if ident is not None:
                         if ident in seen:
-                            batch.copies.append((None, bad))
+                            counts["duplicate" if is_usage else "duplicate_command"] += 1
                             continue
                         seen.add(ident)
                     batch.malformed.append(bad)
@@ -171,7 +170,7 @@ class Intake:
                 if isinstance(decoded, UsageRecord):
                     ident = decoded.event_id
                     if ident in seen_events:
-                        batch.copies.append((decoded.org_id, self._usage_pending(decoded, raw)))
+                        counts["duplicate"] += 1
                         continue
                     seen_events.add(ident)
                     # Positional: keyword arguments cost a third more on this per-record path.
@@ -188,25 +187,12 @@ class Intake:
                 else:
                     ident = decoded.command_id
                     if ident in seen_commands:
-                        citem = CommandItem(command=decoded.command, source=source, offset=r.offset)
-                        batch.copies.append((decoded.org_id, Pending(ident, False, citem, raw)))
+                        counts["duplicate_command"] += 1
+                        metrics.COMMANDS.labels(type=decoded.type, status="duplicate").inc()
                         continue
                     seen_commands.add(ident)
                     citem = CommandItem(command=decoded.command, source=source, offset=r.offset)
                     batch.by_org[decoded.org_id].append(Pending(ident, False, citem, raw))
-
-    @staticmethod
-    def _usage_pending(decoded: UsageRecord, raw: RawSource) -> Pending:
-        item = UsageItem(
-            decoded.event_id,
-            decoded.member_id,
-            decoded.task_id,
-            decoded.credits_mc,
-            decoded.occurred_at_ms,
-            f"{raw.topic}:{raw.partition}",
-            raw.offset,
-        )
-        return Pending(decoded.event_id, True, item, raw)
 
     async def drop_decided(self, batch: Batch) -> None:
         """Drop inputs whose id is already decided; settle the malformed records.
@@ -229,16 +215,6 @@ class Intake:
             if ident is not None and claim_id is not None:
                 (event_ids if bad.is_usage else command_ids).append(ident)
                 entries.append((claim_id, claim_of(bad.raw)))
-        # Later records of this batch with an id already in it (a producer's retry, or the
-        # same id on another partition): claimed after the first ones, so the claim decides
-        # which of them is the id's record. Usually the first; but when an earlier attempt (a
-        # crash, a rebalance) claimed the id for a later one, that one keeps it and the first
-        # is the duplicate (otherwise neither would be decided).
-        primaries = len(entries)
-        for _, copy in batch.copies:
-            copy_claim = copy.claim_id
-            assert copy_claim is not None  # only records naming their id are copies
-            entries.append((copy_claim, claim_of(copy.raw)))
         if entries:
             # This worker's own ids in flight, read before PostgreSQL is asked: a batch that
             # commits while the query runs leaves them (``release``) only once PostgreSQL
@@ -258,16 +234,10 @@ class Intake:
                 ),
                 self._backoff.retry("redis", lambda: self._engine.claim(entries)),
             )
-            taken = {
-                e[0]
-                for e, v in zip(entries[:primaries], verdicts, strict=False)
-                if v == CLAIM_TAKEN
-            }
+            taken = {e[0] for e, v in zip(entries, verdicts, strict=True) if v == CLAIM_TAKEN}
             taken |= held_here
-            promoted = self._promoted(batch, verdicts[primaries:], held_here)
         else:
             decided_events, decided_commands, taken = set(), set(), set()
-            promoted = []
         counts = batch.counts
         if decided_events or decided_commands or taken:
             for org_id in list(batch.by_org):
@@ -287,20 +257,6 @@ class Intake:
                     batch.by_org[org_id] = kept
                 else:
                     del batch.by_org[org_id]
-        kept_malformed: set[int] = set()
-        # A copy PostgreSQL holds as decided is a duplicate after all.
-        promoted = [
-            (copy_org, copy)
-            for copy_org, copy in promoted
-            if copy.ident not in (decided_events if copy.is_usage else decided_commands)
-        ]
-        for copy_org, copy in promoted:
-            if isinstance(copy, Malformed):
-                batch.malformed.append(copy)
-                kept_malformed.add(id(copy))
-            else:
-                self._insert_in_order(batch.by_org[copy_org or ""], copy)
-        self._count_copies(batch, promoted)
         in_flight = self.in_flight
         claimed = batch.claimed
         for ps in batch.by_org.values():
@@ -310,7 +266,7 @@ class Intake:
                 claimed.append(claim_id)
         for bad in batch.malformed:
             ident = bad.ident
-            if ident is not None and id(bad) not in kept_malformed:
+            if ident is not None:
                 done = decided_events if bad.is_usage else decided_commands
                 if ident in done or bad.claim_id in taken:
                     # A malformed later copy of a decided id: counted, not dead-lettered again.
@@ -318,51 +274,6 @@ class Intake:
                     continue
             self._reject(batch, bad)
         batch.malformed.clear()
-        batch.copies.clear()
-
-    @staticmethod
-    def _promoted(
-        batch: Batch, verdicts: list[int], held_here: set[str]
-    ) -> list[tuple[str | None, Pending | Malformed]]:
-        """The in-batch copies that hold their id's claim from an earlier attempt (``MINE``):
-        they are the id's record, the first one in this batch is the duplicate."""
-        out: list[tuple[str | None, Pending | Malformed]] = []
-        for (org_id, copy), verdict in zip(batch.copies, verdicts, strict=True):
-            if verdict == CLAIM_MINE and copy.claim_id not in held_here:
-                out.append((org_id, copy))
-        return out
-
-    def _count_copies(
-        self, batch: Batch, promoted: list[tuple[str | None, Pending | Malformed]]
-    ) -> None:
-        """Every in-batch copy but the promoted ones is a duplicate (a promoted one's first
-        record was counted in its place)."""
-        kept = {id(c) for _, c in promoted}
-        counts = batch.counts
-        for _, copy in batch.copies:
-            if id(copy) in kept:
-                continue
-            if copy.is_usage:
-                counts["duplicate"] += 1
-            else:
-                counts["duplicate_command"] += 1
-                if isinstance(copy, Pending):
-                    typ = command_type_label(copy.item.command.get("type"))  # type: ignore[union-attr]
-                    metrics.COMMANDS.labels(type=typ, status="duplicate").inc()
-
-    def _insert_in_order(self, pend: list[Pending], copy: Pending) -> None:
-        """Into an org's inputs where decoding would have put it: admin topic first, then by
-        partition and offset (the engine's watermark needs each partition's offsets in order)."""
-        admin = self._s.topic_admin
-
-        def key(p: Pending) -> tuple[bool, int, int]:
-            return (p.raw.topic != admin, p.raw.partition, p.raw.offset)
-
-        at = key(copy)
-        i = len(pend)
-        while i > 0 and key(pend[i - 1]) > at:
-            i -= 1
-        pend.insert(i, copy)
 
     def _reject(self, batch: Batch, bad: Malformed) -> None:
         s = self._s
