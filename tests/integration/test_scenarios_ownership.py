@@ -42,6 +42,40 @@ def _settings(isolated: Settings, redis: PrivateRedis) -> Settings:
     )
 
 
+def _scenario(
+    isolated: Settings, redis: PrivateRedis, tmp_path: Path, prefix: str
+) -> tuple[Settings, WorkloadSpec, Scenario, Commands, list[str]]:
+    """Eight orgs x four members with small pools, and the commands of the later phases."""
+    s = _settings(isolated, redis)
+    spec = WorkloadSpec(
+        orgs=8,
+        members_per_org=4,
+        events=2_400,
+        prefix=f"{prefix}{uuid.uuid4().hex[:6]}",
+        span_seconds=3 * 3600,
+        pool_credits=3_000,
+    )
+    sc = Scenario(s, tmp_path, spec)
+    orgs = [spec.org_id(i) for i in range(spec.orgs)]
+    return s, spec, sc, Commands(prefix=f"{spec.prefix}x"), orgs
+
+
+def _lost_phase(spec: WorkloadSpec, cmds: Commands, orgs: list[str]) -> list[object]:
+    """Tier limits lowered and pools topped up, an hour in."""
+    at = spec.start + timedelta(hours=1)
+    return [cmds.tier_limit_set(o, "pro", 150_000, at) for o in orgs] + [
+        cmds.pool_purchase(o, 200_000, at) for o in orgs
+    ]
+
+
+def _later_phase(spec: WorkloadSpec, cmds: Commands, orgs: list[str]) -> list[object]:
+    """A member limit and more pool credits, two hours in."""
+    at = spec.start + timedelta(hours=2)
+    return [cmds.member_limit_set(o, spec.member_id(1), 60_000, at) for o in orgs] + [
+        cmds.pool_purchase(o, 100_000, at) for o in orgs
+    ]
+
+
 async def test_redis_restored_from_an_older_snapshot_under_several_workers(
     isolated_settings: Settings, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
@@ -49,18 +83,7 @@ async def test_redis_restored_from_an_older_snapshot_under_several_workers(
     (tier limits lowered, pools topped up): the lost phase is in PostgreSQL only. Usage and more
     commands follow. Every org's final state, ledger, invoices-to-be and signals must
     equal the model's, fed in the order PostgreSQL recorded; every event charged once."""
-    s = _settings(isolated_settings, private_redis)
-    spec = WorkloadSpec(
-        orgs=8,
-        members_per_org=4,
-        events=2_400,
-        prefix=f"own{uuid.uuid4().hex[:6]}",
-        span_seconds=3 * 3600,
-        pool_credits=3_000,
-    )
-    sc = Scenario(s, tmp_path, spec)
-    cmds = Commands(prefix=f"{spec.prefix}x")
-    orgs = [spec.org_id(i) for i in range(spec.orgs)]
+    s, spec, sc, cmds, orgs = _scenario(isolated_settings, private_redis, tmp_path, "own")
     third = len(sc.usage) // 3
 
     async def admin(messages: list[object]) -> None:
@@ -79,21 +102,13 @@ async def test_redis_restored_from_an_older_snapshot_under_several_workers(
 
         # The phase Redis will lose, admin commands only: it reaches PostgreSQL (seqs the
         # usage partitions' owner never saw), then Redis goes back to the snapshot.
-        at = spec.start + timedelta(hours=1)
-        await admin(
-            [cmds.tier_limit_set(o, "pro", 150_000, at) for o in orgs]
-            + [cmds.pool_purchase(o, 200_000, at) for o in orgs]
-        )
+        await admin(_lost_phase(spec, cmds, orgs))
         await private_redis.restore(snapshot)
         # Usage first: decided on the restored Redis, it would charge against the pools and
         # limits before the lost phase (and reuse its seqs) unless the org is rebuilt first.
         await sc.produce_usage(sc.usage[third : 2 * third])
         await sc.drain()
-        at = spec.start + timedelta(hours=2)
-        await admin(
-            [cmds.member_limit_set(o, spec.member_id(1), 60_000, at) for o in orgs]
-            + [cmds.pool_purchase(o, 100_000, at) for o in orgs]
-        )
+        await admin(_later_phase(spec, cmds, orgs))
         await sc.produce_usage(sc.usage[2 * third :])
         await sc.drain(timeout=120)
         await sc.stop_all()
@@ -119,19 +134,8 @@ async def test_sprayed_producers_and_redis_restored_under_several_workers(
     org is decided at its home partition only (records read elsewhere are sent on there), so
     the books are exact: ledger, dashboards and signals equal the model's fed in the order
     PostgreSQL recorded, every event charged once, and copies were sent on."""
-    s = _settings(isolated_settings, private_redis)
-    spec = WorkloadSpec(
-        orgs=8,
-        members_per_org=4,
-        events=2_400,
-        prefix=f"spr{uuid.uuid4().hex[:6]}",
-        span_seconds=3 * 3600,
-        pool_credits=3_000,
-    )
-    sc = Scenario(s, tmp_path, spec)
+    s, spec, sc, cmds, orgs = _scenario(isolated_settings, private_redis, tmp_path, "spr")
     sc.usage = _sprayed(sc.usage)  # type: ignore[arg-type]
-    cmds = Commands(prefix=f"{spec.prefix}x")
-    orgs = [spec.org_id(i) for i in range(spec.orgs)]
     third = len(sc.usage) // 3
 
     async def admin(messages: list[object]) -> None:
@@ -149,20 +153,12 @@ async def test_sprayed_producers_and_redis_restored_under_several_workers(
         snapshot = await private_redis.snapshot(tmp_path / "redis-snapshot")
 
         # The phase Redis will lose: admin commands and usage, decided and in PostgreSQL.
-        at = spec.start + timedelta(hours=1)
-        await admin(
-            [cmds.tier_limit_set(o, "pro", 150_000, at) for o in orgs]
-            + [cmds.pool_purchase(o, 200_000, at) for o in orgs]
-        )
+        await admin(_lost_phase(spec, cmds, orgs))
         await sc.produce_usage(sc.usage[third : third + third // 2])
         await sc.drain()
         await private_redis.restore(snapshot)
         await sc.produce_usage(sc.usage[third + third // 2 : 2 * third])
-        at = spec.start + timedelta(hours=2)
-        await admin(
-            [cmds.member_limit_set(o, spec.member_id(1), 60_000, at) for o in orgs]
-            + [cmds.pool_purchase(o, 100_000, at) for o in orgs]
-        )
+        await admin(_later_phase(spec, cmds, orgs))
         await sc.produce_usage(sc.usage[2 * third :])
         await sc.drain(timeout=120)
         await sc.stop_all()

@@ -490,7 +490,6 @@ class Applier:
                 home = int(verdict.code or 0)
                 self._router.learn(org_id, home)
                 batch.flush.parked_move[p.ident] = home
-                counts["moved_parked"] += 1
             elif action is Action.COMMAND_ENGINE_REJECTED:
                 counts["rejected_command"] += 1
             else:  # COMMAND_PIPELINE_REJECTS
