@@ -15,6 +15,7 @@ outbox.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -161,8 +162,13 @@ class Engine(Protocol):
         """``apply_many`` for one org, charges expanded; raises :class:`RedisBehind` when the
         engine refused the org."""
 
-    async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
-        """Claim namespaced ids (``e|``/``c|``) for the records carrying them (``CLAIM_*``)."""
+    async def claim(
+        self, entries: Sequence[tuple[str, str]], *, passed: AbstractSet[int] = frozenset()
+    ) -> list[int]:
+        """Claim namespaced ids (``e|``/``c|``) for the records carrying them (``CLAIM_*``),
+        the entries of one id answered in order (at most one is not ``CLAIM_TAKEN``).
+        ``passed``: positions of records sent on to their org's home, undecided here: they
+        make no claim and drop their own (an earlier attempt's); ``CLAIM_NEW`` means free."""
 
     async def release_claims(self, entries: Sequence[tuple[str, str]]) -> None:
         """Drop the claims of records that did not decide their id (forwarded to their org's

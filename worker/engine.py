@@ -16,6 +16,7 @@ import asyncio
 import time
 import zlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -467,7 +468,11 @@ class RedisEngine:
         return [f"{tag}{window}", f"{tag}{window - 1}"]
 
     async def claim(
-        self, entries: Sequence[tuple[str, str]], *, now_ms: int | None = None
+        self,
+        entries: Sequence[tuple[str, str]],
+        *,
+        passed: AbstractSet[int] = frozenset(),
+        now_ms: int | None = None,
     ) -> list[int]:
         """Claim ids for their records: ``(id, claim)`` pairs in, one :data:`CLAIM_NEW` /
         :data:`CLAIM_MINE` / :data:`CLAIM_TAKEN` per pair out, in order.
@@ -477,11 +482,15 @@ class RedisEngine:
         ``claim_shards`` hash tags, all in one script call on a single Redis (one per shard on a
         Redis Cluster, each routed to its slot's node); a window lives
         ``dedupe_window_seconds`` (two windows are consulted), PostgreSQL is the permanent record.
+        The entries at the positions in ``passed`` are records sent on to their org's home
+        (``[id, claim, 1]`` in claim.lua).
         """
         if not entries:
             return []
         now = int(time.time() * 1000) if now_ms is None else now_ms
         ttl = 2 * self.window_ms + 60_000
+        if passed:
+            entries = [(*e, 1) if i in passed else e for i, e in enumerate(entries)]  # type: ignore[misc]
         order, replies = await self._per_claim_shard(entries, now, self._claim, [ttl])
         out = [CLAIM_NEW] * len(entries)
         for (_, positions), reply in zip(order, replies, strict=True):
@@ -512,7 +521,8 @@ class RedisEngine:
         the shards (with the positions of their entries) and one reply per shard."""
         shards = self.claim_shards
         by_shard: dict[int, list[int]] = {}
-        for i, (ident, _) in enumerate(entries):
+        for i, entry in enumerate(entries):
+            ident = entry[0]
             by_shard.setdefault(zlib.crc32(ident.encode()) % shards, []).append(i)
         order = list(by_shard.items())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from copy import deepcopy
 from typing import Any
 
@@ -68,11 +69,18 @@ class MemoryEngine:
         self.outbox.setdefault(org_id, []).extend(effects)
         return ApplyResult(result.outcomes, effects)
 
-    async def claim(self, entries: Sequence[tuple[str, str]]) -> list[int]:
+    async def claim(
+        self, entries: Sequence[tuple[str, str]], *, passed: AbstractSet[int] = frozenset()
+    ) -> list[int]:
         out: list[int] = []
-        for ident, claim in entries:
-            have = self.claims.get(ident)
-            if have is None:
+        passing: dict[str, str] = {}  # ids of passed-on records seen in this call
+        for i, (ident, claim) in enumerate(entries):
+            have = passing.get(ident) or self.claims.get(ident)
+            if i in passed and (have is None or have == claim):
+                self.claims.pop(ident, None)
+                passing[ident] = claim
+                out.append(CLAIM_NEW)
+            elif have is None:
                 self.claims[ident] = claim
                 out.append(CLAIM_NEW)
             else:

@@ -248,6 +248,38 @@ async def test_claims_window_rotates(client: aioredis.Redis, settings: Settings)
     assert 0 < ttl <= 2 * w + 60_000
 
 
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_claims_of_one_id_in_one_call_and_records_passed_on(
+    kind: str, client: aioredis.Redis, settings: Settings
+) -> None:
+    # The entries of one id are answered in order and at most one goes on: the one that holds
+    # the id's claim from an earlier attempt, else the first. A record passed on to its org's
+    # home makes no claim and drops its own stale one, so the home's copy can claim the id.
+    from worker.engine_memory import MemoryEngine
+
+    engine: Any = RedisEngine(client, settings) if kind == "redis" else MemoryEngine()
+    await engine.claim([("e|a", "0:9")])  # an earlier attempt claimed the later copy
+    assert await engine.claim([("e|a", "0:1"), ("e|a", "0:9"), ("e|a", "1:4")]) == [
+        CLAIM_TAKEN,
+        CLAIM_MINE,
+        CLAIM_TAKEN,
+    ]
+    assert await engine.claim([("e|b", "0:1"), ("e|b", "0:2")]) == [CLAIM_NEW, CLAIM_TAKEN]
+    # Passed on: free, and nothing claimed; a later entry of the id is not the id's record.
+    assert await engine.claim([("e|c", "2:1"), ("e|c", "0:3")], passed={0}) == [
+        CLAIM_NEW,
+        CLAIM_TAKEN,
+    ]
+    assert await engine.claim([("e|c", "0:7")]) == [CLAIM_NEW]  # the copy at the home
+    # Its own stale claim is dropped; another record's stays.
+    await engine.claim([("e|d", "2:5"), ("e|f", "0:8")])
+    assert await engine.claim([("e|d", "2:5"), ("e|f", "2:6")], passed={0, 1}) == [
+        CLAIM_NEW,
+        CLAIM_TAKEN,
+    ]
+    assert await engine.claim([("e|d", "0:1"), ("e|f", "0:8")]) == [CLAIM_NEW, CLAIM_MINE]
+
+
 async def test_an_unknown_member_offset_is_decided_however_late_its_replay(
     client: aioredis.Redis, settings: Settings
 ) -> None:

@@ -345,3 +345,62 @@ async def test_an_event_id_rejected_first_is_never_charged_later(
     assert stats["charged"] == 0
     report = await check_pipeline(s, w, engine=engine)
     assert report.rejected["once"] == "amount_not_positive"
+
+
+async def test_an_id_claimed_for_a_later_copy_is_decided_by_that_copy(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """Two records with one event_id in one batch, the later of them claimed for the id by
+    an earlier attempt (a worker that crashed after claiming, before committing): the later
+    one is the id's record and is charged; the first is the duplicate. (Deciding by batch
+    order alone dropped the first as claimed by another record and the later as a copy of
+    the first: the id was never decided.)"""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas.encode import encode_usage_event
+    from worker.connections import kafka_client_kwargs
+
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    start = len(w.messages)
+    eid = w.usage("acme", "ann", 1_000)
+    (first,) = w.messages[start:]
+    # The same id with other credits, later on the same partition.
+    later_value = encode_usage_event(**{**w.events[eid], "credits_mc": 2_000})
+    later = type(first)(first.topic, first.key, later_value)
+    producer = AIOKafkaProducer(**kafka_client_kwargs(s), enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        sent_first = await producer.send_and_wait(first.topic, first.value, key=first.key)
+        sent_later = await producer.send_and_wait(later.topic, later.value, key=later.key)
+    finally:
+        await producer.stop()
+    assert sent_first.partition == sent_later.partition  # one partition: the later is later
+    # The earlier attempt's claim, as the claims of a worker that died before its commit.
+    await engine.claim([(f"e|{eid}", f"{sent_later.partition}:{sent_later.offset}")])
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    row = None
+    try:
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if await _parked(s) >= 0:
+                row = await _pg_fetchval(
+                    s, "SELECT credits_mc FROM usage_events WHERE event_id = $1", eid
+                )
+                if row is not None:
+                    break
+    finally:
+        stop.set()
+        stats = await worker
+    assert row == 2_000, row  # decided, and by the record that held the claim
+    charged = await _pg_fetchval(
+        s,
+        "SELECT -sum(amount_mc) FROM ledger_entries WHERE source_kind = 'usage' AND source_id = $1",
+        eid,
+    )
+    assert charged == 2_000
+    assert stats["duplicate"] >= 1

@@ -74,6 +74,9 @@ class Batch:
     records: int = 0  # Kafka records (usage + admin) covered by this batch
     by_org: dict[str, list[Pending]] = field(default_factory=lambda: defaultdict(list))
     malformed: list[Malformed] = field(default_factory=list)
+    copies: list[tuple[str | None, Pending | Malformed]] = field(default_factory=list)
+    """Later records with an id already in the batch, with their org (None: malformed);
+    intake's claims pick which record of an id goes on."""
     flush: FlushBatch = field(default_factory=FlushBatch)
     messages: list[OutMessage] = field(default_factory=list)
     acks: dict[str, int] = field(default_factory=dict)

@@ -17,6 +17,17 @@ against the global claims in Redis (``Engine.claim``), which cover what other wo
 earlier batches still have in flight, across orgs. The two lookups run concurrently. Nothing is
 written before the commit stage except the claims: a crash after claiming leaves claims whose
 records are read again and present the same claim (``CLAIM_MINE``), so nothing is lost.
+
+Several records of one id in a batch (a producer's retry, the id on two partitions) are all
+claimed, the first one first, and the claim picks the one that goes on: the first, unless an
+earlier attempt (a crash, a rebalance) claimed the id for a later one. That one may have been
+applied already, so it must be the one applied again (its offset comes back ``replayed``, and
+its charge reaches the ledger); dropping it as a copy of the first, with the first told the id
+is taken, would leave the id decided by no record at all.
+
+Records of orgs known to live on another partition (``Router.homes``) are passed on there
+unclaimed; their claim entries drop a claim of theirs that an earlier attempt left, so the copy
+at the home is free to claim the id.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,6 +54,7 @@ from worker import metrics
 from worker.config import Settings
 from worker.contract import CLAIM_TAKEN, CommandItem, Engine, UsageItem
 from worker.ledger import Ledger
+from worker.messages import forward_of
 from worker.pipeline.backoff import Backoff
 from worker.pipeline.batch import Batch, Malformed, Pending, claim_of
 from worker.pipeline.routing import Router
@@ -122,7 +135,7 @@ class Intake:
         skew_ms = s.max_clock_skew_seconds * 1000
         seen_events: set[str] = set()
         seen_commands: set[str] = set()
-        counts = batch.counts
+        copies = batch.copies
         for tp in sorted(records, key=lambda t: (t.topic != s.topic_admin, t.partition)):
             recs = records[tp]
             if not recs:
@@ -162,17 +175,14 @@ class Intake:
                     seen = seen_events if is_usage else seen_commands
                     if ident is not None:
                         if ident in seen:
-                            counts["duplicate" if is_usage else "duplicate_command"] += 1
+                            copies.append((None, bad))
                             continue
                         seen.add(ident)
                     batch.malformed.append(bad)
                     continue
+                pend: Pending
                 if isinstance(decoded, UsageRecord):
                     ident = decoded.event_id
-                    if ident in seen_events:
-                        counts["duplicate"] += 1
-                        continue
-                    seen_events.add(ident)
                     # Positional: keyword arguments cost a third more on this per-record path.
                     item = UsageItem(
                         ident,
@@ -183,38 +193,50 @@ class Intake:
                         source,
                         r.offset,
                     )
-                    batch.by_org[decoded.org_id].append(Pending(ident, True, item, raw))
+                    pend = Pending(ident, True, item, raw)
+                    seen = seen_events
                 else:
                     ident = decoded.command_id
-                    if ident in seen_commands:
-                        counts["duplicate_command"] += 1
-                        metrics.COMMANDS.labels(type=decoded.type, status="duplicate").inc()
-                        continue
-                    seen_commands.add(ident)
                     citem = CommandItem(command=decoded.command, source=source, offset=r.offset)
-                    batch.by_org[decoded.org_id].append(Pending(ident, False, citem, raw))
+                    pend = Pending(ident, False, citem, raw)
+                    seen = seen_commands
+                if ident in seen:
+                    copies.append((decoded.org_id, pend))
+                    continue
+                seen.add(ident)
+                batch.by_org[decoded.org_id].append(pend)
 
     async def drop_decided(self, batch: Batch) -> None:
-        """Drop inputs whose id is already decided; settle the malformed records.
+        """Drop inputs whose id is already decided, pick one record per id, pass on the
+        records of orgs known to live elsewhere; settle the malformed records.
 
         PostgreSQL holds every decided id forever; the claims hold the ids of the last one or
         two dedupe windows, including those of batches still in flight on any worker; this
         worker's own batches in flight are also remembered here (``in_flight``), which holds
         even when Redis lost its last second of claims.
         """
-        self.router.send_on_known(batch)
-        event_ids: list[str] = []
-        command_ids: list[str] = []
+        homes = self.router.homes
+        # Every record naming an id: the first of each id (per org, then malformed), then
+        # the later copies, in batch order (the claims answer the entries of an id in order).
+        named: list[tuple[str | None, Pending | Malformed]] = [
+            (org_id, p) for org_id, ps in batch.by_org.items() for p in ps
+        ]
+        named += [(None, bad) for bad in batch.malformed if bad.claim_id is not None]
+        named += batch.copies
+        passed: dict[int, int] = {}  # position in ``named`` -> the org's home partition
         entries: list[tuple[str, str]] = []
-        for ps in batch.by_org.values():
-            for p in ps:
-                (event_ids if p.is_usage else command_ids).append(p.ident)
-                entries.append((p.claim_id, claim_of(p.raw)))
-        for bad in batch.malformed:
-            ident, claim_id = bad.ident, bad.claim_id
-            if ident is not None and claim_id is not None:
-                (event_ids if bad.is_usage else command_ids).append(ident)
-                entries.append((claim_id, claim_of(bad.raw)))
+        event_ids: set[str] = set()
+        command_ids: set[str] = set()
+        for i, (org_id, rec) in enumerate(named):
+            entries.append((rec.claim_id, claim_of(rec.raw)))  # type: ignore[arg-type]
+            (event_ids if rec.is_usage else command_ids).add(rec.ident)  # type: ignore[arg-type]
+            if homes and org_id is not None:
+                home = homes.get(org_id)
+                if home is not None and home != rec.raw.partition:
+                    passed[i] = home
+        go_on: set[int] = set()
+        decided_events: set[str] = set()
+        decided_commands: set[str] = set()
         if entries:
             # This worker's own ids in flight, read before PostgreSQL is asked: a batch that
             # commits while the query runs leaves them (``release``) only once PostgreSQL
@@ -228,52 +250,62 @@ class Intake:
                     held = in_flight.get(claim_id)
                     if held is not None and held != claim:
                         held_here.add(claim_id)
+            ev, cm = list(event_ids), list(command_ids)
             (decided_events, decided_commands), verdicts = await asyncio.gather(
+                self._backoff.retry("postgres", lambda: self._ledger.decided_ids(ev, cm)),
                 self._backoff.retry(
-                    "postgres", lambda: self._ledger.decided_ids(event_ids, command_ids)
+                    "redis", lambda: self._engine.claim(entries, passed=passed.keys())
                 ),
-                self._backoff.retry("redis", lambda: self._engine.claim(entries)),
             )
-            taken = {e[0] for e, v in zip(entries, verdicts, strict=True) if v == CLAIM_TAKEN}
-            taken |= held_here
-        else:
-            decided_events, decided_commands, taken = set(), set(), set()
+            for i, ((claim_id, _), verdict) in enumerate(zip(entries, verdicts, strict=True)):
+                rec = named[i][1]
+                done = decided_events if rec.is_usage else decided_commands
+                if verdict != CLAIM_TAKEN and claim_id not in held_here and rec.ident not in done:
+                    go_on.add(i)  # at most one per id (Engine.claim)
         counts = batch.counts
-        if decided_events or decided_commands or taken:
-            for org_id in list(batch.by_org):
-                kept = []
-                for p in batch.by_org[org_id]:
-                    done = decided_events if p.is_usage else decided_commands
-                    if p.ident in done or p.claim_id in taken:
-                        if p.is_usage:
-                            counts["duplicate"] += 1
-                        else:
-                            counts["duplicate_command"] += 1
-                            typ = p.item.command.get("type")  # type: ignore[union-attr]
-                            metrics.COMMANDS.labels(type=typ, status="duplicate").inc()
-                        continue
-                    kept.append(p)
-                if kept:
-                    batch.by_org[org_id] = kept
-                else:
-                    del batch.by_org[org_id]
+        by_org: dict[str, list[Pending]] = defaultdict(list)
+        reordered: set[str] = set()
+        first_copy = len(named) - len(batch.copies)
         in_flight = self.in_flight
         claimed = batch.claimed
-        for ps in batch.by_org.values():
-            for p in ps:
-                claim_id = p.claim_id
-                in_flight[claim_id] = claim_of(p.raw)
+        rejected: list[Malformed] = [bad for bad in batch.malformed if bad.claim_id is None]
+        for i, (org_id, rec) in enumerate(named):
+            if i not in go_on:
+                self._count_duplicate(batch, rec)
+            elif isinstance(rec, Malformed):
+                rejected.append(rec)  # the id's record: dead-lettered, and it decides the id
+            elif i in passed:
+                batch.messages.append(forward_of(rec.raw, passed[i]))
+                counts["forwarded"] += 1
+            else:
+                assert org_id is not None
+                by_org[org_id].append(rec)
+                if i >= first_copy:
+                    reordered.add(org_id)  # a later copy picked by its claim
+                claim_id = rec.claim_id
+                in_flight[claim_id] = claim_of(rec.raw)
                 claimed.append(claim_id)
-        for bad in batch.malformed:
-            ident = bad.ident
-            if ident is not None:
-                done = decided_events if bad.is_usage else decided_commands
-                if ident in done or bad.claim_id in taken:
-                    # A malformed later copy of a decided id: counted, not dead-lettered again.
-                    counts["duplicate" if bad.is_usage else "duplicate_command"] += 1
-                    continue
-            self._reject(batch, bad)
+        admin = self._s.topic_admin
+        for org_id in reordered:
+            # Where decoding would have put it: admin first, then by partition and offset
+            # (the engine's watermark needs each partition's offsets in order).
+            by_org[org_id].sort(key=lambda p: (p.raw.topic != admin, p.raw.partition, p.raw.offset))
+        batch.by_org = by_org
         batch.malformed.clear()
+        batch.copies.clear()
+        for bad in rejected:
+            self._reject(batch, bad)
+
+    @staticmethod
+    def _count_duplicate(batch: Batch, rec: Pending | Malformed) -> None:
+        """A record whose id is decided by another (never charged, never dead-lettered)."""
+        if rec.is_usage:
+            batch.counts["duplicate"] += 1
+            return
+        batch.counts["duplicate_command"] += 1
+        if isinstance(rec, Pending):
+            typ = command_type_label(rec.item.command.get("type"))  # type: ignore[union-attr]
+            metrics.COMMANDS.labels(type=typ, status="duplicate").inc()
 
     def _reject(self, batch: Batch, bad: Malformed) -> None:
         s = self._s

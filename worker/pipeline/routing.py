@@ -7,9 +7,11 @@ producer that does not key by org, or keys differently on the two topics) is not
 where it arrives: the engine answers ``elsewhere`` with the home, and the record is **sent on**
 to that partition of its topic (same key and value, header ``forwarded.from``), where its
 owner decides it like any other record. Homes never change, so this worker remembers the ones
-it learnt (:attr:`Router.homes`) and sends the next records of those orgs on before claiming
-or applying anything. The argument for why one decider per org is what makes a Redis that
-lost its last second safe is in docs/delivery.md ("One owner per org").
+it learnt (:attr:`Router.homes`) and intake sends the next records of those orgs on without
+applying them or claiming their ids (their claim entry only drops a claim of theirs that an
+earlier attempt left behind, so the copy at the home is free to claim). The argument for why
+one decider per org is what makes a Redis that lost its last second safe is in
+docs/delivery.md ("One owner per org").
 
 Write order of a forward, and what a crash between two steps leaves:
 
@@ -58,27 +60,6 @@ class Router:
         if org_id not in homes and len(homes) >= HOMES_MAX:
             homes.clear()
         homes[org_id] = home
-
-    def send_on_known(self, batch: Batch) -> None:
-        """Before the decided-id checks: records of orgs known to live on another partition
-        go straight to the batch's messages, unclaimed (nothing here decides them)."""
-        homes = self.homes
-        if not homes:
-            return
-        for org_id in [o for o in batch.by_org if o in homes]:
-            home = homes[org_id]
-            pend = batch.by_org[org_id]
-            kept = [p for p in pend if p.raw.partition == home]
-            if len(kept) == len(pend):
-                continue
-            for p in pend:
-                if p.raw.partition != home:
-                    batch.messages.append(forward_of(p.raw, home))
-                    batch.counts["forwarded"] += 1
-            if kept:
-                batch.by_org[org_id] = kept
-            else:
-                del batch.by_org[org_id]
 
     async def send_on(self, batch: Batch) -> None:
         """Records the engine answered ``elsewhere`` for (``batch.forwards``): release their
