@@ -404,3 +404,80 @@ async def test_an_id_claimed_for_a_later_copy_is_decided_by_that_copy(
     )
     assert charged == 2_000
     assert stats["duplicate"] >= 1
+
+
+async def test_a_record_sent_on_does_not_keep_a_claim_an_earlier_attempt_left(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """Once the worker knows an org's home, records of the org read on another partition go
+    straight there, unapplied. If one of them still holds its id's claim from an earlier
+    attempt (a worker that died between claiming and releasing), the claim must go with it:
+    kept, it made the copy at the home a duplicate and the event was never charged."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from worker.connections import kafka_client_kwargs
+
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    parts = list(range(s.topic_partitions))
+    home = DefaultPartitioner()(b"acme", parts, parts)  # where acme's org_upsert went
+    away = (home + 1) % s.topic_partitions
+    start = len(w.messages)
+    learn = w.usage("acme", "ann", 1_000)
+    later = w.usage("acme", "bob", 2_000)
+    first_msg, later_msg = w.messages[start:]
+
+    async def charged(eid: str) -> bool:
+        if await _parked(s) < 0:
+            return False
+        got = await _pg_fetchval(s, "SELECT status FROM usage_events WHERE event_id = $1", eid)
+        return bool(got == "charged")
+
+    producer = AIOKafkaProducer(**kafka_client_kwargs(s), enable_idempotence=True, acks="all")
+    await producer.start()
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    try:
+        # The first record away from home teaches the worker acme's home.
+        await producer.send_and_wait(
+            first_msg.topic, first_msg.value, key=first_msg.key, partition=away
+        )
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if await charged(learn):
+                break
+        assert await charged(learn)
+        # The next record on that partition, claimed by an "earlier attempt" before it lands.
+        offsets = await _end_offsets(s, later_msg.topic, away)
+        await engine.claim([(f"e|{later}", f"{away}:{offsets}")])
+        sent = await producer.send_and_wait(
+            later_msg.topic, later_msg.value, key=later_msg.key, partition=away
+        )
+        assert sent.offset == offsets
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if await charged(later):
+                break
+    finally:
+        await producer.stop()
+        stop.set()
+        stats = await worker
+    assert await charged(later)
+    assert stats["forwarded"] >= 2
+
+
+async def _end_offsets(settings: Settings, topic: str, partition: int) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from worker.connections import kafka_client_kwargs
+
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
