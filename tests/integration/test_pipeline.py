@@ -469,6 +469,93 @@ async def test_a_record_sent_on_does_not_keep_a_claim_an_earlier_attempt_left(
     assert stats["forwarded"] >= 2
 
 
+async def test_a_record_that_lost_its_id_to_a_copy_sent_on_is_decided_when_read_again(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """An earlier attempt read a copy of an event on another partition first: the copy claimed
+    the id and was sent on to the org's home, the home's own record was dropped as its copy,
+    the record after it was applied (so the engine's watermark passed it), and the worker
+    died before committing. Read again, the home's record finds the id free and the engine
+    answers ``replayed`` for an offset it never decided: it must still get the id decided
+    (before, it kept the claim, the sent-on copy was its duplicate, the event was never
+    charged)."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from worker.connections import kafka_client_kwargs
+    from worker.contract import UsageItem
+    from worker.messages import HEADER_FORWARDED_FROM
+
+    s = pipe_settings
+    w = Workload(s)
+    _org_story(w)
+    await w.produce()
+    await run_worker(s, max_events=len(w.messages), engine=engine)
+    parts = list(range(s.topic_partitions))
+    home = DefaultPartitioner()(b"acme", parts, parts)  # where acme's records are decided
+    start = len(w.messages)
+    lost = w.usage("acme", "ann", 1_000)  # its copy was read first, elsewhere, and sent on
+    after = w.usage("acme", "bob", 2_000)  # applied by the attempt that died
+    lost_msg, after_msg = w.messages[start:]
+    topic = s.topic_usage
+
+    async def charges(eid: str) -> int:
+        return int(
+            await _pg_fetchval(
+                s,
+                "SELECT count(*) FROM usage_events WHERE event_id = $1 AND status = 'charged'",
+                eid,
+            )
+        )
+
+    producer = AIOKafkaProducer(**kafka_client_kwargs(s), enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        at = await producer.send_and_wait(topic, lost_msg.value, key=b"acme", partition=home)
+        nxt = await producer.send_and_wait(topic, after_msg.value, key=b"acme", partition=home)
+        assert nxt.offset == at.offset + 1
+        # What the attempt that died left: ``after`` claimed and applied (its effects in the
+        # outbox), ``lost`` unclaimed (its copy's claim was released when it was sent on).
+        ev = w.events[after]
+        item = UsageItem(
+            after,
+            ev["member_id"],
+            ev["task_id"],
+            ev["credits_mc"],
+            ev["occurred_at_ms"],
+            f"{topic}:{home}",
+            nxt.offset,
+        )
+        await engine.claim([(f"e|{after}", f"{home}:{nxt.offset}")])
+        result = await engine.apply("acme", [item])
+        assert [o.status for o in result.outcomes] == ["applied"]
+        # The copy it sent on, now at the home after both.
+        origin = f"{topic}:{(home + 1) % s.topic_partitions}:0".encode()
+        await producer.send_and_wait(
+            topic,
+            lost_msg.value,
+            key=b"acme",
+            partition=home,
+            headers=[(HEADER_FORWARDED_FROM, origin)],
+        )
+    finally:
+        await producer.stop()
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(s, stop=stop, engine=engine))
+    try:
+        for _ in range(600):
+            await asyncio.sleep(0.1)
+            if await charges(lost) and await charges(after):
+                break
+    finally:
+        stop.set()
+        stats = await worker
+    assert await charges(lost) == 1
+    assert await charges(after) == 1
+    assert stats["resent"] == 1
+
+
 async def _end_offsets(settings: Settings, topic: str, partition: int) -> int:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 

@@ -211,6 +211,17 @@ def _verdict(**kw: object) -> Verdict:
         ("duplicate", {"status": "duplicate"}, Verdict(Action.DUPLICATE)),
         ("replayed", {"status": "replayed"}, Verdict(Action.REPLAYED)),
         (
+            "replayed offset whose claim is new: decided by nothing, sent to its partition again",
+            {"status": "replayed", "fresh_claim": True},
+            Verdict(Action.RESEND),
+        ),
+        (
+            "replayed command whose claim is new: sent again too",
+            {"is_usage": False, "status": "replayed", "fresh_claim": True},
+            Verdict(Action.RESEND),
+        ),
+        ("replayed command", {"is_usage": False, "status": "replayed"}, Verdict(Action.REPLAYED)),
+        (
             "unknown member parks",
             {"status": "unknown", "code": "unknown_member"},
             Verdict(Action.PARK, "unknown_member"),

@@ -453,6 +453,7 @@ class Applier:
                 now_ms=now_ms,
                 grace_ms=grace_ms,
                 park_room=unknown and self._parking.room(org_id),
+                fresh_claim=p.fresh_claim,
             )
             action = verdict.action
             if verdict.unpark:
@@ -486,6 +487,8 @@ class Applier:
                 self._reject_usage(batch, org_id, p, verdict.code or "rejected")
             elif action is Action.FORWARD:
                 batch.forwards.append((org_id, p, int(verdict.code or 0)))
+            elif action is Action.RESEND:
+                batch.forwards.append((org_id, p, None))
             elif action is Action.MOVE_PARKED:
                 home = int(verdict.code or 0)
                 self._router.learn(org_id, home)

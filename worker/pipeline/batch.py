@@ -30,6 +30,7 @@ class Pending:
     item: UsageItem | CommandItem
     raw: RawSource
     parked: ParkedEvent | None = None
+    fresh_claim: bool = False  # its claim on the id was new in this attempt (intake)
 
     @property
     def claim_id(self) -> str:
@@ -81,8 +82,9 @@ class Batch:
     messages: list[OutMessage] = field(default_factory=list)
     acks: dict[str, int] = field(default_factory=dict)
     unknown_marks: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    forwards: list[tuple[str, Pending, int]] = field(default_factory=list)
-    """(org, input, home partition) the engine answered ``elsewhere`` for, not sent on yet."""
+    forwards: list[tuple[str, Pending, int | None]] = field(default_factory=list)
+    """(org, input, home partition) the engine answered ``elsewhere`` for, not sent on yet;
+    home None: an input sent to its own partition again (``Action.RESEND``)."""
     signals: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     """Per org, per member: the highest member seq of the signals this batch publishes."""
     outboxed: int = 0  # effects this batch left in Redis outboxes until its ack
@@ -165,6 +167,7 @@ class Stats:
     parked: int = 0
     unparked: int = 0
     forwarded: int = 0
+    resent: int = 0  # records sent to their own partition again (Action.RESEND)
     published: int = 0
     dead_letters: int = 0
     quarantined: int = 0

@@ -22,6 +22,7 @@ class Action(Enum):
     DUPLICATE = "duplicate"  # counted, nothing else
     COMMAND_DUPLICATE = "command_duplicate"
     REPLAYED = "replayed"  # an offset the engine already applied: nothing
+    RESEND = "resend"  # an offset the engine passed undecided: sent to its partition again
     PARK = "park"  # unknown org/member: wait in the parking lot for the grace period
     STILL_PARKED = "still_parked"  # a parked retry that is still unknown, within its grace
     ENGINE_REJECTED = "engine_rejected"  # the engine recorded the rejection: its effect is the DLQ
@@ -51,13 +52,23 @@ def classify(
     now_ms: int,
     grace_ms: int,
     park_room: bool,
+    fresh_claim: bool = False,
 ) -> Verdict:
     """The pipeline's verdict on one engine outcome.
 
     ``has_effect``: the engine left a ``usage``/``command`` record for the input (so its
     decision and dead letter come from the outbox). ``parked_at_ms``: when the input was parked
     (a retry), None for an input read from Kafka. ``park_room``: the parking lot may take one
-    more event of this org (per-org and total caps).
+    more event of this org (per-org and total caps). ``fresh_claim``: the input's claim on its
+    id was new in this attempt (no record held the id).
+
+    ``replayed`` with a fresh claim is an offset the engine passed without deciding it: an
+    earlier attempt dropped the record as a copy of another that then decided nothing (it was
+    sent on to its org's home and gave its claim up), and a crash made this attempt read the
+    record again. Nothing holds its id, and the engine will not decide this offset: the record
+    is sent to its own partition again (``RESEND``), where the new copy is decided like any
+    first record, or is a duplicate of the sent-on copy if that one claims first. Counting it
+    replayed would hold the id with a claim that decides nothing, and the id would be lost.
     """
     parked = parked_at_ms is not None
     if status == "elsewhere":
@@ -70,7 +81,7 @@ def classify(
         if status == "duplicate":
             return Verdict(Action.COMMAND_DUPLICATE)
         if status == "replayed":
-            return Verdict(Action.REPLAYED)
+            return Verdict(Action.RESEND if fresh_claim else Action.REPLAYED)
         if has_effect:
             return Verdict(Action.COMMAND_ENGINE_REJECTED, code)
         # Rejected without a record in the org's outbox (the org does not exist).
@@ -80,7 +91,7 @@ def classify(
     if status == "duplicate":
         return Verdict(Action.DUPLICATE, unpark=parked)
     if status == "replayed":
-        return Verdict(Action.REPLAYED)
+        return Verdict(Action.RESEND if fresh_claim else Action.REPLAYED)
     if status == "unknown":
         reason = code or "unknown_org"
         if not parked:

@@ -279,10 +279,11 @@ class Committer:
         st.parked += c["parked"]
         st.unparked += c["unparked"]
         st.forwarded += c["forwarded"]
+        st.resent += c["resent"]
         st.quarantined += c["quarantined"]
         dead = sum(1 for m in batch.messages if m.is_dlq)
         st.dead_letters += dead
-        st.published += len(batch.messages) - dead - c["forwarded"]
+        st.published += len(batch.messages) - dead - c["forwarded"] - c["resent"]
         decided = c["charged"] + c["rejected"]
         metrics.count_outcomes(
             {

@@ -28,6 +28,10 @@ is taken, would leave the id decided by no record at all.
 Records of orgs known to live on another partition (``Router.homes``) are passed on there
 unclaimed; their claim entries drop a claim of theirs that an earlier attempt left, so the copy
 at the home is free to claim the id.
+
+A record that goes on with a new claim (``Pending.fresh_claim``) and comes back ``replayed``
+from the engine has decided nothing: it is sent to its partition again (``routing.py``;
+docs/delivery.md, "Sent again").
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from schemas.decode import (
 from schemas.models import COMMAND_TYPES
 from worker import metrics
 from worker.config import Settings
-from worker.contract import CLAIM_TAKEN, CommandItem, Engine, UsageItem
+from worker.contract import CLAIM_NEW, CLAIM_TAKEN, CommandItem, Engine, UsageItem
 from worker.ledger import Ledger
 from worker.messages import forward_of
 from worker.pipeline.backoff import Backoff
@@ -235,6 +239,7 @@ class Intake:
                 if home is not None and home != rec.raw.partition:
                     passed[i] = home
         go_on: set[int] = set()
+        fresh: set[int] = set()  # of those, the ones whose claim is new (Action.RESEND)
         decided_events: set[str] = set()
         decided_commands: set[str] = set()
         if entries:
@@ -262,6 +267,8 @@ class Intake:
                 done = decided_events if rec.is_usage else decided_commands
                 if verdict != CLAIM_TAKEN and claim_id not in held_here and rec.ident not in done:
                     go_on.add(i)  # at most one per id (Engine.claim)
+                    if verdict == CLAIM_NEW:
+                        fresh.add(i)
         counts = batch.counts
         by_org: dict[str, list[Pending]] = defaultdict(list)
         reordered: set[str] = set()
@@ -285,6 +292,7 @@ class Intake:
                 claim_id = rec.claim_id
                 in_flight[claim_id] = claim_of(rec.raw)
                 claimed.append(claim_id)
+                rec.fresh_claim = i in fresh
         admin = self._s.topic_admin
         for org_id in reordered:
             # Where decoding would have put it: admin first, then by partition and offset

@@ -25,6 +25,14 @@ Write order of a forward, and what a crash between two steps leaves:
   id; the next copy is a duplicate (decided once).
 - Crash after 3: nothing is left to do; the copy at the home is the record now.
 
+A record at its home can lose its id's claim to a record of another partition that is then
+sent on (in one batch, before the home was known): it is dropped as a copy, and the records
+after it move the engine's watermark past its offset. If a crash makes the next attempt read
+it again before the sent-on copy claims, it claims afresh and the engine answers ``replayed``
+for an offset it never decided. Such a record is sent to its own partition again, the same
+way and in the same order as a forward (``Action.RESEND``): its new offset is decided like any
+first record, unless the sent-on copy claimed the id first (then it is a duplicate).
+
 A parked event (its org did not exist when it arrived) whose org turns out to live elsewhere
 is not sent through Kafka (PostgreSQL holds it as parked, which makes any copy a duplicate):
 its row is handed to the home's owner (``parked_events.owner_partition``) in the batch's
@@ -77,6 +85,10 @@ class Router:
             released.add(claim_id)
         batch.claimed[:] = [c for c in batch.claimed if c not in released]
         for org_id, p, home in forwards:
+            if home is None:  # sent to its own partition again (Action.RESEND)
+                batch.messages.append(forward_of(p.raw, p.raw.partition))
+                batch.counts["resent"] += 1
+                continue
             self.learn(org_id, home)
             batch.messages.append(forward_of(p.raw, home))
             batch.counts["forwarded"] += 1
