@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     batch_target_seconds: float = Field(default=1.0, ge=0.0)
     """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
     the latency a deep backlog adds; 0 turns the sizing off (always the maximum)."""
+    commit_interval_ms: int = Field(default=50, ge=0)
+    """Shortest time between the starts of two commits (PostgreSQL transaction, outbox ack,
+    Kafka commit): the batches applied meanwhile are committed together. Signals do not wait
+    for it (they are published as the engine returns); the ledger and the committed offsets
+    lag by up to this much more. 0: commit as soon as a batch is applied."""
     snapshot_every_effects: int = Field(default=10_000, ge=0)
     """An org's state is snapshotted into PostgreSQL each time its effect seq crosses a
     multiple of this (0: never); a rebuild restores the latest snapshot and replays at most

@@ -69,6 +69,13 @@ def _connect_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A released connection keeps its session: no reset query, one round trip less for every
+    flush and every decided-id check. The pool still rolls back an open transaction; nothing
+    on these connections sets session state (no SET, LISTEN, cursors or advisory locks; the
+    migration's lock is on a connection of its own)."""
+
+
 async def migrate(settings: Settings) -> list[str]:
     """Create the schema and apply missing numbered migrations; returns the names applied.
 
@@ -445,6 +452,7 @@ class Ledger:
             **_connect_kwargs(settings),
             min_size=1,
             max_size=settings.postgres_pool_size,
+            reset=_keep_session,
         )
         return cls(pool, settings)
 

@@ -363,3 +363,37 @@ async def test_reference_cycles_are_collected_while_automatic_gc_is_off(
         collector.cancel()
         if was_enabled:
             gc.enable()
+
+
+async def test_the_commit_stage_commits_what_was_applied_within_the_interval_together() -> None:
+    """A commit waits up to the interval for more applied batches (one transaction for the
+    small batches of live traffic), but not once the queue is half full or has ended."""
+    import asyncio
+    import time
+
+    from worker.pipeline.batch import Batch
+    from worker.pipeline.pipeline import CommitQueue
+
+    q = CommitQueue(max_records=100)
+    await q.put(Batch(1, records=10), wait_seconds=1)
+    taking = asyncio.create_task(q.take_all(linger_until=time.monotonic() + 0.5))
+    await asyncio.sleep(0.05)
+    await q.put(Batch(2, records=10), wait_seconds=1)
+    batches, ended = await asyncio.wait_for(taking, 5)
+    assert [b.number for b in batches] == [1, 2]
+    assert not ended
+    q.done(batches)
+
+    # Half full: taken at once, however long the interval.
+    q = CommitQueue(max_records=100)
+    await q.put(Batch(3, records=50), wait_seconds=1)
+    batches, _ = await asyncio.wait_for(q.take_all(linger_until=time.monotonic() + 60), 5)
+    assert [b.number for b in batches] == [3]
+
+    # The end (shutdown): taken at once.
+    q = CommitQueue(max_records=100)
+    await q.put(Batch(4, records=1), wait_seconds=1)
+    await q.put(None, wait_seconds=1)
+    batches, ended = await asyncio.wait_for(q.take_all(linger_until=time.monotonic() + 60), 5)
+    assert [b.number for b in batches] == [4]
+    assert ended

@@ -410,8 +410,14 @@ class Pipeline:
 
     # --- commit stage --------------------------------------------------------------------------
     async def _commit_stage(self) -> None:
+        interval = self.s.commit_interval_ms / 1000
+        next_start = 0.0
         while True:
-            batches, ended = await self._commit_q.take_all()
+            # Live traffic applies a small batch every few milliseconds: waiting for the
+            # interval commits several of them in one transaction (a full queue or the end
+            # does not wait).
+            batches, ended = await self._commit_q.take_all(linger_until=next_start)
+            next_start = time.monotonic() + interval
             if batches:
                 try:
                     if self.progress.broken is None:
@@ -541,11 +547,21 @@ class CommitQueue:
         self._changed.set()
         return True
 
-    async def take_all(self) -> tuple[list[Batch], bool]:
-        """Every waiting batch (at least one unless the end came), and whether it ended."""
+    async def take_all(self, *, linger_until: float = 0.0) -> tuple[list[Batch], bool]:
+        """Every waiting batch (at least one unless the end came), and whether it ended.
+
+        With ``linger_until`` (a ``time.monotonic()`` instant) more batches are awaited until
+        then, unless the queue is half full or the end came."""
         while not self._items and not self._ended:
             self._changed.clear()
             await self._changed.wait()
+        while not self._ended and self._records * 2 < self._max:
+            left = linger_until - time.monotonic()
+            if left <= 0:
+                break
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
         items, self._items = self._items, []
         self._records = 0
         self._in_commit = sum(b.records for b in items)
