@@ -202,6 +202,11 @@ class Applier:
                 # The handled ones are done: the retry is for the others only.
                 orgs[:] = [w for i, w in enumerate(orgs) if i not in handled]
                 self._unsure.update(org_id for org_id, _ in orgs)
+                for _, pend in orgs:
+                    for p in pend:
+                        # Maybe applied by this call: ``replayed`` next time is its own
+                        # decision, not an offset passed undecided (Action.RESEND).
+                        p.fresh_claim = False
                 raise
             orgs.clear()
 

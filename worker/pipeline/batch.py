@@ -30,7 +30,7 @@ class Pending:
     item: UsageItem | CommandItem
     raw: RawSource
     parked: ParkedEvent | None = None
-    fresh_claim: bool = False  # its claim on the id was new in this attempt (intake)
+    fresh_claim: bool = False  # claim new in this attempt, no engine call may have applied it
 
     @property
     def claim_id(self) -> str:

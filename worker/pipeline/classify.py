@@ -60,7 +60,8 @@ def classify(
     decision and dead letter come from the outbox). ``parked_at_ms``: when the input was parked
     (a retry), None for an input read from Kafka. ``park_room``: the parking lot may take one
     more event of this org (per-org and total caps). ``fresh_claim``: the input's claim on its
-    id was new in this attempt (no record held the id).
+    id was new in this attempt (no record held the id) and no engine call of this attempt can
+    have applied it yet (a call that failed may have: then it is False).
 
     ``replayed`` with a fresh claim is an offset the engine passed without deciding it: an
     earlier attempt dropped the record as a copy of another that then decided nothing (it was
