@@ -1,7 +1,10 @@
 """Pipeline pieces that need no services: queries and migrations, effect rows, effect messages,
-dead letters, the fault-injection hook parser."""
+dead letters, the fault-injection hook parser, the commit queue."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import orjson
 import pytest
@@ -10,8 +13,10 @@ from schemas.decode import readable_ids
 from worker.config import Settings
 from worker.effects import Charge, Effect, from_dict
 from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
+from worker.pipeline.batch import Batch
 from worker.pipeline.classify import Action, Verdict, classify
 from worker.pipeline.faults import crash_plan as _crash_plan
+from worker.pipeline.pipeline import CommitQueue
 from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
 
 SETTINGS = Settings()
@@ -368,12 +373,6 @@ async def test_reference_cycles_are_collected_while_automatic_gc_is_off(
 async def test_the_commit_stage_commits_what_was_applied_within_the_interval_together() -> None:
     """A commit waits up to the interval for more applied batches (one transaction for the
     small batches of live traffic), but not once the queue is half full or has ended."""
-    import asyncio
-    import time
-
-    from worker.pipeline.batch import Batch
-    from worker.pipeline.pipeline import CommitQueue
-
     q = CommitQueue(max_records=100)
     await q.put(Batch(1, records=10), wait_seconds=1)
     taking = asyncio.create_task(q.take_all(linger_until=time.monotonic() + 0.5))
