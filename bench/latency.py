@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import GroupCoordinatorNotAvailableError
 from aiokafka.partitioner import DefaultPartitioner
 
 from bench.e2e import (
@@ -143,7 +144,12 @@ async def wait_committed(s: Settings, topic: str, within: float) -> None:
     try:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
-            got = await admin.list_consumer_group_offsets(s.consumer_group)
+            try:
+                got = await admin.list_consumer_group_offsets(s.consumer_group)
+            except GroupCoordinatorNotAvailableError:
+                # A fresh broker creates its offsets topic with the first group: not yet.
+                await asyncio.sleep(0.2)
+                continue
             if all(got.get(tp) and got[tp].offset >= end for tp, end in targets.items() if end):
                 return
             await asyncio.sleep(0.2)
