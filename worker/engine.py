@@ -18,7 +18,7 @@ import zlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from msgspec.msgpack import decode as msgpack_decode
@@ -53,6 +53,7 @@ from worker.contract import (
 )
 from worker.effects import Effect, Signal, decode_blob, expanded
 from worker.model import Grant, Member, Org, roll_member
+from worker.packed import PackedScript, bulk
 from worker.views import admin_view, dashboard_view, entitlement_view, state_view
 
 if TYPE_CHECKING:
@@ -84,6 +85,8 @@ _OUTBOX = OrgKeys._fields.index("outbox")  # positions in OrgKeys / RedisEngine.
 _UNKNOWN = OrgKeys._fields.index("unknown")
 _ORG = OrgKeys._fields.index("org")
 _MEMBERS = OrgKeys._fields.index("members")
+KEYS_PER_ORG = len(OrgKeys._fields)
+"""Keys of one org in an apply call (the apply script's ``KEYS`` stride)."""
 
 CALL_MAX_ORGS = 200
 """Orgs per script call at most (with their items: the time one call holds Redis)."""
@@ -248,18 +251,28 @@ class RedisEngine:
         self._config = orjson.dumps(
             [self.tiers_mc, self.block_mc, MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC]
         ).decode()
-        self._apply = client.register_script(load_apply_script())
+        self._config_bytes = self._config.encode()
+        apply_source = load_apply_script()
+        ack_source = load_script("ack.lua")
+        self._apply = client.register_script(apply_source)
         self._claim = client.register_script(load_script("claim.lua"))
         self._release = client.register_script(load_script("release.lua"))
-        self._ack = client.register_script(load_script("ack.lua"))
+        self._ack = client.register_script(ack_source)
         self._snapshot = client.register_script(load_script("snapshot.lua"))
         self._restore = client.register_script(load_script("restore.lua"))
         self._entitlement = client.register_script(load_entitlement_script())
         self.claim_shards = settings.claim_shards
         self.shards = settings.redis_shards
         self._cluster = type(client).__name__ == "RedisCluster"
+        # On a single Redis the org keys' wire form is cached (worker/packed.py).
+        self._apply_packed: PackedScript | None = None
+        self._ack_packed: PackedScript | None = None
+        if not self._cluster:
+            self._apply_packed = PackedScript(cast("Redis", client), apply_source)
+            self._ack_packed = PackedScript(cast("Redis", client), ack_source)
         self._keys: dict[str, OrgKeys] = {}
         self._key_args: dict[str, tuple[bytes, ...]] = {}
+        self._wire: dict[str, tuple[bytes, bytes]] = {}
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""
 
@@ -291,6 +304,17 @@ class RedisEngine:
                 self._key_args.clear()
             args = self._key_args[org_id] = tuple(k.encode() for k in self.keys(org_id))
         return args
+
+    def wire(self, org_id: str) -> tuple[bytes, bytes]:
+        """The org's keys of an apply call and of an outbox ack (outbox, unknown-offset marks),
+        in their wire form (:func:`worker.packed.bulk`), built once per org."""
+        wire = self._wire.get(org_id)
+        if wire is None:
+            if len(self._wire) >= KEY_CACHE_MAX:
+                self._wire.clear()
+            args = self.key_args(org_id)
+            wire = self._wire[org_id] = (bulk(*args), bulk(args[_OUTBOX], args[_UNKNOWN]))
+        return wire
 
     def shard(self, org_id: str) -> int:
         """The org's virtual shard (its keys' hash tag)."""
@@ -445,19 +469,30 @@ class RedisEngine:
         start: list[int],
         expect: list[int],
     ) -> Any:
-        keys: list[bytes] = []
+        org_ids: list[str] = []
         spec: list[Any] = []
         for idx in group:
             org_id = calls[idx].org_id
-            keys.extend(self.key_args(org_id))
+            org_ids.append(org_id)
             s = start[idx]
             replay = 1 if calls[idx].replay else 0
             spec.append((org_id, encoded[idx][s : s + CALL_MAX_ITEMS], expect[idx], replay))
-        # bytes, not str: redis-py would encode a str argument again
-        args: list[bytes | str | int] = [orjson.dumps(spec), self._config, self.walk_budget]
-        reply = await self._apply(keys=keys, args=args)
+        args = [orjson.dumps(spec), self._config_bytes, b"%d" % self.walk_budget]
+        reply = await self._run_apply(org_ids, args)
         self.calls += 1
         return reply
+
+    async def _run_apply(self, org_ids: list[str], args: list[bytes]) -> Any:
+        """One apply script call for these orgs (their keys in order) with ``args``."""
+        if self._apply_packed is not None:
+            wire = self.wire
+            return await self._apply_packed(
+                KEYS_PER_ORG * len(org_ids), [wire(o)[0] for o in org_ids], args
+            )
+        keys: list[bytes] = []
+        for org_id in org_ids:
+            keys.extend(self.key_args(org_id))
+        return await self._apply(keys=keys, args=args)
 
     # --- claims: decided once, across orgs and workers ----------------------------------------
 
@@ -657,6 +692,15 @@ class RedisEngine:
         with ``XTRIM MINID``)."""
         marks = unknown_marks or {}
         if not acks and not marks:
+            return
+        if self._ack_packed is not None:
+            # A single Redis: one call for every org, keys in their cached wire form.
+            wire = self.wire
+            everyone = list({*acks, *marks})
+            wanted = [(acks.get(o, 0), list(marks.get(o, ()))) for o in everyone]
+            await self._ack_packed(
+                2 * len(everyone), [wire(o)[1] for o in everyone], [orjson.dumps(wanted)]
+            )
             return
         by_shard: dict[int, list[str]] = {}
         for org_id in {*acks, *marks}:

@@ -77,7 +77,15 @@ MEMBER_FIELDS: Final = (
     "lr",  # reason of the last signal
     "li",  # org clock of the last signal
 )
-"""The member record: one JSON array per member in the org's member hash."""
+"""The member record: one MessagePack array per member in the org's member hash."""
+
+MEMBER_ENCODED_ARGS: Final = ("lim", "rs", "ra", "pr")
+"""Member fields whose stored form the Lua side computes before packing (``nil``/``false`` as
+MessagePack nil, promos flattened): arguments of the generated ``member_array``."""
+
+MEMBER_DECODED_BY_HAND: Final = ("lim", "rs", "ra", "pr", "sh", "lr", "li")
+"""Member fields the Lua side decodes itself (defaults, nil, promos as tables); the generated
+``member_from`` copies the others."""
 
 ORG_FIELDS: Final = (
     "an",  # billing anchor day
@@ -108,8 +116,8 @@ ORG_FIELDS: Final = (
     "np",  # earliest promo expiry (lower bound)
     "hm",  # home partition + 1: where the org is decided (0: none, decided where it arrives)
 )
-"""The org's integers: one field ``s`` of the org hash, ``%d`` values joined by commas in this
-order (one read and one write per call instead of one per field)."""
+"""The org's integers: one field ``s`` of the org hash, a MessagePack array in this order (one
+read and one write per call instead of one per field)."""
 
 LUA_FILE: Final = "lib_layout.lua"
 
@@ -137,6 +145,40 @@ def render_lua() -> str:
         + ", ".join(f"{name} = {i}" for i, name in enumerate(MEMBER_FIELDS, 1))
         + "}",
         "local ORG_FIELDS = {" + ", ".join(f"'{name}'" for name in ORG_FIELDS) + "}",
+        "",
+    ]
+    # Table constructors, not loops over the names: Lua sizes a constructor's table once, where
+    # filling an empty table field by field rehashes it five times (the org and a member are
+    # read and written on every call, so this is per-org work of every call).
+    org_fields = ", ".join(f"{name} = a[{i}] or 0" for i, name in enumerate(ORG_FIELDS, 1))
+    member_values = ", ".join(
+        name if name in MEMBER_ENCODED_ARGS else f"m.{name}" for name in MEMBER_FIELDS
+    )
+    member_plain = ", ".join(
+        f"{name} = a[{i}]"
+        for i, name in enumerate(MEMBER_FIELDS, 1)
+        if name not in MEMBER_DECODED_BY_HAND
+    )
+    lines += [
+        "-- The org's integers from their stored array (and the pending refill id), and back.",
+        "local function org_from(a, rp)",
+        f"  return {{{org_fields}, rp = rp}}",
+        "end",
+        "local function org_array(o)",
+        "  return {" + ", ".join(f"o.{name}" for name in ORG_FIELDS) + "}",
+        "end",
+        "-- A member from its stored array: the fields stored as they are ("
+        + ", ".join(MEMBER_DECODED_BY_HAND)
+        + " are the caller's).",
+        "local function member_from(id, a)",
+        f"  return {{id = id, {member_plain}}}",
+        "end",
+        "-- A member's stored array; "
+        + ", ".join(MEMBER_ENCODED_ARGS)
+        + " as the caller encoded them.",
+        f"local function member_array(m, {', '.join(MEMBER_ENCODED_ARGS)})",
+        f"  return {{{member_values}}}",
+        "end",
         "",
     ]
     for kind in EFFECT_KINDS:

@@ -78,9 +78,7 @@ local function load_org(g, org_id, items)
   local h = redis.call('HMGET', K_O, unpack(fields))
   if h[1] then
     EXISTS = true
-    local a = cmsgpack.unpack(h[1])
-    for i, f in ipairs(ORG_FIELDS) do O[f] = a[i] or 0 end
-    O.rp = h[2] or ''
+    O = org_from(cmsgpack.unpack(h[1]), h[2] or '')
     if h[3] and h[3] ~= '' then JOBS = cjson.decode(h[3]) end
   end
   for i, src in ipairs(srcs) do
@@ -127,10 +125,8 @@ end
 -- ---------------------------------------------------------------------------------------
 local function decode_member(id, s)
   local a = cmsgpack.unpack(s)
-  local m = {id = id, tier = a[MP.tier], nt = a[MP.nt], act = a[MP.act], cn = a[MP.cn],
-    ag = a[MP.ag], au = a[MP.au], bk = a[MP.bk], dr = a[MP.dr], bu = a[MP.bu], pu = a[MP.pu],
-    debt = a[MP.debt], ds = a[MP.ds], pz = a[MP.pz], ms = a[MP.ms], aa = a[MP.aa],
-    inp = a[MP.inp], inq = a[MP.inq], inb = a[MP.inb], pr = {}}
+  local m = member_from(id, a)
+  m.pr = {}
   local lim = a[MP.lim] -- MessagePack nil comes back as Lua nil
   if lim == nil or lim == NULL then m.lim = false else m.lim = lim end
   m.rs = (a[MP.rs] ~= NULL) and a[MP.rs] or false
@@ -150,17 +146,8 @@ local function encode_member(m)
   for _, g in ipairs(m.pr) do
     p[#p + 1] = g.g; p[#p + 1] = g.r; p[#p + 1] = g.e
   end
-  local a = {}
-  a[MP.tier], a[MP.nt], a[MP.act], a[MP.cn], a[MP.ag], a[MP.au] = m.tier, m.nt, m.act, m.cn,
-    m.ag, m.au
-  a[MP.bk], a[MP.dr], a[MP.bu], a[MP.pu], a[MP.debt], a[MP.ds] = m.bk, m.dr, m.bu, m.pu,
-    m.debt, m.ds
-  a[MP.lim] = (m.lim == false) and NULL or m.lim
-  a[MP.pz], a[MP.rs], a[MP.ms], a[MP.aa], a[MP.ra] = m.pz, m.rs or NULL, m.ms, m.aa,
-    m.ra or NULL
-  a[MP.inp], a[MP.inq], a[MP.inb], a[MP.pr], a[MP.sh] = m.inp, m.inq, m.inb, p, m.sh
-  a[MP.lr], a[MP.li] = m.lr, m.li
-  return cmsgpack.pack(a)
+  local lim = (m.lim == false) and NULL or m.lim
+  return cmsgpack.pack(member_array(m, lim, m.rs or NULL, m.ra or NULL, p))
 end
 
 -- Lazy cycle rollover: the org-level counters were reset at cycle end; the member catches up
@@ -198,9 +185,7 @@ local function write_back()
   if EXISTS then
     local args = {}
     if NE > 0 or next(ODIRTY) ~= nil then
-      local v = {}
-      for i, f in ipairs(ORG_FIELDS) do v[i] = O[f] end
-      args[1] = 's'; args[2] = cmsgpack.pack(v)
+      args[1] = 's'; args[2] = cmsgpack.pack(org_array(O))
       if ODIRTY.rp then args[3] = 'rp'; args[4] = O.rp end
     end
     for src in pairs(WDIRTY) do
