@@ -20,7 +20,7 @@ help:
 	@echo "make stack-clean stop them and delete their data (.stack/)"
 	@echo "make bench       end-to-end benchmark"
 	@echo "make bench-latency pause latency under steady traffic, beside both backlog shapes"
-	@echo "make bench-entitlement entitlement requests/s and latency at a steady rate (2,000/s)"
+	@echo "make bench-entitlement entitlement requests/s and latency at 2,000/s, alone and beside a worker"
 
 venv: $(STAMP)
 
@@ -63,8 +63,10 @@ demo: venv stack-up topics
 bench-latency: venv stack-up
 	$(PY) -m bench.latency --shapes
 
+# Alone, then beside a worker taking 2,000 usage events/s (the pipeline it shares cores with).
 bench-entitlement: venv stack-up
 	$(PY) -m bench.entitlement
+	$(PY) -m bench.entitlement --worker-rate 2000 --batch-rate 0 --seconds 20
 
 bench: venv stack-up
 	@if [ -f bench/__main__.py ]; then $(PY) -m bench; \

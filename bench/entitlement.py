@@ -19,6 +19,11 @@ single form ``GET .../members/{member_id}/entitlement`` at ``--rate``, then ``PO
 /v1/entitlements`` with ``--batch-size`` members per request at ``--batch-rate``. The first
 ``--warmup`` seconds of each run are left out of the figures. Prints a line per second and a
 table; writes nothing. Every Redis key of the run is removed at the end.
+
+``--worker-rate R``: the same runs while a worker takes ``R`` usage events/s (``bench.latency``
+started as a subprocess, its own topics, schema and keys; its members pause as they run out),
+so the checks share the cores with the pipeline they sit beside in production. Its pause
+latency is printed with the table.
 """
 
 from __future__ import annotations
@@ -298,12 +303,45 @@ def render(runs: list[Run], argv: list[str], orgs: int, members: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+async def start_worker_load(rate: float, seconds: float) -> asyncio.subprocess.Process:
+    """``bench.latency`` at ``rate`` events/s (a worker of its own, steady usage that pauses
+    members), returned once its events flow: the checks are then measured beside it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.latency", "--rate", f"{rate:g}",
+        "--orgs", str(max(1, int(rate // 2))), "--members", "10", "--no-write",
+        "--min-seconds", f"{seconds:g}",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        text = line.decode().rstrip()
+        log(f"  [worker load] {text}")
+        if "producing" in text:
+            return proc
+    raise RuntimeError("the worker load ended before producing")
+
+
+async def finish_worker_load(proc: asyncio.subprocess.Process) -> str:
+    """The worker load's own pause-latency line, once it ends."""
+    assert proc.stdout is not None
+    found = ""
+    while line := await proc.stdout.readline():
+        text = line.decode().rstrip()
+        if "pause p99" in text:
+            found = text.split("]", 1)[-1].strip()
+            log(f"  [worker load] {found}")
+    await proc.wait()
+    return found
+
+
 async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
     s = Settings().namespaced(f"benchent{uuid.uuid4().hex[:6]}")
     log(f"setup: {a.orgs} orgs x {a.members} members under Redis prefix {s.redis_key_prefix}")
     await setup(s, a.orgs, a.members)
     port = _free_port()
     procs = await start_servers(s, port, a.api_processes)
+    load: asyncio.subprocess.Process | None = None
+    load_line = ""
     rng = random.Random(7)
     pairs = [(f"bench-org-{o}", f"m{m:05d}") for o in range(a.orgs) for m in range(a.members)]
     runs: list[Run] = []
@@ -343,6 +381,10 @@ async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
         for conn in conns:
             status, _ = await conn.request(single(0))
             assert status == 200, status
+        if a.worker_rate > 0:
+            runs_s = a.seconds * (1 + (a.batch_rate > 0))
+            log(f"worker load: {a.worker_rate:,.0f} usage events/s into a running worker ...")
+            load = await start_worker_load(a.worker_rate, runs_s + 5)
         for name, rate, per, request in (
             ("single", a.rate, 1, single),
             (f"batch of {a.batch_size}", a.batch_rate, a.batch_size, batch),
@@ -356,7 +398,13 @@ async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
             run.api_cpu = sum(_proc_cpu_s(p.pid) for p in procs) - api0
             run.client_cpu = time.process_time() - client0
             runs.append(run)
+        if load is not None:
+            load_line = await finish_worker_load(load)
+            load = None
     finally:
+        if load is not None and load.returncode is None:
+            load.terminate()
+            await load.wait()
         for conn in conns:
             conn.close()
         for p in procs:
@@ -366,6 +414,11 @@ async def main_async(a: argparse.Namespace, argv: list[str]) -> int:
         deleted = await delete_redis_keys(s)
         log(f"removed {deleted} Redis keys")
     print("\n" + render(runs, argv, a.orgs, a.members))
+    if a.worker_rate > 0:
+        print(
+            f"Beside a worker taking {a.worker_rate:,.0f} usage events/s (bench.latency, members"
+            f" paused as their allocations run out): {load_line or 'its figures were not read'}"
+        )
     return 0
 
 
@@ -381,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=100, help="members per batch request")
     p.add_argument("--connections", type=int, default=64, help="client connections")
     p.add_argument("--api-processes", type=int, default=1, help="API processes sharing the port")
+    p.add_argument(
+        "--worker-rate",
+        type=float,
+        default=0.0,
+        help="measure while a worker takes this many usage events/s (bench.latency's load)",
+    )
     p.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     coro = serve(a.serve) if a.serve is not None else main_async(a, argv)
