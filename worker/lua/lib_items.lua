@@ -111,7 +111,7 @@ local function do_usage(it)
   m = get(mid)
   mark(src, off)
   local late = occ < O.cs
-  local ctx = ctx_of('usage', eid, task, late)
+  local ctx = nil -- ctx_of('usage', ...), made where a rule needs it (not on the fast path)
   local avail = pool_available()
   local code = nil
   local compact, waterfall = false, false
@@ -132,6 +132,7 @@ local function do_usage(it)
     -- An earlier seat still owes it: straight on the org's invoice.
     S('ie', O.ie + c)
     S('la', O.ck)
+    ctx = ctx_of('usage', eid, task, late)
     ledger(ctx, mid, 'charge', 'invoice', -c)
   else
     S('la', O.ck)
@@ -164,6 +165,7 @@ local function do_usage(it)
   end
   if waterfall then
     local before = NE
+    ctx = ctx_of('usage', eid, task, late)
     local unpaid = consume(m, c, ctx, 'charge')
     if unpaid > 0 then
       if m.debt == 0 then m.ds = O.ck end
@@ -190,7 +192,7 @@ local function do_usage(it)
   -- before cannot change state, so there is nothing to evaluate.
   if not (m.pz == 0 and m.debt == 0 and m.inq == 0 and m.ag - m.au + m.bk > 0
       and tier_mc(m.tier) ~= 0 and tier_mc(m.nt) ~= 0 and (not avail or pool_available())) then
-    finish_point(ctx, nil, {m}, {}, avail)
+    finish_point(ctx or ctx_of('usage', eid, task, late), nil, {m}, {}, avail)
   end
   if code then return {'rejected', code} end
   return OUT_APPLIED
@@ -323,7 +325,7 @@ local function dispatch(cmd, ctx, touched)
     if st == 'succeeded' and O.pl + O.bt + credits > MAX_BALANCE_MC then
       return 'balance_overflow', nil, flags
     end
-    O.rp = ''; ODIRTY.rp = true
+    O.rp = ''; RPDIRTY = true
     S('rpm', 0)
     if st == 'succeeded' then
       credit_pool(credits)
@@ -449,8 +451,9 @@ local function do_command(it)
       return {'rejected', 'invalid_command'}
     end
     local s, e = cycle_containing(at, day)
-    for _, f in ipairs(ORG_FIELDS) do O[f] = 0; ODIRTY[f] = true end
-    O.rp = ''; ODIRTY.rp = true
+    for _, f in ipairs(ORG_FIELDS) do O[f] = 0 end
+    ODIRTY = true
+    O.rp = ''; RPDIRTY = true
     O.an, O.ck, O.cs, O.ce, O.la = day, at, s, e, at
     O.hm = part_of(src) -- its home: where the org is decided from now on
     EXISTS = true

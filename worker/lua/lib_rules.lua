@@ -111,7 +111,7 @@ local function after_draw()
     local credits = math.min(O.ra, O.rm - O.rd)
     S('rc', O.rc + 1)
     local rid = 'refill-' .. org_digest() .. '-' .. fmt(O.rc)
-    O.rp = rid; ODIRTY.rp = true
+    O.rp = rid; RPDIRTY = true
     S('rpm', credits)
     emit(row_refill_request(0, rid, credits, math.floor((credits + 500) / 1000), O.ck))
     notify('refill_requested', nil, {request_id = rid, credits_mc = credits})

@@ -42,7 +42,8 @@ local ORG_ID, ORG_DIGEST
 -- ('rp'), queued org-wide work ('jb'), watermarks ('w:<source>') and tier limits
 -- ('t:<tier>'); the last two are read when first needed. O holds the integers and rp; W the
 -- watermarks read so far (false: none), TL the tier limits read so far (false: none).
-local O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY, EXISTS, JOBS_DIRTY
+-- ODIRTY: an integer changed; RPDIRTY: the pending refill id changed.
+local O, W, TL, JOBS, ODIRTY, RPDIRTY, WDIRTY, TLDIRTY, EXISTS, JOBS_DIRTY
 -- Members read so far (false: known not to exist) and the ones to write back.
 local MEM, MDIRTY
 -- Effects of this org in this call (positional rows, see lib_layout.lua).
@@ -53,6 +54,11 @@ local SEEN, NEW_U, UNKNOWN_SEEN_DROP
 -- were recorded (no home check, lib_items.lua elsewhere).
 local REPLAY = false
 
+local function unused(t)
+  if t ~= nil and next(t) == nil then return t end
+  return {}
+end
+
 -- load_org reads the org hash's integers, pending refill and queued work, and the watermarks of
 -- the sources the org's items come from, in one HMGET.
 local function load_org(g, org_id, items)
@@ -61,11 +67,14 @@ local function load_org(g, org_id, items)
   K_Q, K_B, K_E, K_U = KEYS[base + 5], KEYS[base + 6], KEYS[base + 7], KEYS[base + 8]
   ORG_ID = org_id
   ORG_DIGEST = nil
-  O, W, TL, JOBS, ODIRTY, WDIRTY, TLDIRTY = {}, {}, {}, {}, {}, {}, {}
-  EXISTS, JOBS_DIRTY = false, false
-  MEM, MDIRTY = {}, {}
-  E, NE = {}, 0
-  SEEN, NEW_U, UNKNOWN_SEEN_DROP = {}, {}, {}
+  -- Tables the last org left empty are taken over (most stay empty: a call of many orgs
+  -- with an event each would otherwise allocate, and collect, a dozen tables per org).
+  O, W, WDIRTY = {}, {}, {}
+  TL, JOBS, TLDIRTY = unused(TL), unused(JOBS), unused(TLDIRTY)
+  EXISTS, JOBS_DIRTY, ODIRTY, RPDIRTY = false, false, false, false
+  MEM, MDIRTY = {}, unused(MDIRTY)
+  E, NE = unused(E), 0
+  SEEN, NEW_U, UNKNOWN_SEEN_DROP = unused(SEEN), unused(NEW_U), unused(UNKNOWN_SEEN_DROP)
   local fields, srcs = {'s', 'rp', 'jb'}, {}
   for _, it in ipairs(items) do
     local src = (it[1] == ITEM_USAGE) and it[7] or it[3]
@@ -117,7 +126,7 @@ local function tier_limit(t)
 end
 
 local function S(k, v)
-  if O[k] ~= v then O[k] = v; ODIRTY[k] = true end
+  if O[k] ~= v then O[k] = v; ODIRTY = true end
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -141,10 +150,15 @@ local function decode_member(id, s)
   return m
 end
 
+local NO_PROMOS = {} -- packed as an empty array; never written to
+
 local function encode_member(m)
-  local p = {}
-  for _, g in ipairs(m.pr) do
-    p[#p + 1] = g.g; p[#p + 1] = g.r; p[#p + 1] = g.e
+  local p = NO_PROMOS
+  if #m.pr > 0 then
+    p = {}
+    for _, g in ipairs(m.pr) do
+      p[#p + 1] = g.g; p[#p + 1] = g.r; p[#p + 1] = g.e
+    end
   end
   local lim = (m.lim == false) and NULL or m.lim
   return cmsgpack.pack(member_array(m, lim, m.rs or NULL, m.ra or NULL, p))
@@ -184,9 +198,9 @@ local function dirty(m) MDIRTY[m.id] = true end
 local function write_back()
   if EXISTS then
     local args = {}
-    if NE > 0 or next(ODIRTY) ~= nil then
+    if NE > 0 or ODIRTY or RPDIRTY then
       args[1] = 's'; args[2] = cmsgpack.pack(org_array(O))
-      if ODIRTY.rp then args[3] = 'rp'; args[4] = O.rp end
+      if RPDIRTY then args[3] = 'rp'; args[4] = O.rp end
     end
     for src in pairs(WDIRTY) do
       args[#args + 1] = 'w:' .. src; args[#args + 1] = fmt(W[src])
