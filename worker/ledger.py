@@ -210,14 +210,6 @@ class FlushBatch:
         """Turn engine effects into rows (each effect knows its row, ``worker/effects.py``);
         a ``Charge`` is two rows, ledger and usage. Raises the org's ``org_seq`` to the
         highest seq seen."""
-        lists: dict[str | None, list[tuple[Any, ...]]] = {
-            "ledger": self.ledger,
-            "usage": self.usage,
-            "commands": self.commands,
-            "invoices": self.invoices,
-            "notifications": self.notifications,
-            "refills": self.refills,
-        }
         ledger = self.ledger.append
         usage = self.usage.append
         org_seq = self.org_seq
@@ -244,12 +236,28 @@ class FlushBatch:
                     self.signals[key] = row
                 seq = e.seq
             else:
-                lists[table].append(e.row())
+                self._rare_rows(table).append(e.row())
                 seq = e.seq
             if seq > top:
                 top = seq
         if org is not None and top > org_seq.get(org, 0):
             org_seq[org] = top
+
+    def _rare_rows(self, table: str | None) -> list[tuple[Any, ...]]:
+        """The row list of an effect's table (not charges or signals, handled inline)."""
+        if table == "ledger":
+            return self.ledger
+        if table == "usage":
+            return self.usage
+        if table == "commands":
+            return self.commands
+        if table == "invoices":
+            return self.invoices
+        if table == "notifications":
+            return self.notifications
+        if table == "refills":
+            return self.refills
+        raise ValueError(f"no PostgreSQL table for effect rows {table!r}")
 
     def add_rejected_usage(
         self,

@@ -260,8 +260,10 @@ class Applier:
             else:
                 done.append((work, res))
         await self._fill_gaps(done)
+        outboxed = batch.outboxed
         for (org_id, pend), res in done:
             self._record(batch, org_id, pend, res.outcomes, res.effects)
+        metrics.OUTBOX_DEPTH.inc(batch.outboxed - outboxed)  # once a part, not once an org
         await self._router.send_on(batch)
         await self.publish(batch)
 
@@ -421,7 +423,6 @@ class Applier:
             if every and (effects[0].seq - 1) // every < top // every:
                 batch.snapshot_due.add(org_id)  # crossed a multiple of the interval
             batch.outboxed += outboxed
-            metrics.OUTBOX_DEPTH.inc(outboxed)
         self._outcomes(batch, org_id, chunk, outcomes, effects)
 
     def _outcomes(
@@ -435,7 +436,7 @@ class Applier:
         counts = batch.counts
         usage_effects: set[str] | None = None
         command_effects: set[str] | None = None
-        now_ms = int(time.time() * 1000)
+        now_ms = 0  # read when an outcome needs it (not on the common path)
         grace_ms = self._s.unknown_grace_seconds * 1000
         charged = 0
         for p, outcome in zip(chunk, outcomes, strict=True):
@@ -443,6 +444,8 @@ class Applier:
             if status == "applied" and p.is_usage and p.parked is None:
                 charged += 1  # the common case, counted once per call
                 continue
+            if not now_ms:
+                now_ms = int(time.time() * 1000)
             if usage_effects is None:
                 usage_effects = {e.event_id for e in effects if isinstance(e, Usage | Charge)}
                 command_effects = {e.command_id for e in effects if isinstance(e, Command)}
