@@ -1,10 +1,10 @@
 """Script calls whose keys are encoded once, not at every call (single Redis).
 
-An apply call carries 8 keys per org and an outbox ack 2: at 200 orgs a call, redis-py's
-argument encoding (one generator step, type checks and a copy per argument) cost more of the
-worker's time than the rest of the call (BENCHMARKS.md, "Sparse traffic"). An org's keys never
-change, so their wire form (RESP bulk strings) is built once per org and the command is one
-``bytes.join`` of cached pieces, sent on a pooled connection as it is.
+An apply call carries 8 keys per org and an outbox ack 2: at 200 orgs a call, redis-py encoded
+1,600 arguments per call (a generator step, type checks and a copy each), work repeated for
+the same keys at every call of every batch (BENCHMARKS.md, "Per-org cost of a script call").
+An org's keys never change, so their wire form (RESP bulk strings) is built once per org and
+the command is one ``bytes.join`` of cached pieces, sent on a pooled connection as it is.
 
 On a Redis Cluster the client routes each command by its keys' slot; the engine keeps
 redis-py's own script objects there.
