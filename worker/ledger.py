@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from operator import attrgetter
 from typing import Any
 
 import asyncpg
@@ -171,6 +172,14 @@ class SeqCollision(Exception):
         self.org_ids = list(org_ids)
 
 
+_EFFECT_ROWS: dict[str | None, Callable[[FlushBatch], list[tuple[Any, ...]]]] = {
+    name: attrgetter(name)
+    for name in ("ledger", "usage", "commands", "invoices", "notifications", "refills")
+}
+"""An effect's ``TABLE`` -> its row list in a flush batch (charges and signals are handled
+inline in ``FlushBatch.add_effects``)."""
+
+
 @dataclass(slots=True)
 class FlushBatch:
     """Everything one batch writes to PostgreSQL, in one transaction."""
@@ -236,28 +245,12 @@ class FlushBatch:
                     self.signals[key] = row
                 seq = e.seq
             else:
-                self._rare_rows(table).append(e.row())
+                _EFFECT_ROWS[table](self).append(e.row())
                 seq = e.seq
             if seq > top:
                 top = seq
         if org is not None and top > org_seq.get(org, 0):
             org_seq[org] = top
-
-    def _rare_rows(self, table: str | None) -> list[tuple[Any, ...]]:
-        """The row list of an effect's table (not charges or signals, handled inline)."""
-        if table == "ledger":
-            return self.ledger
-        if table == "usage":
-            return self.usage
-        if table == "commands":
-            return self.commands
-        if table == "invoices":
-            return self.invoices
-        if table == "notifications":
-            return self.notifications
-        if table == "refills":
-            return self.refills
-        raise ValueError(f"no PostgreSQL table for effect rows {table!r}")
 
     def add_rejected_usage(
         self,
