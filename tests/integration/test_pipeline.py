@@ -568,3 +568,45 @@ async def _end_offsets(settings: Settings, topic: str, partition: int) -> int:
         return int((await consumer.end_offsets([tp]))[tp])
     finally:
         await consumer.stop()
+
+
+class _NothingDecided:
+    """PostgreSQL's answer for ids it has never seen (the check runs beside the claims)."""
+
+    async def decided_ids(
+        self, event_ids: list[str], command_ids: list[str]
+    ) -> tuple[set[str], set[str]]:
+        return set(), set()
+
+
+async def test_a_copy_of_an_id_held_here_for_another_record_claims_nothing(
+    pipe_settings: Settings, engine: Any
+) -> None:
+    """A record is sent on to its org's home: its claim is released in Redis at once, its entry
+    in this worker's in-flight ids a moment later. A copy of the same event read in that moment
+    is a duplicate of it here and must not take the freed claim: if it did, the copy at the
+    home would be a duplicate too and the event would be charged by no record (a producer
+    retry under unkeyed traffic; seen as "accepted event never decided" in the three-worker
+    crash scenario, about one run in ten)."""
+    from worker.contract import UsageItem
+    from worker.engine import CLAIM_NEW, CLAIM_TAKEN
+    from worker.messages import RawSource
+    from worker.pipeline.backoff import Backoff
+    from worker.pipeline.batch import Batch, Pending
+    from worker.pipeline.intake import Intake
+
+    s = pipe_settings
+    intake = Intake(s, engine, _NothingDecided(), Backoff(s))  # type: ignore[arg-type]
+    intake.in_flight["e|ev-1"] = "2:15"  # the record just sent on; its claim is released
+    source = f"{s.topic_usage}:2"
+    copy = UsageItem("ev-1", "ann", "t1", 1_000, 1_767_225_600_000, source, 16)
+    batch = Batch(number=7)
+    batch.by_org["acme"].append(
+        Pending("ev-1", True, copy, RawSource(b"acme", b"{}", s.topic_usage, 2, 16))
+    )
+    await intake.drop_decided(batch)
+    assert not batch.by_org, "the copy is a duplicate of the record held here"
+    assert batch.counts["duplicate"] == 1
+    # The record's copy at the home is the first to claim the id, and decides it.
+    assert await engine.claim([("e|ev-1", "1:294")]) == [CLAIM_NEW]
+    assert await engine.claim([("e|ev-1", "2:16")]) == [CLAIM_TAKEN]

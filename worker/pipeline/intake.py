@@ -249,18 +249,24 @@ class Intake:
             # Redis lost the claims. (Read after the query, an id released meanwhile was in
             # neither, and a copy of it was decided twice.)
             held_here: set[str] = set()
+            no_claim = set(passed)
             in_flight = self.in_flight
             if in_flight:
-                for claim_id, claim in entries:
+                for i, (claim_id, claim) in enumerate(entries):
                     held = in_flight.get(claim_id)
                     if held is not None and held != claim:
                         held_here.add(claim_id)
+                        # A copy of an id held here for another record is a duplicate, and
+                        # claims nothing: that record may have just been sent on to its org's
+                        # home (its claim released, its entry here not dropped yet), and a
+                        # claim made now would make the copy at the home a duplicate too, the
+                        # id decided by no record. Asked like a record sent on, it only drops
+                        # a claim of its own an earlier attempt left.
+                        no_claim.add(i)
             ev, cm = list(event_ids), list(command_ids)
             (decided_events, decided_commands), verdicts = await asyncio.gather(
                 self._backoff.retry("postgres", lambda: self._ledger.decided_ids(ev, cm)),
-                self._backoff.retry(
-                    "redis", lambda: self._engine.claim(entries, passed=passed.keys())
-                ),
+                self._backoff.retry("redis", lambda: self._engine.claim(entries, passed=no_claim)),
             )
             for i, ((claim_id, _), verdict) in enumerate(zip(entries, verdicts, strict=True)):
                 rec = named[i][1]

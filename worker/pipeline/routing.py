@@ -16,7 +16,9 @@ docs/delivery.md ("One owner per org").
 Write order of a forward, and what a crash between two steps leaves:
 
 1. (engine answered ``elsewhere``) the record's claim on its id is released in Redis, and
-   forgotten by this worker's in-flight ids, so its copy at the home can claim it;
+   forgotten by this worker's in-flight ids, so its copy at the home can claim it (a copy
+   of the id this worker reads between the two is a duplicate of the record still held in
+   flight, and intake has it claim nothing: its claim would leave the id to no record);
 2. the copy is handed to the producer with the batch's other messages;
 3. the commit stage waits for Kafka's ack before PostgreSQL records the batch's offsets.
 
