@@ -182,6 +182,9 @@ class Pipeline:
         ]
         consumer.subscribe([self.s.topic_usage, self.s.topic_admin], listener=_Listener(self))
         metrics.WORKER_UP.set(1)
+        # The effects this pipeline has left in outboxes and not acked: none yet (a pipeline
+        # that ended on an error in this process may have left the gauge above zero).
+        metrics.OUTBOX_DEPTH.set(0)
         stages = [
             asyncio.create_task(self._apply_stage(), name="pipeline-apply"),
             asyncio.create_task(self._commit_stage(), name="pipeline-commit"),
