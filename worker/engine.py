@@ -250,8 +250,7 @@ class RedisEngine:
         self.walk_budget = max(1, walk_budget)
         self._config = orjson.dumps(
             [self.tiers_mc, self.block_mc, MAX_USAGE_MC, MAX_AMOUNT_MC, MAX_BALANCE_MC]
-        ).decode()
-        self._config_bytes = self._config.encode()
+        )
         apply_source = load_apply_script()
         ack_source = load_script("ack.lua")
         self._apply = client.register_script(apply_source)
@@ -477,7 +476,7 @@ class RedisEngine:
             s = start[idx]
             replay = 1 if calls[idx].replay else 0
             spec.append((org_id, encoded[idx][s : s + CALL_MAX_ITEMS], expect[idx], replay))
-        args = [orjson.dumps(spec), self._config_bytes, b"%d" % self.walk_budget]
+        args = [orjson.dumps(spec), self._config, b"%d" % self.walk_budget]
         reply = await self._run_apply(org_ids, args)
         self.calls += 1
         return reply

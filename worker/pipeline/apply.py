@@ -261,9 +261,12 @@ class Applier:
                 done.append((work, res))
         await self._fill_gaps(done)
         outboxed = batch.outboxed
-        for (org_id, pend), res in done:
-            self._record(batch, org_id, pend, res.outcomes, res.effects)
-        metrics.OUTBOX_DEPTH.inc(batch.outboxed - outboxed)  # once a part, not once an org
+        try:
+            for (org_id, pend), res in done:
+                self._record(batch, org_id, pend, res.outcomes, res.effects)
+        finally:
+            # Once a part, not once an org (and what was recorded counts, even on an error).
+            metrics.OUTBOX_DEPTH.inc(batch.outboxed - outboxed)
         await self._router.send_on(batch)
         await self.publish(batch)
 
