@@ -74,6 +74,8 @@ class Batch:
     kafka_no: int = 0  # 1, 2, ... for fetched batches; 0 for parked-retry turns
     records: int = 0  # Kafka records (usage + admin) covered by this batch
     by_org: dict[str, list[Pending]] = field(default_factory=lambda: defaultdict(list))
+    raws: list[RawSource] = field(default_factory=list)
+    """Once applied (``shed_inputs``): the original record of every input that went on."""
     malformed: list[Malformed] = field(default_factory=list)
     copies: list[tuple[str | None, Pending | Malformed]] = field(default_factory=list)
     """Later records with an id already in the batch, with their org (None: malformed);
@@ -105,6 +107,16 @@ class Batch:
     intake_at: float = 0.0  # handed to the producer (the latency a pause sees), committed
     apply_at: float = 0.0
     applied_at: float = 0.0
+
+    def shed_inputs(self) -> None:
+        """The batch is applied: of its inputs, keep only their original records.
+
+        A batch waits up to two commits in the commit stage; its decoded inputs (items, ids,
+        the pending records) are no longer needed there, only the bytes of each record for
+        the rare dead letter of a row PostgreSQL refuses (``storage_failed``). About a third
+        of what an event holds in memory between apply and commit."""
+        self.raws = [p.raw for ps in self.by_org.values() for p in ps]
+        self.by_org = {}
 
     def acks_of_sends(self) -> Callable[[], Awaitable[None]] | None:
         """One wait for the acks of every hand-over so far (None: nothing was sent)."""

@@ -222,9 +222,8 @@ class Committer:
     ) -> list[OutMessage]:
         raws: dict[tuple[str, int], RawSource] = {}
         for batch in batches:
-            for ps in batch.by_org.values():
-                for p in ps:
-                    raws[(f"{p.raw.topic}:{p.raw.partition}", p.raw.offset)] = p.raw
+            for raw in batch.raws:
+                raws[(f"{raw.topic}:{raw.partition}", raw.offset)] = raw
         out: list[OutMessage] = []
         for q in bad:
             if q.source is None or q.offset is None:

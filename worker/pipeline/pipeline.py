@@ -141,7 +141,10 @@ class Pipeline:
             group_id=self.s.consumer_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_partition_fetch_bytes=4 * 1024 * 1024,
+            # Kafka's default (1 MiB per partition and fetch): what a fetch buffers ahead of
+            # the batches is raw bytes held until every record of it is taken; 4 MiB held
+            # 15-20 MiB more at peak for no measurable gain.
+            max_partition_fetch_bytes=1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
             # aiokafka keeps one fetch request per broker in flight: one that holds only idle
             # partitions (an admin topic with nothing new) would make the busy ones wait the
@@ -312,6 +315,7 @@ class Pipeline:
                     self._batch_no += 1
                     batch = Batch(number=self._batch_no, fetched_at=now)
                     await self.intake.decode(batch, records)
+                    del records  # the decoded batch holds what it needs of them
                     fetched += batch.records
                     self._kafka_batches += 1
                     batch.kafka_no = self._kafka_batches
@@ -403,6 +407,7 @@ class Pipeline:
                     self.sizer.observe(batch.records, batch.applied_at - batch.apply_at)
                 # After the hand-over: a snapshot read never delays a signal.
                 await self.applier.take_snapshots(batch)
+                batch.shed_inputs()
             except Exception as exc:
                 self._fail(batch, exc, "applying")
                 continue
