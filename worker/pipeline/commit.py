@@ -222,8 +222,8 @@ class Committer:
     ) -> list[OutMessage]:
         raws: dict[tuple[str, int], RawSource] = {}
         for batch in batches:
-            for raw in batch.raws:
-                raws[(f"{raw.topic}:{raw.partition}", raw.offset)] = raw
+            for r in batch.raws:
+                raws[(f"{r.topic}:{r.partition}", r.offset)] = r
         out: list[OutMessage] = []
         for q in bad:
             if q.source is None or q.offset is None:
