@@ -810,6 +810,9 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                         "events_per_s": res.worker.rate if res.worker else 0.0,
                         "steady_events_per_s": res.worker.steady_rate if res.worker else 0.0,
                         "decode_ceiling_per_s": _rate(res.ceiling_decode),
+                        "worker_cpu_s": res.worker.worker_cpu_s if res.worker else 0.0,
+                        "service_cpu_s": res.worker.service_cpu_s if res.worker else {},
+                        "peak_rss_mib": res.worker.peak_rss_kib / 1024 if res.worker else 0.0,
                     }
                 )
             )
@@ -844,7 +847,9 @@ def main(argv: list[str] | None = None) -> int:
         "--no-write", dest="write_md", action="store_false", help="do not rewrite BENCHMARKS.md"
     )
     p.add_argument("--keep", action="store_true", help="keep topics and schemas afterwards")
-    p.add_argument("--json", metavar="FILE", help="also write the worker's rates to FILE")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the worker's rates, CPU and peak RSS to FILE"
+    )
     p.add_argument(
         "--profile",
         metavar="FILE",

@@ -23,7 +23,7 @@ import orjson
 from worker.config import Settings
 from worker.connections import pg_connect_kwargs
 from worker.contract import Snapshot
-from worker.effects import Effect
+from worker.effects import Charge, Effect
 from worker.sqlfiles import named_queries
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,14 @@ class FlushBatch:
     org_seq: dict[str, int] = field(default_factory=dict)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    charges: list[Charge] = field(default_factory=list)
+    """Charges not turned into their two rows yet (``rows_ready``): one object instead of two
+    tuples while a batch waits for its commit, the larger part of what it holds."""
 
     def is_empty(self) -> bool:
         return not (
-            self.ledger
+            self.charges
+            or self.ledger
             or self.usage
             or self.commands
             or self.invoices
@@ -217,10 +221,9 @@ class FlushBatch:
 
     def add_effects(self, effects: Iterable[Effect]) -> None:
         """Turn engine effects into rows (each effect knows its row, ``worker/effects.py``);
-        a ``Charge`` is two rows, ledger and usage. Raises the org's ``org_seq`` to the
-        highest seq seen."""
-        ledger = self.ledger.append
-        usage = self.usage.append
+        a ``Charge`` is two rows, ledger and usage, made when a write asks (``rows_ready``).
+        Raises the org's ``org_seq`` to the highest seq seen."""
+        charges = self.charges.append
         org_seq = self.org_seq
         org: str | None = None
         top = 0
@@ -232,9 +235,7 @@ class FlushBatch:
                 top = org_seq.get(org, 0)
             table = e.TABLE
             if table == "charge":
-                row_l, row_u = e.rows()  # type: ignore[attr-defined]
-                ledger(row_l)
-                usage(row_u)
+                charges(e)  # type: ignore[arg-type]
                 seq = e.seq + 1
             elif table == "signals":
                 # Only the member's latest signal is kept (the table holds current states).
@@ -251,6 +252,19 @@ class FlushBatch:
                 top = seq
         if org is not None and top > org_seq.get(org, 0):
             org_seq[org] = top
+
+    def rows_ready(self) -> FlushBatch:
+        """Turn the waiting charges into their ledger and usage rows (every write does this
+        first; the row lists are complete afterwards)."""
+        if self.charges:
+            ledger = self.ledger.append
+            usage = self.usage.append
+            for c in self.charges:
+                row_l, row_u = c.rows()
+                ledger(row_l)
+                usage(row_u)
+            self.charges = []
+        return self
 
     def add_rejected_usage(
         self,
@@ -312,6 +326,7 @@ class FlushBatch:
     def merge(self, other: FlushBatch) -> None:
         """Add ``other``'s rows after this batch's (a later batch of the same stage), so that
         several batches commit in one transaction."""
+        self.charges.extend(other.charges)
         self.ledger.extend(other.ledger)
         self.usage.extend(other.usage)
         self.commands.extend(other.commands)
@@ -495,6 +510,7 @@ class Ledger:
         """
         if batch.is_empty():
             return
+        batch.rows_ready()
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
@@ -507,6 +523,7 @@ class Ledger:
         """Like ``write`` but always idempotent (used by the outbox drain and rebuild)."""
         if batch.is_empty():
             return
+        batch.rows_ready()
         async with self._pool.acquire() as conn, conn.transaction():
             await self._write(conn, batch, fast=False)
 
@@ -520,6 +537,7 @@ class Ledger:
         rows set aside (the pipeline dead-letters their inputs and alerts).
         """
         bad: list[Quarantined] = []
+        batch.rows_ready()
         async with self._pool.acquire() as conn, conn.transaction():
             if batch.parked_del:
                 await conn.execute(self._q["delete_parked"], batch.parked_del)

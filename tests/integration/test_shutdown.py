@@ -202,7 +202,7 @@ class _CorruptingLedger:
         self.corrupted = 0
 
     async def write(self, batch: FlushBatch) -> None:
-        for i, row in enumerate(batch.usage):
+        for i, row in enumerate(batch.rows_ready().usage):
             if row[0] == self._event:
                 batch.usage[i] = (*row[:4], "task\x00", *row[5:])
                 self.corrupted += 1

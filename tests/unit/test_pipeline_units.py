@@ -107,7 +107,15 @@ def test_a_compact_charge_becomes_the_same_two_rows_as_its_expanded_effects() ->
     compact, long = FlushBatch(), FlushBatch()
     compact.add_effects([charge])
     long.add_effects(charge.expand())
-    assert compact.ledger == long.ledger == _rows_of_ledger()
+    # A charge waits as one object (a batch waiting for its commit holds less) until a
+    # write asks for the rows; merged batches keep their charges.
+    assert compact.ledger == [] and not compact.is_empty()
+    merged = FlushBatch()
+    merged.merge(compact)
+    assert merged.rows_ready() is merged and merged.charges == []
+    compact.rows_ready()
+    assert compact.ledger == long.ledger == merged.ledger == _rows_of_ledger()
+    assert merged.usage == compact.usage
     assert compact.usage == long.usage
     assert compact.org_seq == long.org_seq == {"o": 3}
 

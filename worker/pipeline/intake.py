@@ -295,8 +295,8 @@ class Intake:
                 by_org[org_id].append(rec)
                 if i >= first_copy:
                     reordered.add(org_id)  # a later copy picked by its claim
-                claim_id = rec.claim_id
-                in_flight[claim_id] = claim_of(rec.raw)
+                claim_id, claim = entries[i]
+                in_flight[claim_id] = claim
                 claimed.append(claim_id)
                 rec.fresh_claim = i in fresh
         admin = self._s.topic_admin
