@@ -317,10 +317,13 @@ async def run_worker_process(
     timeout_s: float,
     label: str,
     profile: str | None = None,
+    workers: int = 1,
 ) -> WorkerRun:
-    """Launch the worker, wait until its committed offsets reach the end of ``topics``.
+    """Launch the worker (``workers`` processes in one consumer group), wait until the group's
+    committed offsets reach the end of ``topics``.
 
-    Then SIGTERM it (graceful shutdown) and collect its exit code, peak RSS and CPU time.
+    Then SIGTERM it (graceful shutdown) and collect its exit code, peak RSS and CPU time (with
+    several workers: the largest peak RSS of one process, the CPU time of all of them).
     """
     targets: dict[TopicPartition, int] = {}
     for topic in topics:
@@ -338,7 +341,13 @@ async def run_worker_process(
     started = time.perf_counter()
     http_port = _free_port()
     stages: dict[str, tuple[int, float]] = {}
-    proc = await asyncio.create_subprocess_exec(*cmd, env=_worker_env(s, http_port), cwd=ROOT)
+    procs = [
+        await asyncio.create_subprocess_exec(
+            *cmd, env=_worker_env(s, http_port if i == 0 else _free_port()), cwd=ROOT
+        )
+        for i in range(workers)
+    ]
+    proc = procs[0]
     spy = None
     if sampling:
         # py-spy attached from outside (collapsed stacks; it stops when the worker exits):
@@ -358,11 +367,11 @@ async def run_worker_process(
     try:
         while True:
             await asyncio.sleep(0.2)
-            _, hwm = _rss_kib(proc.pid)
-            peak = max(peak, hwm)
-            worker_cpu = max(worker_cpu, _proc_cpu_s(proc.pid))
-            if proc.returncode is not None:
-                raise RuntimeError(f"worker exited early with code {proc.returncode}")
+            peak = max(peak, *(_rss_kib(p.pid)[1] for p in procs))
+            worker_cpu = max(worker_cpu, sum(_proc_cpu_s(p.pid) for p in procs))
+            for p in procs:
+                if p.returncode is not None:
+                    raise RuntimeError(f"worker exited early with code {p.returncode}")
             try:
                 got = await admin.list_consumer_group_offsets(s.consumer_group)
             except Exception as exc:  # the group may not exist yet
@@ -375,10 +384,11 @@ async def run_worker_process(
                 first_progress = now
             if now - last_report >= 3.0:
                 last_report = now
-                rss, _ = _rss_kib(proc.pid)
+                rss = max(_rss_kib(p.pid)[0] for p in procs)
                 log(
                     f"  {label}: {done:,}/{total:,} offsets committed,"
                     f" {now - started:5.1f} s, RSS {rss / 1024:.0f} MiB"
+                    + (f" (largest of {workers} workers)" if workers > 1 else "")
                 )
             if done >= total:
                 done_at = now
@@ -394,16 +404,18 @@ async def run_worker_process(
                 raise TimeoutError(f"{label}: not done after {timeout_s:.0f} s ({done:,} done)")
     finally:
         await admin.close()
-        if proc.returncode is None:
-            _, hwm = _rss_kib(proc.pid)
-            peak = max(peak, hwm)
-            worker_cpu = max(worker_cpu, _proc_cpu_s(proc.pid))
-            proc.send_signal(signal.SIGTERM)
+        live = [p for p in procs if p.returncode is None]
+        if live:
+            peak = max(peak, *(_rss_kib(p.pid)[1] for p in live))
+            worker_cpu = max(worker_cpu, sum(_proc_cpu_s(p.pid) for p in procs))
+        for p in live:
+            p.send_signal(signal.SIGTERM)
+        for p in live:
             try:
-                await asyncio.wait_for(proc.wait(), timeout=s.shutdown_grace_seconds + 10)
+                await asyncio.wait_for(p.wait(), timeout=s.shutdown_grace_seconds + 10)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                p.kill()
+                await p.wait()
         if spy is not None:
             await spy.wait()
             log(f"  py-spy profile written to {profile}")
@@ -413,7 +425,7 @@ async def run_worker_process(
         seconds=done_at - started,
         steady_seconds=done_at - (first_progress or started),
         peak_rss_kib=peak,
-        exit_code=proc.returncode,
+        exit_code=next((p.returncode for p in procs if p.returncode), proc.returncode),
         worker_cpu_s=worker_cpu,
         machine_busy_s=busy1 - busy0,
         service_cpu_s={k: services1[k] - services0.get(k, 0.0) for k in services1},
@@ -777,9 +789,15 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                 [s.topic_usage],
                 expected=spec.events,
                 timeout_s=args.worker_timeout,
-                label="worker",
+                label="worker" if args.workers == 1 else f"{args.workers} workers",
                 profile=args.profile,
+                workers=args.workers,
             )
+            if args.workers > 1:
+                res.notes.append(
+                    f"The timed run is {args.workers} worker processes in one consumer group"
+                    " (`--workers`): CPU-seconds are their sum, the peak RSS the largest one's."
+                )
             res.worker.pg_counts = await pg_table_counts(s)
             log(
                 f"   {res.worker.rate:,.0f} events/s (launch to last commit), "
@@ -813,6 +831,7 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
                         "worker_cpu_s": res.worker.worker_cpu_s if res.worker else 0.0,
                         "service_cpu_s": res.worker.service_cpu_s if res.worker else {},
                         "peak_rss_mib": res.worker.peak_rss_kib / 1024 if res.worker else 0.0,
+                        "workers": args.workers,
                     }
                 )
             )
@@ -843,6 +862,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-timeout", type=float, default=420.0)
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--skip-worker", action="store_true", help="only load, ceiling and naive")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes in the timed run (one consumer group; the warm-up uses one)",
+    )
     p.add_argument(
         "--no-write", dest="write_md", action="store_false", help="do not rewrite BENCHMARKS.md"
     )
