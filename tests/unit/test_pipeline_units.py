@@ -1,5 +1,5 @@
 """Pipeline pieces that need no services: queries and migrations, effect rows, effect messages,
-dead letters, the fault-injection hook parser, the commit queue."""
+dead letters, the fault-injection hook parser, the commit queue, the fetch's partition turns."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 
 from schemas.decode import readable_ids
 from worker.config import Settings
@@ -16,6 +17,7 @@ from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
 from worker.pipeline.batch import Batch
 from worker.pipeline.classify import Action, Verdict, classify
 from worker.pipeline.faults import crash_plan as _crash_plan
+from worker.pipeline.intake import Intake
 from worker.pipeline.pipeline import CommitQueue
 from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
 
@@ -404,3 +406,57 @@ async def test_the_commit_stage_commits_what_was_applied_within_the_interval_tog
     batches, ended = await asyncio.wait_for(q.take_all(linger_until=time.monotonic() + 60), 5)
     assert [b.number for b in batches] == [4]
     assert ended
+
+
+class _BufferedConsumer:
+    """What ``Intake.fetch`` asks of aiokafka: the assignment, and ``getmany`` of one partition
+    (or of all) from records already buffered."""
+
+    def __init__(self, waiting: dict[TopicPartition, int]) -> None:
+        self.buffers = {tp: list(range(n)) for tp, n in waiting.items()}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.buffers)
+
+    async def getmany(
+        self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int = 0
+    ) -> dict[TopicPartition, list[int]]:
+        out: dict[TopicPartition, list[int]] = {}
+        for tp in tps or sorted(self.buffers, key=lambda t: (t.topic, t.partition)):
+            buf = self.buffers[tp]
+            take = buf[: max_records - sum(len(r) for r in out.values())]
+            if take:
+                del buf[: len(take)]
+                out[tp] = take
+        return out
+
+
+async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_long() -> None:
+    """Live traffic (less waiting than a batch takes) is fetched whole; in a backlog, every
+    partition with data gets a fair share (a lone urgent record is never held back), the rest
+    of the batch comes from one partition after the other (an org's events together), and each
+    batch goes on where the last one stopped."""
+    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
+    admin = TopicPartition(SETTINGS.topic_admin, 0)
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+
+    shallow = _BufferedConsumer({**{tp: 50 for tp in usage}, admin: 3})
+    got = await intake.fetch(shallow, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
+    assert {tp: len(r) for tp, r in got.items()} == {**{tp: 50 for tp in usage}, admin: 3}
+
+    deep = _BufferedConsumer({**{tp: 10_000 for tp in usage[:5]}, usage[5]: 1, admin: 1})
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    fair = 2_400 // (4 * 7)
+    focused: list[TopicPartition] = []
+    for _ in range(5):
+        got = await intake.fetch(deep, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
+        assert sum(len(r) for r in got.values()) == 2_400
+        for recs in got.values():
+            assert recs == sorted(recs)  # each partition's records in offset order
+        big = [tp for tp, recs in got.items() if len(recs) > fair]
+        assert len(big) == 1  # the rest of the batch from one partition
+        focused.append(big[0])
+        if len(focused) == 1:
+            # The urgent records of the other partitions came in the first batch.
+            assert got[usage[5]] == [0] and got[admin] == [0]
+    assert focused == usage[:5]  # in turn: every deep partition once in five batches

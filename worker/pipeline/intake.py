@@ -66,6 +66,9 @@ from worker.publisher import RawSource, dlq_message
 
 log = logging.getLogger(__name__)
 
+FAIR_SHARE_DIVISOR = 4
+"""A quarter of a batch is shared evenly over the partitions with data (``Intake.fetch``)."""
+
 DECODE_SLICE = 500
 """Records decoded between two turns of the event loop."""
 
@@ -101,36 +104,51 @@ class Intake:
     async def fetch(
         self, consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
     ) -> dict[TopicPartition, list[Any]]:
-        """Up to ``max_records`` records, every partition with data getting its share.
+        """Up to ``max_records`` records: first a fair share from every partition with data,
+        then the rest from as few partitions as possible, in turn.
 
         ``getmany`` alone drains its buffered partitions in arrival order, so behind a
         partition holding a flood (say, events of an org that never comes) a partition with
-        one urgent record waits until the flood is drained. Here each assigned partition with
-        data contributes up to ``max_records / partitions`` records first (the start rotates),
-        then the rest fills up; a burst on one partition costs the others one batch at most.
+        one urgent record would wait until the flood is drained. So each assigned partition
+        with data first gives up to ``max_records / (FAIR_SHARE_DIVISOR * partitions)``
+        records: with a shallow queue (live traffic) that is everything there is, and a burst
+        on one partition costs the others one batch at most.
+
+        When more is waiting than a batch takes (a backlog), the rest of the batch is filled
+        from one partition after the other, each time starting after the partition the last
+        batch ended on. An org's events share its partition, so a batch drawn from a few
+        partitions holds a few orgs with many events each instead of every org with one or
+        two: one engine call per org serves many events (the sparse backlog ran 15-30%
+        faster, BENCHMARKS.md "Backlog batches from few partitions"). Every partition gets its
+        turn within as many batches as there are partitions.
         """
         parts = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
         if not parts:
             return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
-        self._turn = (self._turn + 1) % len(parts)
-        parts = parts[self._turn :] + parts[: self._turn]
-        share = max(1, max_records // len(parts))
+        fair = max(1, max_records // (FAIR_SHARE_DIVISOR * len(parts)))
         out: dict[TopicPartition, list[Any]] = {}
         left = max_records
         for tp in parts:
-            got = await consumer.getmany(tp, timeout_ms=0, max_records=min(share, left))
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=min(fair, left))
             for key, recs in got.items():
                 out[key] = recs
                 left -= len(recs)
             if left <= 0:
                 return out
-        if out:
-            # Fill the rest of the batch from whatever is buffered (a deep backlog).
-            more = await consumer.getmany(timeout_ms=0, max_records=left)
-            for key, recs in more.items():
+        if not out:
+            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        n = len(parts)
+        first = self._turn % n
+        for k in range(n):
+            if left <= 0:
+                break
+            tp = parts[(first + k) % n]
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=left)
+            for key, recs in got.items():
                 out[key] = out.get(key, []) + recs
-            return out
-        return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+                left -= len(recs)
+                self._turn = (first + k + 1) % n  # the next batch starts after this one
+        return out
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
         """Decode and validate a fetched batch into ``batch``."""
