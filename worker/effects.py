@@ -351,15 +351,17 @@ class Charge(Effect, tag="charge", frozen=True, gc=False):
 
     def rows(self) -> tuple[Row, Row]:
         """Its ledger row and its usage row."""
-        late = bool(self.late)
-        return (
-            (self.org_id, self.seq, self.member_id, "usage", self.event_id, self.task_id,
-             "charge", self.bucket, self.grant_id, -self.credits_mc, self.cycle_start_ms, late,
-             self.at_ms),
-            (self.event_id, self.org_id, self.seq + 1, self.member_id, self.task_id,
-             self.credits_mc, self.occurred_at_ms, "charged", None, late, self.source,
-             _offset(self.offset)),
-        )  # fmt: skip
+        return self.ledger_row(), self.usage_row()
+
+    def ledger_row(self) -> Row:
+        return (self.org_id, self.seq, self.member_id, "usage", self.event_id, self.task_id,
+                "charge", self.bucket, self.grant_id, -self.credits_mc, self.cycle_start_ms,
+                bool(self.late), self.at_ms)  # fmt: skip
+
+    def usage_row(self) -> Row:
+        return (self.event_id, self.org_id, self.seq + 1, self.member_id, self.task_id,
+                self.credits_mc, self.occurred_at_ms, "charged", None, bool(self.late),
+                self.source, _offset(self.offset))  # fmt: skip
 
     def count(self) -> None:
         metrics.charge(self.bucket or "unknown", self.credits_mc)

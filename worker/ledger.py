@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -254,8 +255,8 @@ class FlushBatch:
             org_seq[org] = top
 
     def rows_ready(self) -> FlushBatch:
-        """Turn the waiting charges into their ledger and usage rows (every write does this
-        first; the row lists are complete afterwards)."""
+        """Turn the waiting charges into their ledger and usage rows (the row-by-row write
+        paths do this first; the fast COPY makes them as it goes)."""
         if self.charges:
             ledger = self.ledger.append
             usage = self.usage.append
@@ -510,12 +511,12 @@ class Ledger:
         """
         if batch.is_empty():
             return
-        batch.rows_ready()
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     await self._write(conn, batch, fast=True)
             except asyncpg.UniqueViolationError:
+                batch.rows_ready()
                 async with conn.transaction():
                     await self._write(conn, batch, fast=False)
 
@@ -597,17 +598,21 @@ class Ledger:
         if b.parked_del:
             await conn.execute(q["delete_parked"], b.parked_del)
         if fast:
-            for table, records, columns in (
-                ("ledger_entries", b.ledger, LEDGER_COLUMNS),
-                ("usage_events", b.usage, USAGE_COLUMNS),
-                ("admin_commands", b.commands, COMMAND_COLUMNS),
+            # The charges' rows are made as COPY takes them, never all held at once.
+            charges = b.charges
+            for table, records, columns, more in (
+                ("ledger_entries", b.ledger, LEDGER_COLUMNS, Charge.ledger_row),
+                ("usage_events", b.usage, USAGE_COLUMNS, Charge.usage_row),
+                ("admin_commands", b.commands, COMMAND_COLUMNS, None),
             ):
-                if records:
+                if records or (more is not None and charges):
+                    rows = chain(records, map(more, charges)) if more is not None else records
                     await conn.copy_records_to_table(
-                        table, records=records, columns=columns, schema_name=self._schema
+                        table, records=rows, columns=columns, schema_name=self._schema
                     )
             rest = _TABLES[3:]
         else:
+            b.rows_ready()
             rest = _TABLES
         for table, name, width, _ in rest:
             rows = _rows_of(b, table)

@@ -432,10 +432,11 @@ class _BufferedConsumer:
 
 
 async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_long() -> None:
-    """Live traffic (less waiting than a batch takes) is fetched whole; in a backlog, every
-    partition with data gets a fair share (a lone urgent record is never held back), the rest
-    of the batch comes from one partition after the other (an org's events together), and each
-    batch goes on where the last one stopped."""
+    """Live traffic (less waiting than a batch takes) is fetched whole; in a backlog of orgs
+    spread thin, every partition with data gets a share (a lone urgent record is never held
+    back), the rest of the batch comes from one partition after the other (an org's events
+    together), and each batch goes on where the last one stopped; a dense backlog is shared
+    evenly."""
     usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
     admin = TopicPartition(SETTINGS.topic_admin, 0)
     intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
@@ -460,3 +461,9 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
             # The urgent records of the other partitions came in the first batch.
             assert got[usage[5]] == [0] and got[admin] == [0]
     assert focused == usage[:5]  # in turn: every deep partition once in five batches
+
+    # Orgs with many events in a batch each (the dense backlog): even shares, as before.
+    even = _BufferedConsumer({tp: 10_000 for tp in usage})
+    intake.events_per_org = 20.0
+    got = await intake.fetch(even, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
+    assert sorted(len(r) for r in got.values()) == [400] * 6

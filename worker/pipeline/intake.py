@@ -66,8 +66,13 @@ from worker.publisher import RawSource, dlq_message
 
 log = logging.getLogger(__name__)
 
-FAIR_SHARE_DIVISOR = 4
-"""A quarter of a batch is shared evenly over the partitions with data (``Intake.fetch``)."""
+FOCUS_BELOW_EVENTS_PER_ORG = 8.0
+"""A backlog batch is drawn from few partitions while batches hold fewer events per org than
+this (``Intake.fetch``); the ``make bench`` shape has about 20, the sparse one 2-3."""
+FOCUS_SHARE_DIVISOR = 4
+"""Then a quarter of a batch is shared evenly over the partitions with data."""
+SPREAD_SAMPLE_RECORDS = 1_000
+"""Smaller batches (live traffic: everything waiting fits) do not update the spread."""
 
 DECODE_SLICE = 500
 """Records decoded between two turns of the event loop."""
@@ -88,6 +93,10 @@ class Intake:
         self._backoff = backoff
         self._tiers = frozenset(settings.tiers)
         self._turn = 0
+        self.events_per_org = 0.0
+        """Records per org of the last fetched batch of at least ``SPREAD_SAMPLE_RECORDS``:
+        how thin the orgs are spread (``fetch``). A batch drawn from few partitions still
+        holds the shares of every partition, so it measures the spread, not the drawing."""
         self.in_flight: dict[str, str] = {}
         """Namespaced ids of this worker's batches not yet committed -> the record that holds
         them: a later copy is a duplicate even if the claims (in Redis) were lost meanwhile
@@ -104,32 +113,40 @@ class Intake:
     async def fetch(
         self, consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
     ) -> dict[TopicPartition, list[Any]]:
-        """Up to ``max_records`` records: first a fair share from every partition with data,
-        then the rest from as few partitions as possible, in turn.
+        """Up to ``max_records`` records: first a share from every partition with data, then
+        the rest from one partition after the other, in turn.
 
         ``getmany`` alone drains its buffered partitions in arrival order, so behind a
         partition holding a flood (say, events of an org that never comes) a partition with
         one urgent record would wait until the flood is drained. So each assigned partition
-        with data first gives up to ``max_records / (FAIR_SHARE_DIVISOR * partitions)``
-        records: with a shallow queue (live traffic) that is everything there is, and a burst
-        on one partition costs the others one batch at most.
+        with data first gives up to its share: with a shallow queue (live traffic) that is
+        everything there is, and a burst on one partition costs the others one batch at most.
 
-        When more is waiting than a batch takes (a backlog), the rest of the batch is filled
-        from one partition after the other, each time starting after the partition the last
-        batch ended on. An org's events share its partition, so a batch drawn from a few
-        partitions holds a few orgs with many events each instead of every org with one or
-        two: one engine call per org serves many events (the sparse backlog ran 15-30%
-        faster, BENCHMARKS.md "Backlog batches from few partitions"). Every partition gets its
-        turn within as many batches as there are partitions.
+        The share is ``max_records / partitions`` while the last batches had many events per
+        org. When they had few (``FOCUS_BELOW_EVENTS_PER_ORG``: orgs spread thin, each with
+        an event or two in a batch) it is a quarter of that, and what a backlog has beyond it
+        is taken from one partition after the other, each batch starting after the partition
+        the last one ended on. An org's events share its partition, so such a batch holds
+        fewer orgs with more events each, and one engine call per org serves more events (the
+        sparse backlog 9-14% faster, Redis 19% less CPU: BENCHMARKS.md "Backlog batches from
+        few partitions"). Dense batches gain nothing from it and the worker held 30-40 MiB
+        more at its peak, so they keep the even share. Every partition gets its turn within
+        as many batches as there are partitions.
         """
         parts = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
         if not parts:
             return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
-        fair = max(1, max_records // (FAIR_SHARE_DIVISOR * len(parts)))
+        n = len(parts)
+        focus = self.events_per_org < FOCUS_BELOW_EVENTS_PER_ORG
+        share = max(1, max_records // (FOCUS_SHARE_DIVISOR * n if focus else n))
+        first = self._turn % n
+        if not focus:
+            self._turn = first + 1  # the even shares start one partition later each batch
         out: dict[TopicPartition, list[Any]] = {}
         left = max_records
-        for tp in parts:
-            got = await consumer.getmany(tp, timeout_ms=0, max_records=min(fair, left))
+        for k in range(n):
+            tp = parts[(first + k) % n]
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=min(share, left))
             for key, recs in got.items():
                 out[key] = recs
                 left -= len(recs)
@@ -137,8 +154,6 @@ class Intake:
                 return out
         if not out:
             return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
-        n = len(parts)
-        first = self._turn % n
         for k in range(n):
             if left <= 0:
                 break
@@ -147,7 +162,8 @@ class Intake:
             for key, recs in got.items():
                 out[key] = out.get(key, []) + recs
                 left -= len(recs)
-                self._turn = (first + k + 1) % n  # the next batch starts after this one
+                if focus:
+                    self._turn = first + k + 1  # the next batch starts after this one
         return out
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
@@ -227,6 +243,8 @@ class Intake:
                     continue
                 seen.add(ident)
                 batch.by_org[decoded.org_id].append(pend)
+        if batch.records >= SPREAD_SAMPLE_RECORDS and batch.by_org:
+            self.events_per_org = batch.records / len(batch.by_org)
 
     async def drop_decided(self, batch: Batch) -> None:
         """Drop inputs whose id is already decided, pick one record per id, pass on the
