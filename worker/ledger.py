@@ -516,7 +516,6 @@ class Ledger:
                 async with conn.transaction():
                     await self._write(conn, batch, fast=True)
             except asyncpg.UniqueViolationError:
-                batch.rows_ready()
                 async with conn.transaction():
                     await self._write(conn, batch, fast=False)
 
@@ -524,7 +523,6 @@ class Ledger:
         """Like ``write`` but always idempotent (used by the outbox drain and rebuild)."""
         if batch.is_empty():
             return
-        batch.rows_ready()
         async with self._pool.acquire() as conn, conn.transaction():
             await self._write(conn, batch, fast=False)
 

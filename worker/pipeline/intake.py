@@ -128,8 +128,8 @@ class Intake:
         is taken from one partition after the other, each batch starting after the partition
         the last one ended on. An org's events share its partition, so such a batch holds
         fewer orgs with more events each, and one engine call per org serves more events (the
-        sparse backlog 9-14% faster, Redis 19% less CPU: BENCHMARKS.md "Backlog batches from
-        few partitions"). Dense batches gain nothing from it and the worker held 30-40 MiB
+        sparse backlog 2-15% faster, Redis 6-21% less CPU: BENCHMARKS.md "Backlog batches
+        from few partitions"). Dense batches gain nothing from it and the worker held 30-40 MiB
         more at its peak, so they keep the even share. Every partition gets its turn within
         as many batches as there are partitions.
         """
@@ -141,7 +141,7 @@ class Intake:
         share = max(1, max_records // (FOCUS_SHARE_DIVISOR * n if focus else n))
         first = self._turn % n
         if not focus:
-            self._turn = first + 1  # the even shares start one partition later each batch
+            self._turn = (first + 1) % n  # the even shares start one partition later each batch
         out: dict[TopicPartition, list[Any]] = {}
         left = max_records
         for k in range(n):
@@ -163,7 +163,7 @@ class Intake:
                 out[key] = out.get(key, []) + recs
                 left -= len(recs)
                 if focus:
-                    self._turn = first + k + 1  # the next batch starts after this one
+                    self._turn = (first + k + 1) % n  # the next batch starts after this one
         return out
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
