@@ -114,10 +114,11 @@ _OUTCOMES: dict[tuple[str, str | None], Outcome] = {}
 _MP = {name: layout.member_index(name) for name in layout.MEMBER_FIELDS}
 
 
-def load_script(name: str) -> str:
-    """One stand-alone script of ``lua/`` (flagged with the ``#!lua`` shebang, see below)."""
+def load_script(name: str, *, reads_only: bool = False) -> str:
+    """One stand-alone script of ``lua/`` (flagged with the ``#!lua`` shebang, see below;
+    ``reads_only``: with the ``no-writes`` flag, allowed when Redis is out of memory)."""
     text = (resources.files("worker") / "lua" / name).read_text(encoding="utf-8")
-    return "#!lua\n" + text
+    return ("#!lua flags=no-writes\n" if reads_only else "#!lua\n") + text
 
 
 def load_apply_script() -> str:
@@ -266,12 +267,16 @@ class RedisEngine:
         # On a single Redis the org keys' wire form is cached (worker/packed.py).
         self._apply_packed: PackedScript | None = None
         self._ack_packed: PackedScript | None = None
+        self._states_packed: PackedScript | None = None
         if not self._cluster:
             self._apply_packed = PackedScript(cast("Redis", client), apply_source)
             self._ack_packed = PackedScript(cast("Redis", client), ack_source)
+            self._states_packed = PackedScript(
+                cast("Redis", client), load_script("member_states.lua", reads_only=True)
+            )
         self._keys: dict[str, OrgKeys] = {}
         self._key_args: dict[str, tuple[bytes, ...]] = {}
-        self._wire: dict[str, tuple[bytes, bytes]] = {}
+        self._wire: dict[str, tuple[bytes, bytes, bytes]] = {}
         self.calls = 0
         """Script calls made (tests and the benchmark read it)."""
 
@@ -304,15 +309,20 @@ class RedisEngine:
             args = self._key_args[org_id] = tuple(k.encode() for k in self.keys(org_id))
         return args
 
-    def wire(self, org_id: str) -> tuple[bytes, bytes]:
-        """The org's keys of an apply call and of an outbox ack (outbox, unknown-offset marks),
-        in their wire form (:func:`worker.packed.bulk`), built once per org."""
+    def wire(self, org_id: str) -> tuple[bytes, bytes, bytes]:
+        """The org's keys of an apply call, of an outbox ack (outbox, unknown-offset marks)
+        and of a read of member records (member hash), in their wire form
+        (:func:`worker.packed.bulk`), built once per org."""
         wire = self._wire.get(org_id)
         if wire is None:
             if len(self._wire) >= KEY_CACHE_MAX:
                 self._wire.clear()
             args = self.key_args(org_id)
-            wire = self._wire[org_id] = (bulk(*args), bulk(args[_OUTBOX], args[_UNKNOWN]))
+            wire = self._wire[org_id] = (
+                bulk(*args),
+                bulk(args[_OUTBOX], args[_UNKNOWN]),
+                bulk(args[_MEMBERS]),
+            )
         return wire
 
     def shard(self, org_id: str) -> int:
@@ -586,10 +596,18 @@ class RedisEngine:
         result: dict[str, dict[str, Signal]] = {org_id: {} for org_id in wanted}
         if not asked:
             return result
-        pipe = self.client.pipeline(transaction=False)
-        for org_id, ids in asked:
-            pipe.hmget(self.keys(org_id).members, ids)
-        replies = await pipe.execute()
+        replies: list[Any]
+        if self._states_packed is not None:
+            # A single Redis: one script call for every org (worker/lua/member_states.lua).
+            wire = self.wire
+            replies = await self._states_packed(
+                len(asked), [wire(o)[2] for o, _ in asked], [orjson.dumps([i for _, i in asked])]
+            )
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for org_id, ids in asked:
+                pipe.hmget(self.keys(org_id).members, ids)
+            replies = await pipe.execute()
         mp = _MP
         for (org_id, ids), raw in zip(asked, replies, strict=True):
             out = result[org_id]

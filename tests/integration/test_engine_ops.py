@@ -513,3 +513,38 @@ async def test_the_home_partition_survives_a_snapshot_and_binds_every_later_call
     assert (await engine.apply("o", [usage], replay=True)).outcomes[0].status == "applied"
     home = usage._replace(event_id="e3", source="usage:4")
     assert (await engine.apply("o", [home])).outcomes[0].status == "applied"
+
+
+async def _members_current_signals(engine: RedisEngine) -> None:
+    """Members paused in two orgs (no pool, allocation spent): the read-back of their
+    current state answers each member's latest signal, and nothing for members without one."""
+    latest: dict[str, dict[str, Any]] = {}
+    for org in ("sig-a", "sig-b"):
+        await engine.apply(org, [cmd("org_upsert", T0, billing_anchor_day=1)])
+        members = [f"m{i}" for i in range(3)]
+        await engine.apply(org, [cmd("member_add", T0, member_id=m, tier="pro") for m in members])
+        res = await engine.apply(org, [use(m, 600 * C, T0 + 1) for m in members[:2]])
+        latest[org] = {e.member_id: e for e in res.effects if e.kind == "signal"}
+        assert sorted(latest[org]) == ["m0", "m1"]
+    states = await engine.member_signals(
+        {"sig-a": ["m0", "m1", "m2", "nobody"], "sig-b": ["m1"], "sig-none": ["m0"]}
+    )
+    assert sorted(states) == ["sig-a", "sig-b", "sig-none"]
+    assert sorted(states["sig-a"]) == ["m0", "m1"] and states["sig-none"] == {}
+    for org, members in states.items():
+        for mid, state in members.items():
+            sent = latest[org][mid]
+            assert state.signal == "pause"
+            assert (state.reason, state.member_seq) == (sent.reason, sent.member_seq)
+
+
+async def test_members_current_signals_are_read_back(
+    client: aioredis.Redis, settings: Settings
+) -> None:
+    await _members_current_signals(RedisEngine(client, settings))
+
+
+async def test_members_current_signals_are_read_back_on_redis_cluster(
+    redis_cluster: RedisCluster, cluster_settings: Settings
+) -> None:
+    await _members_current_signals(RedisEngine(redis_cluster, cluster_settings))
