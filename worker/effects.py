@@ -239,7 +239,7 @@ class Signal(Effect, tag="signal", frozen=True, gc=False):
         return OutMessage(topics.topic_control, key, value, self._seq_header())
 
     def count(self) -> None:
-        metrics.SIGNALS.labels(signal=self.signal, reason=self.reason).inc()
+        metrics.signal(self.signal, self.reason)
 
 
 class Notification(Effect, tag="notification", frozen=True, gc=False):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -269,9 +270,18 @@ def charge(bucket: str, amount_mc: int) -> None:
         CREDITS_CHARGED.labels(bucket=bucket).inc(amount_mc)
 
 
+_SIGNAL_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
 def signal(signal_name: str, reason: str) -> None:
-    """Count one pause/resume signal."""
-    SIGNALS.labels(signal=signal_name, reason=reason).inc()
+    """Count one pause/resume signal (one per pause under live traffic: the labelled counter
+    is looked up once per signal and reason, not at every signal)."""
+    counter = _SIGNAL_COUNTERS.get((signal_name, reason))
+    if counter is None:
+        counter = SIGNALS.labels(signal=signal_name, reason=reason)
+        if len(_SIGNAL_COUNTERS) < 1000:  # the engine's reasons are a short fixed list
+            _SIGNAL_COUNTERS[(signal_name, reason)] = counter
+    counter.inc()
 
 
 def dlq(topic: str, n: int = 1) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -122,6 +123,8 @@ class Publisher:
             if not futures:
                 return
             results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+            published: dict[str, int] = defaultdict(int)
+            forwarded: dict[str, int] = defaultdict(int)
             for (m, _), res in zip(futures, results, strict=True):
                 if isinstance(res, BaseException):
                     if (
@@ -134,9 +137,14 @@ class Publisher:
                 if m.is_dlq:
                     metrics.dlq(m.topic)
                 elif m.partition is not None:
-                    metrics.FORWARDED_MESSAGES.labels(topic=m.topic).inc()
+                    forwarded[m.topic] += 1
                 else:
-                    metrics.PUBLISHED_MESSAGES.labels(topic=m.topic).inc()
+                    published[m.topic] += 1
+            # Counted once per topic, not per message (a batch publishes hundreds).
+            for topic, n in published.items():
+                metrics.PUBLISHED_MESSAGES.labels(topic=topic).inc(n)
+            for topic, n in forwarded.items():
+                metrics.FORWARDED_MESSAGES.labels(topic=topic).inc(n)
 
         return wait
 
