@@ -467,3 +467,14 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
     intake.events_per_org = 20.0
     got = await intake.fetch(even, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
     assert sorted(len(r) for r in got.values()) == [400] * 6
+
+
+def test_large_buffers_are_mapped_unless_the_operator_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.pipeline.pipeline import tune_malloc
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert tune_malloc() is True  # glibc (Debian): the fixed threshold is taken
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() is False  # the environment's own setting stays

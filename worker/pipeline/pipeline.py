@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import logging
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -180,6 +182,7 @@ class Pipeline:
         await self.backoff.retry("postgres", self.parking.reload)
         gc_was_enabled = gc.isenabled()
         tune_gc()
+        tune_malloc()
         helpers = [
             asyncio.create_task(collect_garbage(), name="pipeline-gc"),
             asyncio.create_task(self._note_stop(), name="pipeline-stop"),
@@ -621,6 +624,31 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def tune_malloc() -> bool:
+    """Give the worker's large buffers back to the system as soon as they are freed.
+
+    A fetch response (up to 4 MiB per partition), a batch's lists and dicts and a COPY's
+    buffers are large allocations made and freed at every batch. glibc serves a large one with
+    its own ``mmap`` (and unmaps it when freed), but raises that threshold to the size of each
+    one freed, up to 32 MiB: after the first batches every such buffer came from the heap,
+    where batches in different stages fragment it, and the heap held 90 MiB at the worker's
+    peak. A fixed threshold of 1 MiB keeps them out of the heap: `make bench`'s worker peaks
+    15-30 MiB lower (BENCHMARKS.md, "Worker memory"). A ``MALLOC_MMAP_THRESHOLD_`` in the
+    environment is the operator's choice and stays; another C library (musl, macOS) decides
+    alone. Returns whether the threshold was set."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 async def collect_garbage() -> None:
