@@ -13,6 +13,11 @@ Measured in one run, against the worker as a subprocess (already running, setup 
   ``message.timestamp.type=LogAppendTime``, so the broker's own clock) minus the 5th event's
   ``occurred_at``, which is the moment the event is due to be produced (encoded beforehand: a
   late send counts against the worker);
+- **resume latency**: every org is funded (a ``pool_purchase``, produced at the same steady
+  pace on the admin topic) ``FUND_AFTER_S`` after its last member's 5th event is due; the
+  first ``resume`` record of each paused member after its pause, broker timestamp, minus the
+  moment the command was due (its ``at``). Most orgs are funded while the usage of others
+  still flows, so a resume is measured under the same load as a pause;
 - **commit latency**: ``usage_events.decided_at`` (PostgreSQL's clock at the commit of the
   event's batch) minus ``occurred_at``, for every event;
 - **broker floor**: a probe message every 10 ms through a topic of its own, produced and consumed
@@ -72,6 +77,9 @@ SECTION_END = "<!-- bench.latency:end -->"
 EVENTS_PER_MEMBER = 6
 EVENT_CREDITS = 100
 EVENT_GAP_S = 0.1
+FUND_AFTER_S = 0.5
+"""How long after an org's last exhausting event is due its ``pool_purchase`` is."""
+FUND_CREDITS_PER_MEMBER = 1000
 LINGER_S = 0.005
 """How often the load producer sends what is due: librdkafka's default ``linger.ms``, the agent
 runtime's producer (a send per event costs a producer and the broker several times more CPU)."""
@@ -96,6 +104,8 @@ class Run:
     orgs: int
     members: int
     pauses: list[float] = field(default_factory=list)
+    resumes: list[float] = field(default_factory=list)
+    resume_missing: int = 0
     commits: list[float] = field(default_factory=list)
     floor: list[float] = field(default_factory=list)
     missing: int = 0
@@ -199,19 +209,28 @@ async def probe_floor(bootstrap: str, topic: str, stop: asyncio.Event, out: list
         await consumer.stop()
 
 
-async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str], float]:
-    """Produce every member's 6 events at the run's rate; returns each member's 5th event's
-    ``occurred_at`` (epoch seconds)."""
+async def produce_usage(
+    s: Settings, run: Run, seed: int
+) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
+    """Produce every member's 6 events at the run's rate, and each org's funding command
+    ``FUND_AFTER_S`` after its last 5th event; returns each member's 5th event's
+    ``occurred_at`` and each org's funding ``at`` (epoch seconds)."""
     rng = random.Random(seed)
     members = [(f"org{o:05d}", f"m{m:02d}") for o in range(run.orgs) for m in range(run.members)]
     total = len(members) * EVENTS_PER_MEMBER
     span = max(1.0, total / run.rate - EVENTS_PER_MEMBER * EVENT_GAP_S)
     schedule: list[tuple[float, str, str, int]] = []
+    last_fifth: dict[str, float] = {}
     for org, member in members:
         start = rng.random() * span
         for k in range(EVENTS_PER_MEMBER):
             schedule.append((start + k * EVENT_GAP_S, org, member, k))
+        fifth_due = start + 4 * EVENT_GAP_S
+        last_fifth[org] = max(last_fifth.get(org, 0.0), fifth_due)
+    for org, due in last_fifth.items():
+        schedule.append((due + FUND_AFTER_S, org, "", -1))  # k -1: the org's funding
     schedule.sort()
+    funding = Commands(f"fund{seed:x}")
     # Everything is encoded before the clock starts, with ``occurred_at`` = the moment the
     # event is due (a late send counts against the worker), and sent in batches built by hand,
     # one per partition and tick: this process shares the cores with the worker, and a send()
@@ -223,12 +242,21 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
     partitioner = DefaultPartitioner()
     partitions = sorted(await producer.partitions_for(s.topic_usage))
     fifth: dict[tuple[str, str], float] = {}
+    funded: dict[str, float] = {}
 
     def encode(t0_wall: float, part: list[tuple[float, str, str, int]]) -> list[Any]:
         out = []
         for due, org, member, k in part:
             wall = int((t0_wall + due) * 1000) / 1000
             occurred = datetime.fromtimestamp(wall, UTC)
+            if k < 0:
+                credits = FUND_CREDITS_PER_MEMBER * run.members * 1000
+                msg = funding.pool_purchase(org, credits, occurred)
+                funded[org] = wall
+                key = org.encode()
+                out.append((wall, s.topic_admin, partitioner(key, partitions, partitions), key,
+                            msg.value))  # fmt: skip
+                continue
             value = orjson.dumps(
                 {
                     "event_id": f"{org}-{member}-{k}-{seed}",
@@ -243,7 +271,7 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
             if k == 4:
                 fifth[(org, member)] = wall
             key = org.encode()
-            out.append((wall, partitioner(key, partitions, partitions), key, value))
+            out.append((wall, s.topic_usage, partitioner(key, partitions, partitions), key, value))
         return out
 
     # The clock starts once everything is encoded: started earlier, the events due while the
@@ -255,6 +283,7 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
     took = (time.perf_counter() - took) / max(1, min(2000, len(schedule)))
     t0_wall = time.time() + 1.0 + 1.5 * took * len(schedule)
     fifth.clear()
+    funded.clear()
     encoded = encode(t0_wall, schedule)
     # What was just built stays until the run ends: out of the collector's way, so that a full
     # collection over a million objects never stalls the sends (the worker does the same).
@@ -278,19 +307,19 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
                 continue
             sent_at = now
             run.send_late.append(now - encoded[i][0])
-            batches: dict[int, Any] = {}
+            batches: dict[tuple[str, int], Any] = {}
             while i < len(encoded) and encoded[i][0] <= now:
-                _, part, key, value = encoded[i]
-                batch = batches.get(part)
+                _, topic, part, key, value = encoded[i]
+                batch = batches.get((topic, part))
                 if batch is None:
-                    batch = batches[part] = producer.create_batch()
+                    batch = batches[topic, part] = producer.create_batch()
                 if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, s.topic_usage, partition=part))
-                    batch = batches[part] = producer.create_batch()
+                    futures.append(await producer.send_batch(batch, topic, partition=part))
+                    batch = batches[topic, part] = producer.create_batch()
                     batch.append(key=key, value=value, timestamp=None)
                 i += 1
-            for part, batch in batches.items():
-                futures.append(await producer.send_batch(batch, s.topic_usage, partition=part))
+            for (topic, part), batch in batches.items():
+                futures.append(await producer.send_batch(batch, topic, partition=part))
             if len(futures) > 500:
                 # Acknowledged sends are dropped (a failed one raises); the loop never waits
                 # for acks, so a slow one does not hold back the events due after it.
@@ -302,32 +331,38 @@ async def produce_usage(s: Settings, run: Run, seed: int) -> dict[tuple[str, str
     finally:
         gc.unfreeze()
         await producer.stop()
-    run.produced = len(schedule)
+    run.produced = len(schedule) - len(funded)
     run.produce_seconds = time.monotonic() - t0
-    return fifth
+    return fifth, funded
 
 
-async def read_pauses(s: Settings, want: int, within: float) -> dict[tuple[str, str], float]:
-    """First ``pause`` record per member on the control topic: its broker timestamp."""
+async def read_signals(
+    s: Settings, want: int, within: float
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """Per member, the first ``pause`` record on the control topic and the first ``resume``
+    after it: their broker timestamps (``want``: members to wait for, paused and resumed)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
-    out: dict[tuple[str, str], float] = {}
+    paused: dict[tuple[str, str], float] = {}
+    resumed: dict[tuple[str, str], float] = {}
     try:
         parts = [TopicPartition(s.topic_control, p) for p in range(s.topic_partitions)]
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)
         deadline = time.monotonic() + within
-        while len(out) < want and time.monotonic() < deadline:
+        while len(resumed) < want and time.monotonic() < deadline:
             got = await consumer.getmany(timeout_ms=500)
             for recs in got.values():
                 for r in recs:
                     v = orjson.loads(r.value)
                     key = (v["org_id"], v["member_id"])
-                    if v["signal"] == "pause" and key not in out:
-                        out[key] = r.timestamp / 1000
+                    if v["signal"] == "pause" and key not in paused:
+                        paused[key] = r.timestamp / 1000
+                    elif v["signal"] == "resume" and key in paused and key not in resumed:
+                        resumed[key] = r.timestamp / 1000
     finally:
         await consumer.stop()
-    return out
+    return paused, resumed
 
 
 async def commit_latencies(s: Settings) -> list[float]:
@@ -383,25 +418,31 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
         total = orgs * members * EVENTS_PER_MEMBER
         log(f"  producing {total:,} events at {rate:,.0f}/s ({total / rate:.0f} s) ...")
         cpu0, services0 = _proc_cpu_s(proc.pid), _service_cpu_s()
-        fifth = await produce_usage(s, run, seed=int(run_id, 16))
+        fifth, funded = await produce_usage(s, run, seed=int(run_id, 16))
         services1 = _service_cpu_s()
         run.worker_cpu_s = _proc_cpu_s(proc.pid) - cpu0
         run.redis_cpu_s = services1["Redis"] - services0["Redis"]
         run.postgres_cpu_s = services1["PostgreSQL"] - services0["PostgreSQL"]
         stop.set()
         await floor
-        pauses = await read_pauses(s, len(fifth), within=30)
-        for key, t in fifth.items():
-            got = pauses.get(key)
+        pauses, resumes = await read_signals(s, len(fifth), within=30)
+        for member, t in fifth.items():
+            got = pauses.get(member)
             if got is None:
                 run.missing += 1
             else:
                 run.pauses.append(got - t)
+                back = resumes.get(member)
+                if back is None:
+                    run.resume_missing += 1
+                else:
+                    run.resumes.append(back - funded[member[0]])
         await wait_committed(s, s.topic_usage, 120)
         run.commits = await commit_latencies(s)
         log(
             f"  pause p99 {percentiles(run.pauses)['p99']:.1f} ms over {len(run.pauses):,},"
-            f" {run.missing} missing; floor p99 {percentiles(run.floor)['p99']:.1f} ms;"
+            f" {run.missing} missing; resume p99 {percentiles(run.resumes)['p99']:.1f} ms,"
+            f" {run.resume_missing} missing; floor p99 {percentiles(run.floor)['p99']:.1f} ms;"
             f" producer late p99 {percentiles(run.send_late)['p99']:.1f} ms;"
             f" worker {run.worker_cpu_s / max(run.produced, 1) * 1e6:.0f} us CPU per event"
         )
@@ -431,6 +472,7 @@ def render(runs: list[Run], argv: list[str]) -> str:
     for r in runs:
         for name, values in (
             ("pause (broker time - occurred_at)", r.pauses),
+            ("resume (broker time - funding command due)", r.resumes),
             ("commit (PostgreSQL - occurred_at)", r.commits),
             ("broker floor (produce -> consume)", r.floor),
             ("load producer: send - due (counted in pause)", r.send_late),
@@ -442,6 +484,10 @@ def render(runs: list[Run], argv: list[str]) -> str:
             )
         if r.missing:
             lines.append(f"| {r.rate:,.0f} | | pauses missing after 30 s | {r.missing} | | | | |")
+        if r.resume_missing:
+            lines.append(
+                f"| {r.rate:,.0f} | | resumes missing after 30 s | {r.resume_missing} | | | | |"
+            )
     cpu = [
         "",
         "CPU per event while the events were produced (process CPU-seconds / events produced):",
