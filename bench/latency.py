@@ -13,11 +13,14 @@ Measured in one run, against the worker as a subprocess (already running, setup 
   ``message.timestamp.type=LogAppendTime``, so the broker's own clock) minus the 5th event's
   ``occurred_at``, which is the moment the event is due to be produced (encoded beforehand: a
   late send counts against the worker);
-- **resume latency**: every org is funded (a ``pool_purchase``, produced at the same steady
-  pace on the admin topic) ``FUND_AFTER_S`` after its last member's 5th event is due; the
-  first ``resume`` record of each paused member after its pause, broker timestamp, minus the
-  moment the command was due (its ``at``). Most orgs are funded while the usage of others
-  still flows, so a resume is measured under the same load as a pause;
+- **resume latency**: every ``FUNDED_EVERY``-th org is funded (a ``pool_purchase`` on the
+  admin topic) ``FUND_AFTER_S`` after its last member's 5th event is due; the first
+  ``resume`` record of each of its paused members after the pause, broker timestamp, minus
+  the moment the command was due (its ``at``). The members of a funded org start within
+  ``FUNDED_WINDOW_S`` of each other, at a random moment of the run like everyone else: were
+  they spread over the run, nearly every org's last pause (and so its funding) would fall in
+  the run's last seconds, a burst of resumes of the benchmark's making. So the fundings, and
+  the resumes, come at a steady pace while the usage of the other orgs flows;
 - **commit latency**: ``usage_events.decided_at`` (PostgreSQL's clock at the commit of the
   event's batch) minus ``occurred_at``, for every event;
 - **broker floor**: a probe message every 10 ms through a topic of its own, produced and consumed
@@ -79,6 +82,8 @@ EVENT_CREDITS = 100
 EVENT_GAP_S = 0.1
 FUND_AFTER_S = 0.5
 """How long after an org's last exhausting event is due its ``pool_purchase`` is."""
+FUNDED_EVERY = 5
+FUNDED_WINDOW_S = 0.3
 FUND_CREDITS_PER_MEMBER = 1000
 LINGER_S = 0.005
 """How often the load producer sends what is due: librdkafka's default ``linger.ms``, the agent
@@ -212,21 +217,27 @@ async def probe_floor(bootstrap: str, topic: str, stop: asyncio.Event, out: list
 async def produce_usage(
     s: Settings, run: Run, seed: int
 ) -> tuple[dict[tuple[str, str], float], dict[str, float]]:
-    """Produce every member's 6 events at the run's rate, and each org's funding command
-    ``FUND_AFTER_S`` after its last 5th event; returns each member's 5th event's
-    ``occurred_at`` and each org's funding ``at`` (epoch seconds)."""
+    """Produce every member's 6 events at the run's rate, and a funding command for every
+    ``FUNDED_EVERY``-th org ``FUND_AFTER_S`` after its last 5th event; returns each member's
+    5th event's ``occurred_at`` and each funded org's funding ``at`` (epoch seconds)."""
     rng = random.Random(seed)
     members = [(f"org{o:05d}", f"m{m:02d}") for o in range(run.orgs) for m in range(run.members)]
     total = len(members) * EVENTS_PER_MEMBER
     span = max(1.0, total / run.rate - EVENTS_PER_MEMBER * EVENT_GAP_S)
     schedule: list[tuple[float, str, str, int]] = []
     last_fifth: dict[str, float] = {}
+    funded_start: dict[str, float] = {}
     for org, member in members:
-        start = rng.random() * span
+        if int(org[3:]) % FUNDED_EVERY:
+            start = rng.random() * span
+        else:
+            # A funded org's members start together (see the module docstring).
+            org_start = funded_start.setdefault(org, rng.random() * span)
+            start = org_start + rng.random() * FUNDED_WINDOW_S
         for k in range(EVENTS_PER_MEMBER):
             schedule.append((start + k * EVENT_GAP_S, org, member, k))
-        fifth_due = start + 4 * EVENT_GAP_S
-        last_fifth[org] = max(last_fifth.get(org, 0.0), fifth_due)
+        if org in funded_start:
+            last_fifth[org] = max(last_fifth.get(org, 0.0), start + 4 * EVENT_GAP_S)
     for org, due in last_fifth.items():
         schedule.append((due + FUND_AFTER_S, org, "", -1))  # k -1: the org's funding
     schedule.sort()
@@ -432,6 +443,8 @@ async def one_run(base: Settings, rate: float, orgs: int, members: int) -> Run:
                 run.missing += 1
             else:
                 run.pauses.append(got - t)
+                if member[0] not in funded:
+                    continue
                 back = resumes.get(member)
                 if back is None:
                     run.resume_missing += 1
