@@ -225,19 +225,18 @@ async def produce_usage(
     total = len(members) * EVENTS_PER_MEMBER
     span = max(1.0, total / run.rate - EVENTS_PER_MEMBER * EVENT_GAP_S)
     schedule: list[tuple[float, str, str, int]] = []
+    # A funded org's members start together (see the module docstring).
+    funded_start = {f"org{o:05d}": rng.random() * span for o in range(0, run.orgs, FUNDED_EVERY)}
     last_fifth: dict[str, float] = {}
-    funded_start: dict[str, float] = {}
     for org, member in members:
-        if int(org[3:]) % FUNDED_EVERY:
+        org_start = funded_start.get(org)
+        if org_start is None:
             start = rng.random() * span
         else:
-            # A funded org's members start together (see the module docstring).
-            org_start = funded_start.setdefault(org, rng.random() * span)
             start = org_start + rng.random() * FUNDED_WINDOW_S
+            last_fifth[org] = max(last_fifth.get(org, 0.0), start + 4 * EVENT_GAP_S)
         for k in range(EVENTS_PER_MEMBER):
             schedule.append((start + k * EVENT_GAP_S, org, member, k))
-        if org in funded_start:
-            last_fifth[org] = max(last_fifth.get(org, 0.0), start + 4 * EVENT_GAP_S)
     for org, due in last_fifth.items():
         schedule.append((due + FUND_AFTER_S, org, "", -1))  # k -1: the org's funding
     schedule.sort()

@@ -638,8 +638,9 @@ def tune_malloc() -> bool:
     its own ``mmap`` (and unmaps it when freed), but raises that threshold to the size of each
     one freed, up to 32 MiB: after the first batches every such buffer came from the heap,
     where batches in different stages fragment it, and the heap held 90 MiB at the worker's
-    peak. A fixed threshold of 1 MiB keeps them out of the heap: `make bench`'s worker peaks
-    15-30 MiB lower (BENCHMARKS.md, "Worker memory"). A ``MALLOC_MMAP_THRESHOLD_`` in the
+    peak. A fixed threshold of 1 MiB keeps them out of the heap: the `make bench` shape's
+    worker peaks 11-21 MiB lower (BENCHMARKS.md, "Live traffic: where Redis spends a live
+    event, and three cuts"). A ``MALLOC_MMAP_THRESHOLD_`` in the
     environment is the operator's choice and stays; another C library (musl, macOS) decides
     alone. Returns whether the threshold was set."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
