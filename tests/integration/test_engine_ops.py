@@ -517,20 +517,23 @@ async def test_the_home_partition_survives_a_snapshot_and_binds_every_later_call
 
 async def _members_current_signals(engine: RedisEngine) -> None:
     """Members paused in two orgs (no pool, allocation spent): the read-back of their
-    current state answers each member's latest signal, and nothing for members without one."""
+    current state answers each member's latest signal, and nothing for members without one.
+    A member id is data whatever its characters (braces, slashes, quotes, 128 multi-byte)."""
+    odd = '{x}/"\\:' + "€" * 121  # 128 characters
     latest: dict[str, dict[str, Any]] = {}
     for org in ("sig-a", "sig-b"):
         await engine.apply(org, [cmd("org_upsert", T0, billing_anchor_day=1)])
-        members = [f"m{i}" for i in range(3)]
+        members = ["m0", odd, "m2"]
         await engine.apply(org, [cmd("member_add", T0, member_id=m, tier="pro") for m in members])
         res = await engine.apply(org, [use(m, 600 * C, T0 + 1) for m in members[:2]])
         latest[org] = {e.member_id: e for e in res.effects if e.kind == "signal"}
-        assert sorted(latest[org]) == ["m0", "m1"]
+        assert sorted(latest[org]) == sorted(["m0", odd])
     states = await engine.member_signals(
-        {"sig-a": ["m0", "m1", "m2", "nobody"], "sig-b": ["m1"], "sig-none": ["m0"]}
+        {"sig-a": ["m0", odd, "m2", "nobody"], "sig-b": [odd], "sig-none": ["m0"]}
     )
     assert sorted(states) == ["sig-a", "sig-b", "sig-none"]
-    assert sorted(states["sig-a"]) == ["m0", "m1"] and states["sig-none"] == {}
+    assert sorted(states["sig-a"]) == sorted(["m0", odd]) and states["sig-none"] == {}
+    assert list(states["sig-b"]) == [odd]
     for org, members in states.items():
         for mid, state in members.items():
             sent = latest[org][mid]
