@@ -14,10 +14,10 @@ from schemas.decode import readable_ids
 from worker.config import Settings
 from worker.effects import Charge, Effect, from_dict
 from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
-from worker.pipeline.batch import Batch
+from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, Verdict, classify
 from worker.pipeline.faults import crash_plan as _crash_plan
-from worker.pipeline.intake import Intake
+from worker.pipeline.intake import FOCUS_SHARE_DIVISOR, Intake
 from worker.pipeline.pipeline import CommitQueue
 from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
 
@@ -447,7 +447,7 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
 
     deep = _BufferedConsumer({**{tp: 10_000 for tp in usage[:5]}, usage[5]: 1, admin: 1})
     intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
-    fair = 2_400 // (4 * 7)
+    fair = 2_400 // (FOCUS_SHARE_DIVISOR * 7)
     focused: list[TopicPartition] = []
     for _ in range(5):
         got = await intake.fetch(deep, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
@@ -467,6 +467,42 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
     intake.events_per_org = 20.0
     got = await intake.fetch(even, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
     assert sorted(len(r) for r in got.values()) == [400] * 6
+
+
+def _decoded(got: dict[TopicPartition, list[int]], orgs_per_partition: int) -> Batch:
+    """A fetched batch as decode leaves it: each partition's records spread over its own
+    ``orgs_per_partition`` orgs (an org's events share its partition)."""
+    batch = Batch(1)
+    for tp, recs in got.items():
+        for off in recs:
+            org = f"org-{tp.partition}-{off % orgs_per_partition}"
+            raw = RawSource(None, b"", tp.topic, tp.partition, off)
+            batch.by_org[org].append(Pending(f"e{tp.partition}-{off}", True, None, raw))  # type: ignore[arg-type]
+        batch.records += len(recs)
+    return batch
+
+
+@pytest.mark.parametrize(("orgs_per_partition", "drawn"), [(1_000, True), (40, False)])
+async def test_a_drawn_batch_does_not_mistake_its_own_drawing_for_dense_orgs(
+    orgs_per_partition: int, drawn: bool
+) -> None:
+    """Drawing a batch from one partition puts more events per org in it (its purpose): the
+    spread that decides the next batch's drawing must not read that as dense orgs, or a
+    sparse backlog would go back to even shares every other batch (one engine call per org
+    per batch, a call per event or two). Orgs few enough per partition to fill an even share
+    go back to even shares."""
+    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
+    consumer = _BufferedConsumer({tp: 100_000 for tp in usage})
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    even = 12_000 // 6
+    shapes = []
+    for _ in range(4):
+        got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
+        shapes.append(max(len(r) for r in got.values()) > even)
+        batch = _decoded(got, orgs_per_partition)
+        intake.note_spread(batch, partitions=len(got))
+    # The first batch is drawn (nothing measured yet); then as the orgs' spread says.
+    assert shapes == [True, drawn, drawn, drawn]
 
 
 def test_large_buffers_are_mapped_unless_the_operator_chose(

@@ -69,10 +69,13 @@ log = logging.getLogger(__name__)
 FOCUS_BELOW_EVENTS_PER_ORG = 8.0
 """A backlog batch is drawn from few partitions while batches hold fewer events per org than
 this (``Intake.fetch``); the ``make bench`` shape has about 20, the sparse one 2-3."""
-FOCUS_SHARE_DIVISOR = 4
-"""Then a quarter of a batch is shared evenly over the partitions with data."""
+FOCUS_SHARE_DIVISOR = 32
+"""Then a thirty-second of a batch is shared evenly over the partitions with data (at least
+one record each, so a lone urgent record still goes in the next batch)."""
 SPREAD_SAMPLE_RECORDS = 1_000
 """Smaller batches (live traffic: everything waiting fits) do not update the spread."""
+DRAWN_SAMPLE_RECORDS = 1_000
+"""A batch's draw from one partition must hold this many records to count its orgs."""
 
 DECODE_SLICE = 500
 """Records decoded between two turns of the event loop."""
@@ -93,10 +96,12 @@ class Intake:
         self._backoff = backoff
         self._tiers = frozenset(settings.tiers)
         self._turn = 0
+        self._drawn: TopicPartition | None = None
+        """The partition the last batch took the rest of its records from (``fetch``)."""
         self.events_per_org = 0.0
-        """Records per org of the last fetched batch of at least ``SPREAD_SAMPLE_RECORDS``:
-        how thin the orgs are spread (``fetch``). A batch drawn from few partitions still
-        holds the shares of every partition, so it measures the spread, not the drawing."""
+        """How thin the orgs are spread (``fetch``): records per org of an evenly shared
+        batch, measured on the last batch of at least ``SPREAD_SAMPLE_RECORDS`` records
+        (``note_spread``)."""
         self.in_flight: dict[str, str] = {}
         """Namespaced ids of this worker's batches not yet committed -> the record that holds
         them: a later copy is a duplicate even if the claims (in Redis) were lost meanwhile
@@ -124,7 +129,8 @@ class Intake:
 
         The share is ``max_records / partitions`` while the last batches had many events per
         org. When they had few (``FOCUS_BELOW_EVENTS_PER_ORG``: orgs spread thin, each with
-        an event or two in a batch) it is a quarter of that, and what a backlog has beyond it
+        an event or two in a batch) it is a thirty-second of that (``FOCUS_SHARE_DIVISOR``),
+        and what a backlog has beyond it
         is taken from one partition after the other, each batch starting after the partition
         the last one ended on. An org's events share its partition, so such a batch holds
         fewer orgs with more events each, and one engine call per org serves more events (the
@@ -143,6 +149,7 @@ class Intake:
         if not focus:
             self._turn = (first + 1) % n  # the even shares start one partition later each batch
         out: dict[TopicPartition, list[Any]] = {}
+        self._drawn = None
         left = max_records
         for k in range(n):
             tp = parts[(first + k) % n]
@@ -161,9 +168,11 @@ class Intake:
             got = await consumer.getmany(tp, timeout_ms=0, max_records=left)
             for key, recs in got.items():
                 out[key] = out.get(key, []) + recs
-                left -= len(recs)
                 if focus:
                     self._turn = (first + k + 1) % n  # the next batch starts after this one
+                    if len(recs) * 2 > left:
+                        self._drawn = key  # most of the rest came from here
+                left -= len(recs)
         return out
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
@@ -243,8 +252,33 @@ class Intake:
                     continue
                 seen.add(ident)
                 batch.by_org[decoded.org_id].append(pend)
-        if batch.records >= SPREAD_SAMPLE_RECORDS and batch.by_org:
+        self.note_spread(batch, partitions=sum(1 for recs in records.values() if recs))
+
+    def note_spread(self, batch: Batch, *, partitions: int) -> None:
+        """Records per org an evenly shared batch of this size holds (``events_per_org``).
+
+        An evenly shared batch measures it directly. A batch drawn mostly from one partition
+        would measure the drawing instead (more records per org: that is what it is for), and
+        the next batch would go back to even shares, the one after to a draw, and so on; so
+        it is estimated from the orgs of the drawn partition: an even batch gives each
+        partition ``records / partitions`` records, shared by about that many orgs. (The
+        count of orgs seen in a deep draw is an upper bound of those an even share sees, so
+        the estimate errs towards drawing.)"""
+        if batch.records < SPREAD_SAMPLE_RECORDS or not batch.by_org:
+            return
+        drawn = self._drawn
+        if drawn is None:
             self.events_per_org = batch.records / len(batch.by_org)
+            return
+        orgs = 0
+        taken = 0
+        for ps in batch.by_org.values():
+            raw = ps[0].raw
+            if raw.partition == drawn.partition and raw.topic == drawn.topic:
+                orgs += 1
+                taken += len(ps)
+        if taken >= DRAWN_SAMPLE_RECORDS:
+            self.events_per_org = batch.records / max(partitions, 1) / orgs
 
     async def drop_decided(self, batch: Batch) -> None:
         """Drop inputs whose id is already decided, pick one record per id, pass on the
