@@ -295,33 +295,41 @@ class Intake:
         named: list[tuple[str | None, Pending | Malformed]] = [
             (org_id, p) for org_id, ps in batch.by_org.items() for p in ps
         ]
-        named += [(None, bad) for bad in batch.malformed if bad.claim_id is not None]
+        named_bad = [(None, bad) for bad in batch.malformed if bad.claim_id is not None]
+        named += named_bad
         named += batch.copies
         passed: dict[int, int] = {}  # position in ``named`` -> the org's home partition
-        entries: list[tuple[str, str]] = []
+        entries: list[tuple[str, str]] = []  # (namespaced id, claim), as Engine.claim takes them
+        add = entries.append
         event_ids: set[str] = set()
         command_ids: set[str] = set()
         for i, (org_id, rec) in enumerate(named):
-            entries.append((rec.claim_id, claim_of(rec.raw)))  # type: ignore[arg-type]
-            (event_ids if rec.is_usage else command_ids).add(rec.ident)  # type: ignore[arg-type]
+            raw = rec.raw
+            ident: str = rec.ident  # type: ignore[assignment]  # named records have one
+            # Pending.claim_id, written out: this loop runs once per record.
+            if rec.is_usage:
+                add(("e|" + ident, claim_of(raw)))
+                event_ids.add(ident)
+            else:
+                add(("c|" + ident, claim_of(raw)))
+                command_ids.add(ident)
             if homes and org_id is not None:
                 home = homes.get(org_id)
-                if home is not None and home != rec.raw.partition:
+                if home is not None and home != raw.partition:
                     passed[i] = home
-        go_on: set[int] = set()
-        fresh: set[int] = set()  # of those, the ones whose claim is new (Action.RESEND)
+        verdicts: list[int] = []
+        held_here: set[str] = set()
         decided_events: set[str] = set()
         decided_commands: set[str] = set()
+        in_flight = self.in_flight
         if entries:
             # This worker's own ids in flight, read before PostgreSQL is asked: a batch that
             # commits while the query runs leaves them (``release``) only once PostgreSQL
             # holds them, so an id is caught by one of the two whatever the timing, even when
             # Redis lost the claims. (Read after the query, an id released meanwhile was in
             # neither, and a copy of it was decided twice.)
-            held_here: set[str] = set()
             no_claim = set(passed)
-            in_flight = self.in_flight
-            if in_flight:
+            if in_flight and not in_flight.keys().isdisjoint(c for c, _ in entries):
                 for i, (claim_id, claim) in enumerate(entries):
                     held = in_flight.get(claim_id)
                     if held is not None and held != claim:
@@ -338,47 +346,77 @@ class Intake:
                 self._backoff.retry("postgres", lambda: self._ledger.decided_ids(ev, cm)),
                 self._backoff.retry("redis", lambda: self._engine.claim(entries, passed=no_claim)),
             )
-            for i, ((claim_id, _), verdict) in enumerate(zip(entries, verdicts, strict=True)):
-                rec = named[i][1]
-                done = decided_events if rec.is_usage else decided_commands
-                if verdict != CLAIM_TAKEN and claim_id not in held_here and rec.ident not in done:
-                    go_on.add(i)  # at most one per id (Engine.claim)
-                    if verdict == CLAIM_NEW:
-                        fresh.add(i)
-        counts = batch.counts
+        rejected: list[Malformed] = [bad for bad in batch.malformed if bad.claim_id is None]
+        first_copy = len(named) - len(batch.copies)
+        if (
+            first_copy == len(named) == len(entries)
+            and not passed
+            and not held_here
+            and not decided_events
+            and not decided_commands
+            and CLAIM_TAKEN not in verdicts
+            and not named_bad
+        ):
+            # Every record goes on, as decode grouped it (the common case): no record is
+            # moved, and the in-flight ids are recorded in bulk.
+            for (_, rec), verdict in zip(named, verdicts, strict=True):
+                rec.fresh_claim = verdict == CLAIM_NEW  # type: ignore[union-attr]
+            in_flight.update(entries)
+            batch.claimed.extend(claim_id for claim_id, _ in entries)
+        else:
+            self._place(batch, named, entries, verdicts, passed, held_here, first_copy,
+                        decided_events, decided_commands, rejected)  # fmt: skip
+        batch.malformed.clear()
+        batch.copies.clear()
+        for bad in rejected:
+            self._reject(batch, bad)
+
+    def _place(
+        self,
+        batch: Batch,
+        named: list[tuple[str | None, Pending | Malformed]],
+        entries: list[tuple[str, str]],
+        verdicts: list[int],
+        passed: dict[int, int],
+        held_here: set[str],
+        first_copy: int,
+        decided_events: set[str],
+        decided_commands: set[str],
+        rejected: list[Malformed],
+    ) -> None:
+        """Each named record by its claim's verdict: a duplicate (counted), dead-lettered
+        (malformed: it decides its id; added to ``rejected``), sent on to its org's home, or
+        on to the engine."""
         by_org: dict[str, list[Pending]] = defaultdict(list)
         reordered: set[str] = set()
-        first_copy = len(named) - len(batch.copies)
         in_flight = self.in_flight
         claimed = batch.claimed
-        rejected: list[Malformed] = [bad for bad in batch.malformed if bad.claim_id is None]
         for i, (org_id, rec) in enumerate(named):
-            if i not in go_on:
+            claim_id, claim = entries[i]
+            verdict = verdicts[i]
+            done = decided_events if rec.is_usage else decided_commands
+            if verdict == CLAIM_TAKEN or claim_id in held_here or rec.ident in done:
+                # At most one record per id is told otherwise (Engine.claim).
                 self._count_duplicate(batch, rec)
             elif isinstance(rec, Malformed):
                 rejected.append(rec)  # the id's record: dead-lettered, and it decides the id
             elif i in passed:
                 batch.messages.append(forward_of(rec.raw, passed[i]))
-                counts["forwarded"] += 1
+                batch.counts["forwarded"] += 1
             else:
                 assert org_id is not None
                 by_org[org_id].append(rec)
                 if i >= first_copy:
                     reordered.add(org_id)  # a later copy picked by its claim
-                claim_id, claim = entries[i]
                 in_flight[claim_id] = claim
                 claimed.append(claim_id)
-                rec.fresh_claim = i in fresh
+                rec.fresh_claim = verdict == CLAIM_NEW
         admin = self._s.topic_admin
         for org_id in reordered:
             # Where decoding would have put it: admin first, then by partition and offset
             # (the engine's watermark needs each partition's offsets in order).
             by_org[org_id].sort(key=lambda p: (p.raw.topic != admin, p.raw.partition, p.raw.offset))
         batch.by_org = by_org
-        batch.malformed.clear()
-        batch.copies.clear()
-        for bad in rejected:
-            self._reject(batch, bad)
 
     @staticmethod
     def _count_duplicate(batch: Batch, rec: Pending | Malformed) -> None:
