@@ -157,10 +157,22 @@ SELECT topic, partition, next_offset FROM consumer_offsets WHERE group_id = $1;
 
 -- name: rebuild_inputs
 -- The recorded decisions of one org after seq $2 (0: all), in decision order: what a rebuild
--- replays after the org's snapshot.
-SELECT seq, 'usage' AS kind, event_id AS id, member_id, task_id, credits_mc, occurred_at_ms,
-       NULL::text AS command, source
-FROM usage_events WHERE org_id = $1 AND seq > $2
+-- replays after the org's snapshot. A charged event is found through its ledger movements
+-- (every charged event has at least one, whose source is the event; one per bucket, hence
+-- DISTINCT) and one primary-key probe (LATERAL: never a scan of the whole table, whatever
+-- its statistics); an event the engine rejected through usage_events_org_seq_unsettled. So
+-- the charged events need no (org_id, seq) index of their own on the hot write path. $2 is
+-- a snapshot's seq, taken between two calls, so the effects of one item (its movements, then
+-- its usage row) all lie on the same side of it.
+SELECT u.seq, 'usage' AS kind, u.event_id AS id, u.member_id, u.task_id, u.credits_mc,
+       u.occurred_at_ms, NULL::text AS command, u.source
+FROM (SELECT DISTINCT l.source_id FROM ledger_entries l
+      WHERE l.org_id = $1 AND l.seq > $2 AND l.source_kind = 'usage') AS e
+CROSS JOIN LATERAL (SELECT * FROM usage_events x WHERE x.event_id = e.source_id LIMIT 1) AS u
+WHERE u.org_id = $1 AND u.seq > $2 AND u.status = 'charged'
+UNION ALL
+SELECT seq, 'usage', event_id, member_id, task_id, credits_mc, occurred_at_ms, NULL::text, source
+FROM usage_events WHERE org_id = $1 AND seq > $2 AND status <> 'charged'
 UNION ALL
 SELECT seq, 'command', command_id, NULL, NULL, NULL, NULL, command::text, source
 FROM admin_commands WHERE org_id = $1 AND seq > $2
