@@ -10,7 +10,9 @@ import pytest
 
 from bench.ledger_bench import charge_batch
 from worker.config import Settings
-from worker.ledger import QUERIES, Ledger, migrate
+from worker.effects import Command, Usage
+from worker.effects import Ledger as Movement
+from worker.ledger import QUERIES, FlushBatch, Ledger, migrate
 
 
 @pytest.fixture
@@ -73,9 +75,6 @@ async def test_a_rebuild_reads_an_orgs_decisions_through_keys_and_finds_each_onc
     their ledger movements (an event paid by two buckets has two, and is replayed once),
     events the engine rejected through their own index, commands; in seq order, nothing of
     another org or at or below the seq, and no scan of the large tables."""
-    from worker.effects import Command, Ledger as Movement, Usage
-    from worker.ledger import FlushBatch
-
     seqs: dict[str, int] = {}
     for first in range(0, 60_000, 20_000):
         await ledger.write(charge_batch(first, 20_000, 1_000, seqs))  # 60 charges per org
