@@ -1,7 +1,7 @@
 """Micro-benchmark of the PostgreSQL flush alone: ``Ledger.write`` of one-bucket charge batches.
 
     .venv/bin/python -m bench.ledger_bench [--batches 25] [--batch 20000] [--orgs 1000]
-        [--drop-index ledger_entries_member] [--drop-index usage_events_org_seq]
+        [--drop-index ledger_entries_member]
 
 Writes the rows the pipeline writes for one-bucket charges (a ledger row and a usage row per
 event, the offsets, the org seqs) into a fresh schema of ``Settings.postgres_dsn`` (the local
