@@ -12,6 +12,7 @@ from aiokafka import TopicPartition
 
 from schemas.decode import readable_ids
 from worker.config import Settings
+from worker.contract import CLAIM_MINE, CLAIM_NEW, CLAIM_TAKEN, UsageItem
 from worker.effects import Charge, Effect, from_dict
 from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
 from worker.pipeline.batch import Batch, Pending
@@ -503,6 +504,69 @@ async def test_a_drawn_batch_does_not_mistake_its_own_drawing_for_dense_orgs(
         intake.note_spread(batch, partitions=len(got))
     # The first batch is drawn (nothing measured yet); then as the orgs' spread says.
     assert shapes == [True, drawn, drawn, drawn]
+
+
+class _Claims:
+    """The claims and the PostgreSQL probe of ``drop_decided``, answering from a script."""
+
+    def __init__(self, verdicts: dict[str, int], decided: set[str]) -> None:
+        self.verdicts = verdicts
+        self.decided = decided
+        self.asked: list[tuple[str, str]] = []
+
+    async def claim(self, entries: list[tuple[str, str]], passed: object = ()) -> list[int]:
+        self.asked = list(entries)
+        return [self.verdicts.get(claim_id, CLAIM_NEW) for claim_id, _ in entries]
+
+    async def decided_ids(self, events: list[str], commands: list[str]) -> tuple[set, set]:
+        return {e for e in events if e in self.decided}, set()
+
+    async def retry(self, _what: str, call):  # type: ignore[no-untyped-def]
+        return await call()
+
+
+def _usage_batch(ids_by_org: dict[str, list[str]]) -> Batch:
+    batch = Batch(1)
+    offset = 0
+    for org, ids in ids_by_org.items():
+        for ident in ids:
+            offset += 1
+            raw = RawSource(org.encode(), b"{}", SETTINGS.topic_usage, 3, offset)
+            item = UsageItem(ident, "m", "t", 1_000, 0, f"{SETTINGS.topic_usage}:3", offset)
+            batch.by_org[org].append(Pending(ident, True, item, raw))
+    batch.records = offset
+    return batch
+
+
+@pytest.mark.parametrize("dropped", [None, "e2", "e3"])
+async def test_the_decided_id_check_keeps_new_records_and_records_their_claims(
+    dropped: str | None,
+) -> None:
+    """Records whose ids are free go on in their order, each claim recorded as held here and
+    its record told whether the claim is new (a replay of the same record is not); a record
+    whose id is taken (e2) or already in PostgreSQL (e3) is a duplicate, and the others are
+    unaffected. (Most batches drop nothing and take a bulk path; the rest go record by
+    record: both must give the same.)"""
+    claims = _Claims({"e|e4": CLAIM_MINE, "e|e2": CLAIM_TAKEN if dropped == "e2" else CLAIM_NEW},
+                     {"e3"} if dropped == "e3" else set())  # fmt: skip
+    intake = Intake(SETTINGS, claims, claims, claims)  # type: ignore[arg-type]
+    batch = _usage_batch({"acme": ["e1", "e2"], "bolt": ["e3", "e4"]})
+    await intake.drop_decided(batch)
+    kept = {org: [p.ident for p in ps] for org, ps in batch.by_org.items()}
+    every = {"acme": ["e1", "e2"], "bolt": ["e3", "e4"]}
+    if dropped:
+        every = {org: [i for i in ids if i != dropped] for org, ids in every.items()}
+    assert kept == every
+    assert batch.counts["duplicate"] == (1 if dropped else 0)
+    held = [i for ids in every.values() for i in ids]
+    assert batch.claimed == [f"e|{i}" for i in held]
+    assert {k: v for k, v in intake.in_flight.items()} == {
+        claim_id: claim for claim_id, claim in claims.asked if claim_id[2:] in held
+    }
+    fresh = {p.ident: p.fresh_claim for ps in batch.by_org.values() for p in ps}
+    assert fresh == {i: i != "e4" for i in held}
+    intake.release(batch)
+    assert intake.in_flight == {}
 
 
 def test_large_buffers_are_mapped_unless_the_operator_chose(
