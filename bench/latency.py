@@ -260,8 +260,8 @@ async def produce_usage(
             wall = int((t0_wall + due) * 1000) / 1000
             occurred = datetime.fromtimestamp(wall, UTC)
             if k < 0:
-                credits = FUND_CREDITS_PER_MEMBER * run.members * 1000
-                msg = funding.pool_purchase(org, credits, occurred)
+                credits_mc = FUND_CREDITS_PER_MEMBER * run.members * 1000
+                msg = funding.pool_purchase(org, credits_mc, occurred)
                 funded[org] = wall
                 key = org.encode()
                 out.append((wall, s.topic_admin, partitioner(key, partitions, partitions), key,

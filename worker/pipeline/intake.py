@@ -305,14 +305,8 @@ class Intake:
         command_ids: set[str] = set()
         for i, (org_id, rec) in enumerate(named):
             raw = rec.raw
-            ident: str = rec.ident  # type: ignore[assignment]  # named records have one
-            # Pending.claim_id, written out: this loop runs once per record.
-            if rec.is_usage:
-                add(("e|" + ident, claim_of(raw)))
-                event_ids.add(ident)
-            else:
-                add(("c|" + ident, claim_of(raw)))
-                command_ids.add(ident)
+            add((rec.claim_id, claim_of(raw)))  # type: ignore[arg-type]  # named: it has one
+            (event_ids if rec.is_usage else command_ids).add(rec.ident)  # type: ignore[arg-type]
             if homes and org_id is not None:
                 home = homes.get(org_id)
                 if home is not None and home != raw.partition:
