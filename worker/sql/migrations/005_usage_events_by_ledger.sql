@@ -4,6 +4,9 @@
 -- no movement. One index less on every charged event: about a sixth of a batch's flush
 -- (BENCHMARKS.md). On a large existing table the new index is built in one pass, under a lock
 -- that holds writers back: run the upgrade with the workers stopped (docs/operations.md).
+-- Like every migration it runs in one transaction with its schema_migrations row: a crash
+-- leaves the old index and the migration to run again. Either index serves either version's
+-- rebuild read (the older one only more slowly), so the order of a rollout does not matter.
 CREATE INDEX usage_events_org_seq_unsettled ON usage_events (org_id, seq)
     WHERE seq IS NOT NULL AND status <> 'charged';
 DROP INDEX usage_events_org_seq;
