@@ -4,6 +4,8 @@
         [--batch 500] [--inflight 4]
     .venv/bin/python -m bench.engine_bench --spread --orgs 5000 --members 10 --batch 1 \
         --events 60000 --credits 1        # live traffic: one debit per org and script call
+    .venv/bin/python -m bench.engine_bench --spread --orgs 1000 --members 10 --batch 1 \
+        --events 60000 --credits 100 --pool 0   # ... and every member paused by its 5th debit
 
 Runs against ``Settings.redis_url`` (the local stack's Redis, AOF everysec) under a unique key
 prefix that is deleted afterwards. Each script call applies a batch of one org's debits; several
@@ -22,7 +24,7 @@ import redis.asyncio as aioredis
 
 from worker.config import Settings
 from worker.contract import OrgCall
-from worker.effects import last_seq
+from worker.effects import Signal, last_seq
 from worker.engine import RedisEngine
 from worker.model import CommandItem, UsageItem
 
@@ -38,6 +40,13 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflight", type=int, default=4, help="script calls in flight")
     p.add_argument(
         "--credits", type=float, default=120.0, help="credits per debit (pro seats: 500/cycle)"
+    )
+    p.add_argument(
+        "--pool",
+        type=float,
+        default=1e9,
+        help="credits in each org's pool (0: a member pauses when its allocation runs out, as "
+        "in the live-traffic benchmark)",
     )
     p.add_argument(
         "--spread",
@@ -67,9 +76,11 @@ async def main(argv: list[str] | None = None) -> int:
         items: list[CommandItem | UsageItem] = [
             CommandItem({"type": "org_upsert", "command_id": f"{org}-c0", "at_ms": T0,
                          "billing_anchor_day": 1}),
-            CommandItem({"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
-                         "credits_mc": 10**12}),
         ]  # fmt: skip
+        if a.pool > 0:
+            purchase = {"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
+                        "credits_mc": round(a.pool * 1000)}  # fmt: skip
+            items.append(CommandItem(purchase))
         items += [
             CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
                          "member_id": f"m{j}", "tier": "pro"})
@@ -139,15 +150,17 @@ async def spread_rounds(
     rounds = max(1, a.events // (len(orgs) * a.batch))
     await client.config_resetstat()
     t = time.perf_counter()
-    done = charged = offset = 0
+    done = charged = offset = signals = 0
     for r in range(rounds):
         calls = []
-        for o in orgs:
+        for i, o in enumerate(orgs):
             items = []
-            for _ in range(a.batch):
+            for k in range(a.batch):
                 offset += 1
+                # Each org's debits go round its members, one member after the other.
+                member = (r * a.batch + k + i) % a.members
                 items.append(
-                    UsageItem(f"{o}-e{offset}", f"m{offset % a.members}", "task", debit_mc,
+                    UsageItem(f"{o}-e{offset}", f"m{member}", "task", debit_mc,
                               T0 + 1000 + offset, "credits.usage.v1:0", offset)
                 )  # fmt: skip
             calls.append(OrgCall(o, items))
@@ -157,6 +170,7 @@ async def spread_rounds(
         )
         done += sum(len(c.items) for c in calls)
         charged += sum(1 for res in results for o in res.outcomes if o.status == "applied")
+        signals += sum(1 for res in results for e in res.effects if isinstance(e, Signal))
         print(f"  round {r + 1}/{rounds}: {done:,} debits", flush=True)
     elapsed = time.perf_counter() - t
     stats = await client.info("commandstats")
@@ -164,7 +178,7 @@ async def spread_rounds(
     print(
         f"RESULT {done:,} debits ({a.batch} per org and call, {len(orgs):,} orgs a round) in "
         f"{elapsed:.2f}s = {done / elapsed:,.0f} debits/s; Redis EVALSHA {evalsha / done:.1f} us "
-        f"per debit (apply and ack scripts, their commands included)",
+        f"per debit (apply and ack scripts, their commands included); {signals:,} signals",
         flush=True,
     )
     return 0 if charged == done else 1

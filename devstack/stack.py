@@ -435,6 +435,9 @@ class RedisNode:
                 # Rewrite the AOF (a fork) once it passes 1 GB and doubled, not every 64 MB: at
                 # ~200 bytes of AOF per event a busy worker would fork Redis every few seconds.
                 "--auto-aof-rewrite-min-size", "1gb",
+                # A stream's new node reserves up to this many bytes (4 KB by default): each
+                # org's outbox holds one entry at a time, mostly a few hundred bytes.
+                "--stream-node-max-bytes", "1024",
                 "--save", "",
                 # Evicting keys would silently lose balances or dedupe marks: fail writes instead.
                 "--maxmemory-policy", "noeviction",
