@@ -380,39 +380,38 @@ async def read_signals(
     return paused, resumed
 
 
+async def _fetch(s: Settings, query: str, *args: Any) -> list[Any]:
+    """Rows of one query in the run's schema."""
+    import asyncpg
+
+    conn = await asyncpg.connect(
+        s.postgres_dsn.get_secret_value(), server_settings={"search_path": s.postgres_schema}
+    )
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
 async def drew_from_pool(s: Settings, orgs: list[str]) -> set[tuple[str, str]]:
     """The (org, member) pairs of ``orgs`` whose ledger has a pool draw."""
     if not orgs:
         return set()
-    import asyncpg
-
-    conn = await asyncpg.connect(
-        s.postgres_dsn.get_secret_value(), server_settings={"search_path": s.postgres_schema}
+    rows = await _fetch(
+        s,
+        "SELECT DISTINCT org_id, member_id FROM ledger_entries"
+        " WHERE movement = 'draw' AND org_id = ANY($1::text[])",
+        orgs,
     )
-    try:
-        rows = await conn.fetch(
-            "SELECT DISTINCT org_id, member_id FROM ledger_entries"
-            " WHERE movement = 'draw' AND org_id = ANY($1::text[])",
-            orgs,
-        )
-    finally:
-        await conn.close()
     return {(r["org_id"], r["member_id"]) for r in rows}
 
 
 async def commit_latencies(s: Settings) -> list[float]:
-    import asyncpg
-
-    conn = await asyncpg.connect(
-        s.postgres_dsn.get_secret_value(), server_settings={"search_path": s.postgres_schema}
+    rows = await _fetch(
+        s,
+        "SELECT extract(epoch FROM decided_at) - occurred_at_ms / 1000.0 AS lag"
+        " FROM usage_events WHERE status = 'charged'",
     )
-    try:
-        rows = await conn.fetch(
-            "SELECT extract(epoch FROM decided_at) - occurred_at_ms / 1000.0 AS lag"
-            " FROM usage_events WHERE status = 'charged'"
-        )
-    finally:
-        await conn.close()
     return [float(r["lag"]) for r in rows]
 
 
