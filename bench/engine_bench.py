@@ -6,6 +6,8 @@
         --events 60000 --credits 1        # live traffic: one debit per org and script call
     .venv/bin/python -m bench.engine_bench --spread --orgs 1000 --members 10 --batch 1 \
         --events 60000 --credits 100 --pool 0   # ... and every member paused by its 5th debit
+    .venv/bin/python -m bench.engine_bench --spread ... --model   # ... and the same rounds
+        through the reference rules (worker/model.py) in this process, for comparison
 
 Runs against ``Settings.redis_url`` (the local stack's Redis, AOF everysec) under a unique key
 prefix that is deleted afterwards. Each script call applies a batch of one org's debits; several
@@ -26,7 +28,7 @@ from worker.config import Settings
 from worker.contract import OrgCall
 from worker.effects import Signal, last_seq
 from worker.engine import RedisEngine
-from worker.model import CommandItem, UsageItem
+from worker.model import CommandItem, Model, UsageItem
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 
@@ -55,6 +57,12 @@ async def main(argv: list[str] | None = None) -> int:
         "round in one apply_many (many orgs per script call) then one outbox ack, the way the "
         "pipeline calls the engine; prints Redis's EVALSHA time per debit",
     )
+    p.add_argument(
+        "--model",
+        action="store_true",
+        help="with --spread: also run the same rounds through the reference rules "
+        "(worker.model.Model) in this process, no store, and print their time per debit",
+    )
     a = p.parse_args(argv)
 
     base = Settings()
@@ -73,21 +81,8 @@ async def main(argv: list[str] | None = None) -> int:
     sem = asyncio.Semaphore(a.inflight)
 
     async def setup(org: str) -> None:
-        items: list[CommandItem | UsageItem] = [
-            CommandItem({"type": "org_upsert", "command_id": f"{org}-c0", "at_ms": T0,
-                         "billing_anchor_day": 1}),
-        ]  # fmt: skip
-        if a.pool > 0:
-            purchase = {"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
-                        "credits_mc": round(a.pool * 1000)}  # fmt: skip
-            items.append(CommandItem(purchase))
-        items += [
-            CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
-                         "member_id": f"m{j}", "tier": "pro"})
-            for j in range(a.members)
-        ]  # fmt: skip
         async with sem:
-            await engine.apply(org, items)
+            await engine.apply(org, setup_items(org, a))
 
     t = time.perf_counter()
     await asyncio.gather(*(setup(o) for o in orgs))
@@ -96,6 +91,8 @@ async def main(argv: list[str] | None = None) -> int:
     if a.spread:
         status = await spread_rounds(client, engine, orgs, a)
         await _clean(client, prefix)
+        if a.model:
+            model_rounds(orgs, a)
         return status
 
     # Work units: (org, batch of debits), spread over the members. At the default 120 credits
@@ -152,18 +149,8 @@ async def spread_rounds(
     t = time.perf_counter()
     done = charged = offset = signals = 0
     for r in range(rounds):
-        calls = []
-        for i, o in enumerate(orgs):
-            items = []
-            for k in range(a.batch):
-                offset += 1
-                # Each org's debits go round its members, one member after the other.
-                member = (r * a.batch + k + i) % a.members
-                items.append(
-                    UsageItem(f"{o}-e{offset}", f"m{member}", "task", debit_mc,
-                              T0 + 1000 + offset, "credits.usage.v1:0", offset)
-                )  # fmt: skip
-            calls.append(OrgCall(o, items))
+        calls = round_calls(orgs, r, offset, debit_mc, a)
+        offset += len(orgs) * a.batch
         results = await engine.apply_many(calls)
         await engine.outbox_ack(
             {res.org_id: last_seq(res.effects[-1]) for res in results if res.effects}
@@ -182,6 +169,67 @@ async def spread_rounds(
         flush=True,
     )
     return 0 if charged == done else 1
+
+
+def setup_items(org: str, a: argparse.Namespace) -> list[CommandItem | UsageItem]:
+    """An org, its pool purchase (unless ``--pool 0``) and its members."""
+    items: list[CommandItem | UsageItem] = [
+        CommandItem({"type": "org_upsert", "command_id": f"{org}-c0", "at_ms": T0,
+                     "billing_anchor_day": 1}),
+    ]  # fmt: skip
+    if a.pool > 0:
+        purchase = {"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
+                    "credits_mc": round(a.pool * 1000)}  # fmt: skip
+        items.append(CommandItem(purchase))
+    items += [
+        CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
+                     "member_id": f"m{j}", "tier": "pro"})
+        for j in range(a.members)
+    ]  # fmt: skip
+    return items
+
+
+def round_calls(
+    orgs: list[str], r: int, offset: int, debit_mc: int, a: argparse.Namespace
+) -> list[OrgCall]:
+    """Round ``r`` of ``--spread``: ``--batch`` debits for every org, offsets after ``offset``."""
+    calls = []
+    for i, o in enumerate(orgs):
+        items = []
+        for k in range(a.batch):
+            offset += 1
+            # Each org's debits go round its members, one member after the other.
+            member = (r * a.batch + k + i) % a.members
+            items.append(
+                UsageItem(f"{o}-e{offset}", f"m{member}", "task", debit_mc,
+                          T0 + 1000 + offset, "credits.usage.v1:0", offset)
+            )  # fmt: skip
+        calls.append(OrgCall(o, items))
+    return calls
+
+
+def model_rounds(orgs: list[str], a: argparse.Namespace) -> None:
+    """The rounds of :func:`spread_rounds` through the reference rules, one ``Model.apply``
+    per org and round, in this process: what deciding costs without a store."""
+    model = Model()
+    for o in orgs:
+        model.apply(o, setup_items(o, a))
+    debit_mc = round(a.credits * 1000)
+    rounds = max(1, a.events // (len(orgs) * a.batch))
+    done = charged = offset = 0
+    t = time.perf_counter()
+    for r in range(rounds):
+        for call in round_calls(orgs, r, offset, debit_mc, a):
+            res = model.apply(call.org_id, call.items)
+            done += len(call.items)
+            charged += sum(1 for o in res.outcomes if o.status == "applied")
+        offset += len(orgs) * a.batch
+    elapsed = time.perf_counter() - t
+    print(
+        f"MODEL {done:,} debits through worker.model.Model in this process (no store): "
+        f"{elapsed / done * 1e6:.1f} us per debit; {charged:,} charged",
+        flush=True,
+    )
 
 
 async def _clean(client: aioredis.Redis, prefix: str) -> None:
