@@ -21,9 +21,12 @@ import asyncio
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from schemas.amounts import MAX_ADMIN_MC, MAX_USAGE_MC, MC_PER_CREDIT, parse_credits_text
+from schemas.errors import WireError
 from worker.config import Settings
 from worker.contract import OrgCall
 from worker.effects import Signal, last_seq
@@ -41,12 +44,17 @@ async def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=500, help="debits per script call")
     p.add_argument("--inflight", type=int, default=4, help="script calls in flight")
     p.add_argument(
-        "--credits", type=float, default=120.0, help="credits per debit (pro seats: 500/cycle)"
+        "--credits",
+        dest="debit_mc",
+        type=_mc_arg(MAX_USAGE_MC),
+        default=120 * MC_PER_CREDIT,
+        help="credits per debit, a decimal with at most 3 places (pro seats: 500/cycle)",
     )
     p.add_argument(
         "--pool",
-        type=float,
-        default=1e9,
+        dest="pool_mc",
+        type=_mc_arg(MAX_ADMIN_MC, allow_zero=True),
+        default=MAX_ADMIN_MC,
         help="credits in each org's pool (0: a member pauses when its allocation runs out, as "
         "in the live-traffic benchmark)",
     )
@@ -99,7 +107,7 @@ async def main(argv: list[str] | None = None) -> int:
     # a member's 500-credit allocation runs out on its 5th debit and pool blocks of 500 are
     # drawn after that, so the run mixes one-bucket charges, split charges and draws.
     per_org = a.events // a.orgs
-    debit_mc = round(a.credits * 1000)
+    debit_mc = a.debit_mc
     units: list[tuple[str, list[UsageItem]]] = []
     for start in range(0, per_org, a.batch):
         for o in orgs:
@@ -143,14 +151,13 @@ async def spread_rounds(
     """Rounds of ``--batch`` debits for every org, each round one ``apply_many`` and one
     ``outbox_ack``: the per-org cost of a script call shows at ``--batch 1``."""
     await engine.outbox_ack({o: 10**12 for o in orgs})  # the setup's effects
-    debit_mc = round(a.credits * 1000)
+    debit_mc = a.debit_mc
     rounds = max(1, a.events // (len(orgs) * a.batch))
     await client.config_resetstat()
     t = time.perf_counter()
-    done = charged = offset = signals = 0
+    done = charged = signals = 0
     for r in range(rounds):
-        calls = round_calls(orgs, r, offset, debit_mc, a)
-        offset += len(orgs) * a.batch
+        calls = round_calls(orgs, r, debit_mc, a)
         results = await engine.apply_many(calls)
         await engine.outbox_ack(
             {res.org_id: last_seq(res.effects[-1]) for res in results if res.effects}
@@ -177,9 +184,9 @@ def setup_items(org: str, a: argparse.Namespace) -> list[CommandItem | UsageItem
         CommandItem({"type": "org_upsert", "command_id": f"{org}-c0", "at_ms": T0,
                      "billing_anchor_day": 1}),
     ]  # fmt: skip
-    if a.pool > 0:
+    if a.pool_mc > 0:
         purchase = {"type": "pool_purchase", "command_id": f"{org}-c1", "at_ms": T0,
-                    "credits_mc": round(a.pool * 1000)}  # fmt: skip
+                    "credits_mc": a.pool_mc}  # fmt: skip
         items.append(CommandItem(purchase))
     items += [
         CommandItem({"type": "member_add", "command_id": f"{org}-m{j}", "at_ms": T0,
@@ -189,11 +196,11 @@ def setup_items(org: str, a: argparse.Namespace) -> list[CommandItem | UsageItem
     return items
 
 
-def round_calls(
-    orgs: list[str], r: int, offset: int, debit_mc: int, a: argparse.Namespace
-) -> list[OrgCall]:
-    """Round ``r`` of ``--spread``: ``--batch`` debits for every org, offsets after ``offset``."""
+def round_calls(orgs: list[str], r: int, debit_mc: int, a: argparse.Namespace) -> list[OrgCall]:
+    """Round ``r`` (from 0) of ``--spread``: ``--batch`` debits for every org, each with an
+    offset (and event id) of its own across the rounds."""
     calls = []
+    offset = r * len(orgs) * a.batch
     for i, o in enumerate(orgs):
         items = []
         for k in range(a.batch):
@@ -214,22 +221,34 @@ def model_rounds(orgs: list[str], a: argparse.Namespace) -> None:
     model = Model()
     for o in orgs:
         model.apply(o, setup_items(o, a))
-    debit_mc = round(a.credits * 1000)
+    debit_mc = a.debit_mc
     rounds = max(1, a.events // (len(orgs) * a.batch))
-    done = charged = offset = 0
-    t = time.perf_counter()
+    done = charged = 0
+    elapsed = 0.0  # in Model.apply only, as the script's time is its own
     for r in range(rounds):
-        for call in round_calls(orgs, r, offset, debit_mc, a):
+        for call in round_calls(orgs, r, debit_mc, a):
+            t = time.perf_counter()
             res = model.apply(call.org_id, call.items)
+            elapsed += time.perf_counter() - t
             done += len(call.items)
             charged += sum(1 for o in res.outcomes if o.status == "applied")
-        offset += len(orgs) * a.batch
-    elapsed = time.perf_counter() - t
     print(
         f"MODEL {done:,} debits through worker.model.Model in this process (no store): "
         f"{elapsed / done * 1e6:.1f} us per debit; {charged:,} charged",
         flush=True,
     )
+
+
+def _mc_arg(max_mc: int, *, allow_zero: bool = False) -> Callable[[str], int]:
+    """An argparse type: credits as decimal text, to exact integer millicredits."""
+
+    def parse(text: str) -> int:
+        try:
+            return parse_credits_text(text, allow_zero=allow_zero, max_mc=max_mc)
+        except WireError as err:
+            raise argparse.ArgumentTypeError(err.detail) from None
+
+    return parse
 
 
 async def _clean(client: aioredis.Redis, prefix: str) -> None:
