@@ -47,6 +47,7 @@ import gc
 import math
 import os
 import random
+import statistics
 import sys
 import time
 import uuid
@@ -571,44 +572,74 @@ SHAPES = (("dense", 1_000, 20), ("sparse", 10_000, 10))
 """The two backlog shapes of ``--shapes``: (name, orgs, members per org)."""
 
 
-async def shape_rates(events: int) -> dict[str, dict[str, float]]:
-    """Backlog throughput of each shape of :data:`SHAPES` (``bench.e2e`` runs, one after the
-    other on the same stack), for the table and for the half-of-sparse-capacity rate."""
-    rates: dict[str, dict[str, float]] = {}
-    for name, orgs, members in SHAPES:
-        out = Path(f"/tmp/bench-shape-{os.getpid()}-{name}.json")
-        log(f"{name} backlog: {events:,} events, {orgs:,} orgs x {members} members (bench.e2e) ...")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.e2e", "--events", str(events), "--orgs", str(orgs),
-            "--members", str(members), "--skip-naive", "--no-write", "--json", str(out),
-            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        if await proc.wait() != 0:
-            raise SystemExit(f"bench.e2e failed for the {name} shape")
-        rates[name] = orjson.loads(out.read_bytes())  # noqa: ASYNC240 (small, once)
-        out.unlink()  # noqa: ASYNC240
-        log(f"  {name}: {rates[name]['events_per_s']:,.0f} events/s")
-    return rates
+async def shape_rate(name: str, orgs: int, members: int, events: int) -> dict[str, float]:
+    """One ``bench.e2e`` run of one backlog shape: its events/s and consume+decode ceiling."""
+    out = Path(f"/tmp/bench-shape-{os.getpid()}-{name}.json")
+    log(f"{name} backlog: {events:,} events, {orgs:,} orgs x {members} members (bench.e2e) ...")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.e2e", "--events", str(events), "--orgs", str(orgs),
+        "--members", str(members), "--skip-naive", "--no-write", "--json", str(out),
+        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    if await proc.wait() != 0:
+        raise SystemExit(f"bench.e2e failed for the {name} shape")
+    rate: dict[str, float] = orjson.loads(out.read_bytes())  # noqa: ASYNC240 (small, once)
+    out.unlink()  # noqa: ASYNC240
+    log(f"  {name}: {rate['events_per_s']:,.0f} events/s")
+    return rate
 
 
-def render_shapes(rates: dict[str, dict[str, float]], events: int) -> str:
-    dense = rates["dense"]["events_per_s"]
+async def shape_rates(events: int, rounds: int) -> list[dict[str, dict[str, float]]]:
+    """Backlog throughput of each shape of :data:`SHAPES`, ``rounds`` times, on the same stack.
+
+    The shapes alternate (dense first in odd rounds, sparse first in even ones), so a machine
+    that speeds up or slows down during the run (a neighbour on the host) moves both shapes
+    of a round alike: each round gives one sparse/dense ratio, and the table reports their
+    median. One pair alone moved from 72% to 89% within the same hour on the same code."""
+    out: list[dict[str, dict[str, float]]] = []
+    for n in range(rounds):
+        if rounds > 1:
+            log(f"backlog shapes, round {n + 1}/{rounds}")
+        order = SHAPES if n % 2 == 0 else tuple(reversed(SHAPES))
+        measured: dict[str, dict[str, float]] = {}
+        for name, orgs, members in order:
+            measured[name] = await shape_rate(name, orgs, members, events)
+        out.append(measured)
+    return out
+
+
+def sparse_capacity(rounds: list[dict[str, dict[str, float]]]) -> float:
+    """The sparse shape's events/s: the median over the rounds."""
+    return statistics.median(r["sparse"]["events_per_s"] for r in rounds)
+
+
+def render_shapes(rounds: list[dict[str, dict[str, float]]], events: int) -> str:
+    n = len(rounds)
+    what = "launch to last commit"
+    if n > 1:
+        what += f"; median of {n} rounds, shapes alternating"
     lines = [
-        f"Backlog shapes ({events:,} events each, `bench.e2e`, launch to last commit):\n",
+        f"Backlog shapes ({events:,} events each, `bench.e2e`, {what}):\n",
         "| shape | orgs x members | events/s | vs dense | vs consume+decode ceiling |",
         "|---|---|---|---|---|",
     ]
     for name, orgs, members in SHAPES:
-        r = rates[name]
-        ceiling = r["decode_ceiling_per_s"]
-        lines.append(
-            f"| {name} | {orgs:,} x {members} | {r['events_per_s']:,.0f} |"
-            f" {r['events_per_s'] / dense:.0%} |"
-            f" {r['events_per_s'] / ceiling:.1%} |"
-            if ceiling
-            else f"| {name} | {orgs:,} x {members} | {r['events_per_s']:,.0f} |"
-            f" {r['events_per_s'] / dense:.0%} | |"
-        )
+        rates = [r[name]["events_per_s"] for r in rounds]
+        ratios = [r[name]["events_per_s"] / r["dense"]["events_per_s"] for r in rounds]
+        vs_dense = statistics.median(ratios)
+        ceilings = [
+            r[name]["events_per_s"] / r[name]["decode_ceiling_per_s"]
+            for r in rounds
+            if r[name]["decode_ceiling_per_s"]
+        ]
+        rate = f"{statistics.median(rates):,.0f}"
+        if n > 1:
+            rate += " (" + ", ".join(f"{x:,.0f}" for x in rates) + ")"
+        vs = f"{vs_dense:.0%}"
+        if n > 1 and name != "dense":
+            vs += " (" + ", ".join(f"{x:.0%}" for x in ratios) + ")"
+        ceiling = f"{statistics.median(ceilings):.1%}" if ceilings else ""
+        lines.append(f"| {name} | {orgs:,} x {members} | {rate} | {vs} | {ceiling} |")
     return "\n".join(lines) + "\n\n"
 
 
@@ -617,9 +648,9 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     shapes = ""
     rates = list(args.rate)
     if args.shapes:
-        measured = await shape_rates(args.shape_events)
+        measured = await shape_rates(args.shape_events, args.shape_rounds)
         shapes = render_shapes(measured, args.shape_events)
-        half = measured["sparse"]["events_per_s"] / 2
+        half = sparse_capacity(measured) / 2
         log(f"half of the sparse shape's capacity: {half:,.0f} events/s")
         rates.append(round(half, -2))
     runs = []
@@ -651,6 +682,12 @@ def main(argv: list[str] | None = None) -> int:
         " half of the sparse shape's capacity",
     )
     p.add_argument("--shape-events", type=int, default=300_000)
+    p.add_argument(
+        "--shape-rounds",
+        type=int,
+        default=3,
+        help="rounds of the two backlog shapes, alternating (the table gives the medians)",
+    )
     p.add_argument(
         "--min-seconds",
         type=float,
