@@ -152,7 +152,7 @@ async def spread_rounds(
     ``outbox_ack``: the per-org cost of a script call shows at ``--batch 1``."""
     await engine.outbox_ack({o: 10**12 for o in orgs})  # the setup's effects
     debit_mc = a.debit_mc
-    rounds = max(1, a.events // (len(orgs) * a.batch))
+    rounds = spread_round_count(orgs, a)
     await client.config_resetstat()
     t = time.perf_counter()
     done = charged = signals = 0
@@ -196,6 +196,11 @@ def setup_items(org: str, a: argparse.Namespace) -> list[CommandItem | UsageItem
     return items
 
 
+def spread_round_count(orgs: list[str], a: argparse.Namespace) -> int:
+    """How many rounds of ``--batch`` debits per org make ``--events`` (at least one)."""
+    return max(1, a.events // (len(orgs) * a.batch))
+
+
 def round_calls(orgs: list[str], r: int, debit_mc: int, a: argparse.Namespace) -> list[OrgCall]:
     """Round ``r`` (from 0) of ``--spread``: ``--batch`` debits for every org, each with an
     offset (and event id) of its own across the rounds."""
@@ -222,7 +227,7 @@ def model_rounds(orgs: list[str], a: argparse.Namespace) -> None:
     for o in orgs:
         model.apply(o, setup_items(o, a))
     debit_mc = a.debit_mc
-    rounds = max(1, a.events // (len(orgs) * a.batch))
+    rounds = spread_round_count(orgs, a)
     done = charged = 0
     elapsed = 0.0  # in Model.apply only, as the script's time is its own
     for r in range(rounds):

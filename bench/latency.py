@@ -668,6 +668,17 @@ async def main_async(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -684,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape-events", type=int, default=300_000)
     p.add_argument(
         "--shape-rounds",
-        type=int,
+        type=_at_least_one,
         default=3,
         help="rounds of the two backlog shapes, alternating (the table gives the medians)",
     )
