@@ -158,10 +158,7 @@ async def rebuild_behind(
             progress(f"no ledger records for: {', '.join(missing)}")
     else:
         targets = []
-        orgs = list(pg)
-        redis_seqs: dict[str, int] = {}
-        for start in range(0, len(orgs), 1_000):
-            redis_seqs.update(await engine.last_seqs(orgs[start : start + 1_000]))
+        redis_seqs = await engine.last_seqs(list(pg))
         for org_id, pg_seq in pg.items():
             redis_seq = redis_seqs.get(org_id, 0)
             if redis_seq < pg_seq:

@@ -25,6 +25,7 @@ from worker.engine import (
     CLAIM_MINE,
     CLAIM_NEW,
     CLAIM_TAKEN,
+    STATUS_CHUNK,
     OrgCall,
     RedisBehind,
     RedisEngine,
@@ -130,6 +131,34 @@ async def test_outbox_pending_ack_and_discovery(client: aioredis.Redis, settings
     # Seq keeps growing after a full ack.
     r3 = await engine.apply("o1", [cmd("tick", T0)])
     assert r3.effects[0].seq == r2.effects[-1].seq + 1
+
+
+async def _start_up_reads(engine: RedisEngine) -> None:
+    """The start-up checks read every org's seq and outbox: over more orgs than one status
+    call holds, each org's own figures, unknown orgs at 0, acked outboxes not found."""
+    orgs = [f"st{n}" for n in range(STATUS_CHUNK * 2 + 7)]
+    ticks = {o: 1 + n % 3 for n, o in enumerate(orgs)}
+    calls = [
+        OrgCall(o, [cmd("org_upsert", T0, billing_anchor_day=1)] + [cmd("tick", T0)] * ticks[o])
+        for o in orgs
+    ]
+    results = await engine.apply_many(calls)
+    last = {r.org_id: r.effects[-1].seq for r in results}
+    acked = orgs[::2]
+    await engine.outbox_ack({o: last[o] for o in acked})
+    assert await engine.last_seqs([*orgs, "never-seen"]) == {**last, "never-seen": 0}
+    found = await engine.orgs_with_outbox()
+    assert [o for o in found if o.startswith("st")] == sorted(orgs[1::2])
+
+
+async def test_start_up_reads_of_many_orgs(client: aioredis.Redis, settings: Settings) -> None:
+    await _start_up_reads(RedisEngine(client, settings))
+
+
+async def test_start_up_reads_of_many_orgs_on_redis_cluster(
+    redis_cluster: RedisCluster, cluster_settings: Settings
+) -> None:
+    await _start_up_reads(RedisEngine(redis_cluster, cluster_settings))
 
 
 class TimedEngine(RedisEngine):

@@ -452,7 +452,8 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
     focused: list[TopicPartition] = []
     for _ in range(5):
         got = await intake.fetch(deep, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
-        assert sum(len(r) for r in got.values()) == 2_400
+        # At least the batch asked for, at most half more (a fetched run is taken whole).
+        assert 2_400 <= sum(len(r) for r in got.values()) <= 3_600
         for recs in got.values():
             assert recs == sorted(recs)  # each partition's records in offset order
         big = [tp for tp, recs in got.items() if len(recs) > fair]
@@ -468,6 +469,73 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
     intake.events_per_org = 20.0
     got = await intake.fetch(even, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
     assert sorted(len(r) for r in got.values()) == [400] * 6
+
+
+async def test_a_drawn_batch_takes_a_partitions_fetched_records_whole() -> None:
+    """What a partition has fetched is drawn in one batch, even when that is more than the
+    batch's size: split over two batches, its orgs would each cost two engine calls (a
+    fetch of sparse events is a little over 20,000 records, the batch size 20,000). The
+    draw stops once the batch is half full, so a batch holds at most half more."""
+    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
+    fetched = _BufferedConsumer({tp: 3_000 for tp in usage})
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    drawn: list[TopicPartition] = []
+    for _ in range(3):
+        got = await intake.fetch(fetched, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
+        total = sum(len(r) for r in got.values())
+        assert 2_400 <= total <= 3_600
+        big = [tp for tp, recs in got.items() if len(recs) > 2_400 // 6]
+        assert len(big) == 1
+        assert fetched.buffers[big[0]] == []  # nothing of its fetch left for a later batch
+        drawn.append(big[0])
+    assert len(set(drawn)) == 3  # in turn
+
+    # A partition with only a little left (the end of its fetch): the draw goes on to the
+    # next partition's whole fetch.
+    tail = _BufferedConsumer({usage[0]: 500, usage[1]: 3_000, usage[2]: 3_000})
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    got = await intake.fetch(tail, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
+    share = 2_400 // (FOCUS_SHARE_DIVISOR * 3)
+    taken = {tp: len(r) for tp, r in got.items()}
+    assert taken == {usage[0]: 500, usage[1]: 3_000, usage[2]: share}
+
+
+class _StartingConsumer(_BufferedConsumer):
+    """A consumer before its first ``getmany``: no partitions assigned yet, and the first
+    fetch brings one partition's records (the others' fetches come later)."""
+
+    def __init__(self, waiting: dict[TopicPartition, int], first: TopicPartition) -> None:
+        super().__init__(waiting)
+        self.first = first
+        self.started = False
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.buffers) if self.started else set()
+
+    async def getmany(
+        self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int = 0
+    ) -> dict[TopicPartition, list[int]]:
+        if not self.started:
+            self.started = True
+            return await super().getmany(self.first, max_records=max_records)
+        return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_the_first_batch_of_a_start_measures_the_spread_over_every_partition() -> None:
+    """At a start the first fetch often holds one partition's records alone: its orgs have
+    many events each in that batch, but an even share of the backlog over every partition
+    would give each a sixth of that. Read as dense orgs, the next batch would be shared
+    evenly (an engine call per org for an event or two each)."""
+    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
+    consumer = _StartingConsumer({tp: 100_000 for tp in usage}, first=usage[2])
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
+    assert list(got) == [usage[2]]
+    # 12,000 records over 1,000 orgs: 12 each in this batch, 2 each in an even share.
+    intake.note_spread(_decoded(got, 1_000), partitions=len(got))
+    assert intake.events_per_org == 2.0
+    got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
+    assert max(len(r) for r in got.values()) > 12_000 // 6  # drawn, not shared evenly
 
 
 def _decoded(got: dict[TopicPartition, list[int]], orgs_per_partition: int) -> Batch:

@@ -98,6 +98,8 @@ class Intake:
         self._turn = 0
         self._drawn: TopicPartition | None = None
         """The partition the last batch took the rest of its records from (``fetch``)."""
+        self._even_over = 0
+        """Usage partitions assigned: what an even share of a backlog is shared over."""
         self.events_per_org = 0.0
         """How thin the orgs are spread (``fetch``): records per org of an evenly shared
         batch, measured on the last batch of at least ``SPREAD_SAMPLE_RECORDS`` records
@@ -135,13 +137,18 @@ class Intake:
         the last one ended on. An org's events share its partition, so such a batch holds
         fewer orgs with more events each, and one engine call per org serves more events (the
         sparse backlog 2-15% faster, Redis 6-21% less CPU: BENCHMARKS.md "Backlog batches
-        from few partitions"). Dense batches gain nothing from it and the worker held 30-40 MiB
-        more at its peak, so they keep the even share. Every partition gets its turn within
-        as many batches as there are partitions.
+        from few partitions"). A partition gives what it has fetched whole, even past
+        ``max_records`` (by half at most), and the draw stops once the batch is half full: a
+        fetch split over two batches costs its orgs two engine calls each (BENCHMARKS.md
+        "Backlog batches take a partition's fetch whole"). Dense batches gain nothing from
+        drawing and the worker held 30-40 MiB more at its peak, so they keep the even share.
+        Every partition gets its turn within as many batches as there are partitions.
         """
         parts = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
+        self._even_over = sum(1 for tp in parts if tp.topic == self._s.topic_usage)
+        self._drawn = None
         if not parts:
-            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+            return await self._first_arrivals(consumer, timeout_ms, max_records)
         n = len(parts)
         focus = self.events_per_org < FOCUS_BELOW_EVENTS_PER_ORG
         share = max(1, max_records // (FOCUS_SHARE_DIVISOR * n if focus else n))
@@ -149,7 +156,6 @@ class Intake:
         if not focus:
             self._turn = (first + 1) % n  # the even shares start one partition later each batch
         out: dict[TopicPartition, list[Any]] = {}
-        self._drawn = None
         left = max_records
         for k in range(n):
             tp = parts[(first + k) % n]
@@ -160,12 +166,17 @@ class Intake:
             if left <= 0:
                 return out
         if not out:
-            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+            return await self._first_arrivals(consumer, timeout_ms, max_records)
+        # A draw takes what a partition has fetched whole, and stops once the batch is half
+        # full: a fetched run split over two batches would cost its orgs two engine calls each.
+        # So a drawn batch may exceed ``max_records`` by half.
+        enough = max_records // 2 if focus else 0
+        extra = max_records // 2 if focus else 0
         for k in range(n):
-            if left <= 0:
+            if left <= enough:
                 break
             tp = parts[(first + k) % n]
-            got = await consumer.getmany(tp, timeout_ms=0, max_records=left)
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=left + extra)
             for key, recs in got.items():
                 out[key] = out.get(key, []) + recs
                 if focus:
@@ -174,6 +185,21 @@ class Intake:
                         self._drawn = key  # most of the rest came from here
                 left -= len(recs)
         return out
+
+    async def _first_arrivals(
+        self, consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[Any]]:
+        """Nothing buffered (or nothing assigned yet, at a start): whatever arrives first,
+        often one partition's fetch. A batch mostly from one partition is a draw: the spread is
+        estimated from that partition's orgs (``note_spread``)."""
+        got = dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        usage = self._s.topic_usage
+        self._even_over = sum(1 for tp in consumer.assignment() if tp.topic == usage)
+        total = sum(len(recs) for recs in got.values())
+        for key, recs in got.items():
+            if len(recs) * 2 > total:
+                self._drawn = key
+        return got
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
         """Decode and validate a fetched batch into ``batch``."""
@@ -261,7 +287,8 @@ class Intake:
         would measure the drawing instead (more records per org: that is what it is for), and
         the next batch would go back to even shares, the one after to a draw, and so on; so
         it is estimated from the orgs of the drawn partition: an even batch gives each
-        partition ``records / partitions`` records, shared by about that many orgs. (The
+        partition ``records / partitions`` records (``partitions``: those with data, at least
+        the usage partitions assigned), shared by about that many orgs. (The
         count of orgs seen in a deep draw is an upper bound of those an even share sees, so
         the estimate errs towards drawing.)"""
         if batch.records < SPREAD_SAMPLE_RECORDS or not batch.by_org:
@@ -278,7 +305,8 @@ class Intake:
                 orgs += 1
                 taken += len(ps)
         if taken >= DRAWN_SAMPLE_RECORDS:
-            self.events_per_org = batch.records / max(partitions, 1) / orgs
+            # Shared over every usage partition, though some had nothing fetched yet.
+            self.events_per_org = batch.records / max(partitions, self._even_over, 1) / orgs
 
     async def drop_decided(self, batch: Batch) -> None:
         """Drop inputs whose id is already decided, pick one record per id, pass on the
