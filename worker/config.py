@@ -93,9 +93,8 @@ class Settings(BaseSettings):
     batch_timeout_ms: int = Field(default=100, ge=1)
     batch_target_seconds: float = Field(default=1.0, ge=0.0)
     """A batch grows (up to ``batch_max_records``) until applying it takes about this long:
-    the latency a deep backlog adds; 0 turns the sizing off (always the maximum). A backlog of
-    orgs spread thin may exceed the size by half, to take a partition's fetch whole
-    (``Intake.fetch``)."""
+    the latency a deep backlog adds; 0 turns the sizing off (always the maximum). A backlog
+    batch may exceed the size by half, to take a partition's fetch whole (``Intake.fetch``)."""
     commit_interval_ms: int = Field(default=50, ge=0)
     """Shortest time between the starts of two commits (PostgreSQL transaction, outbox ack,
     Kafka commit): the batches applied meanwhile are committed together. Signals do not wait

@@ -18,7 +18,7 @@ from worker.ledger import QUERIES, FlushBatch, _migrations, quote_schema
 from worker.pipeline.batch import Batch, Pending
 from worker.pipeline.classify import Action, Verdict, classify
 from worker.pipeline.faults import crash_plan as _crash_plan
-from worker.pipeline.intake import FOCUS_SHARE_DIVISOR, Intake
+from worker.pipeline.intake import SHARE_DIVISOR, Intake
 from worker.pipeline.pipeline import CommitQueue
 from worker.publisher import HEADER_SEQ, EffectEncoder, RawSource
 
@@ -433,11 +433,10 @@ class _BufferedConsumer:
 
 
 async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_long() -> None:
-    """Live traffic (less waiting than a batch takes) is fetched whole; in a backlog of orgs
-    spread thin, every partition with data gets a share (a lone urgent record is never held
-    back), the rest of the batch comes from one partition after the other (an org's events
-    together), and each batch goes on where the last one stopped; a dense backlog is shared
-    evenly."""
+    """Live traffic (less waiting than a batch takes) is fetched whole; in a backlog every
+    partition with data gets a share (a lone urgent record is never held back), the rest of the
+    batch comes from one partition after the other (an org's events together), and each batch
+    goes on where the last one stopped."""
     usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
     admin = TopicPartition(SETTINGS.topic_admin, 0)
     intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
@@ -448,7 +447,7 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
 
     deep = _BufferedConsumer({**{tp: 10_000 for tp in usage[:5]}, usage[5]: 1, admin: 1})
     intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
-    fair = 2_400 // (FOCUS_SHARE_DIVISOR * 7)
+    fair = 2_400 // (SHARE_DIVISOR * 7)
     focused: list[TopicPartition] = []
     for _ in range(5):
         got = await intake.fetch(deep, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
@@ -464,11 +463,20 @@ async def test_a_backlog_batch_comes_from_few_partitions_in_turn_and_none_waits_
             assert got[usage[5]] == [0] and got[admin] == [0]
     assert focused == usage[:5]  # in turn: every deep partition once in five batches
 
-    # Orgs with many events in a batch each (the dense backlog): even shares, as before.
-    even = _BufferedConsumer({tp: 10_000 for tp in usage})
-    intake.events_per_org = 20.0
-    got = await intake.fetch(even, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
-    assert sorted(len(r) for r in got.values()) == [400] * 6
+
+async def test_batches_smaller_than_the_partitions_count_still_reach_every_partition() -> None:
+    """A batch of fewer records than partitions (a small ``METERING_BATCH_MAX_RECORDS``, or
+    the sizer's smallest batches) holds one record of a few partitions: the next batch goes on
+    with the partitions after them, so none waits behind the others' backlogs."""
+    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(12)]
+    deep = _BufferedConsumer({tp: 1_000 for tp in usage})
+    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
+    reached: set[TopicPartition] = set()
+    for _ in range(3):
+        got = await intake.fetch(deep, timeout_ms=0, max_records=5)  # type: ignore[arg-type]
+        assert sum(len(r) for r in got.values()) == 5
+        reached.update(got)
+    assert reached == set(usage)
 
 
 async def test_a_drawn_batch_takes_a_partitions_fetched_records_whole() -> None:
@@ -495,83 +503,9 @@ async def test_a_drawn_batch_takes_a_partitions_fetched_records_whole() -> None:
     tail = _BufferedConsumer({usage[0]: 500, usage[1]: 3_000, usage[2]: 3_000})
     intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
     got = await intake.fetch(tail, timeout_ms=0, max_records=2_400)  # type: ignore[arg-type]
-    share = 2_400 // (FOCUS_SHARE_DIVISOR * 3)
+    share = 2_400 // (SHARE_DIVISOR * 3)
     taken = {tp: len(r) for tp, r in got.items()}
     assert taken == {usage[0]: 500, usage[1]: 3_000, usage[2]: share}
-
-
-class _StartingConsumer(_BufferedConsumer):
-    """A consumer before its first ``getmany``: no partitions assigned yet, and the first
-    fetch brings one partition's records (the others' fetches come later)."""
-
-    def __init__(self, waiting: dict[TopicPartition, int], first: TopicPartition) -> None:
-        super().__init__(waiting)
-        self.first = first
-        self.started = False
-
-    def assignment(self) -> set[TopicPartition]:
-        return set(self.buffers) if self.started else set()
-
-    async def getmany(
-        self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int = 0
-    ) -> dict[TopicPartition, list[int]]:
-        if not self.started:
-            self.started = True
-            return await super().getmany(self.first, max_records=max_records)
-        return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
-
-
-async def test_the_first_batch_of_a_start_measures_the_spread_over_every_partition() -> None:
-    """At a start the first fetch often holds one partition's records alone: its orgs have
-    many events each in that batch, but an even share of the backlog over every partition
-    would give each a sixth of that. Read as dense orgs, the next batch would be shared
-    evenly (an engine call per org for an event or two each)."""
-    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
-    consumer = _StartingConsumer({tp: 100_000 for tp in usage}, first=usage[2])
-    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
-    got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
-    assert list(got) == [usage[2]]
-    # 12,000 records over 1,000 orgs: 12 each in this batch, 2 each in an even share.
-    intake.note_spread(_decoded(got, 1_000), partitions=len(got))
-    assert intake.events_per_org == 2.0
-    got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
-    assert max(len(r) for r in got.values()) > 12_000 // 6  # drawn, not shared evenly
-
-
-def _decoded(got: dict[TopicPartition, list[int]], orgs_per_partition: int) -> Batch:
-    """A fetched batch as decode leaves it: each partition's records spread over its own
-    ``orgs_per_partition`` orgs (an org's events share its partition)."""
-    batch = Batch(1)
-    for tp, recs in got.items():
-        for off in recs:
-            org = f"org-{tp.partition}-{off % orgs_per_partition}"
-            raw = RawSource(None, b"", tp.topic, tp.partition, off)
-            batch.by_org[org].append(Pending(f"e{tp.partition}-{off}", True, None, raw))  # type: ignore[arg-type]
-        batch.records += len(recs)
-    return batch
-
-
-@pytest.mark.parametrize(("orgs_per_partition", "drawn"), [(1_000, True), (40, False)])
-async def test_a_drawn_batch_does_not_mistake_its_own_drawing_for_dense_orgs(
-    orgs_per_partition: int, drawn: bool
-) -> None:
-    """Drawing a batch from one partition puts more events per org in it (its purpose): the
-    spread that decides the next batch's drawing must not read that as dense orgs, or a
-    sparse backlog would go back to even shares every other batch (one engine call per org
-    per batch, a call per event or two). Orgs few enough per partition to fill an even share
-    go back to even shares."""
-    usage = [TopicPartition(SETTINGS.topic_usage, p) for p in range(6)]
-    consumer = _BufferedConsumer({tp: 100_000 for tp in usage})
-    intake = Intake(SETTINGS, None, None, None)  # type: ignore[arg-type]
-    even = 12_000 // 6
-    shapes = []
-    for _ in range(4):
-        got = await intake.fetch(consumer, timeout_ms=0, max_records=12_000)  # type: ignore[arg-type]
-        shapes.append(max(len(r) for r in got.values()) > even)
-        batch = _decoded(got, orgs_per_partition)
-        intake.note_spread(batch, partitions=len(got))
-    # The first batch is drawn (nothing measured yet); then as the orgs' spread says.
-    assert shapes == [True, drawn, drawn, drawn]
 
 
 class _Claims:

@@ -66,16 +66,10 @@ from worker.publisher import RawSource, dlq_message
 
 log = logging.getLogger(__name__)
 
-FOCUS_BELOW_EVENTS_PER_ORG = 8.0
-"""A backlog batch is drawn from few partitions while batches hold fewer events per org than
-this (``Intake.fetch``); the ``make bench`` shape has about 20, the sparse one 2-3."""
-FOCUS_SHARE_DIVISOR = 32
-"""Then a thirty-second of a batch is shared evenly over the partitions with data (at least
-one record each, so a lone urgent record still goes in the next batch)."""
-SPREAD_SAMPLE_RECORDS = 1_000
-"""Smaller batches (live traffic: everything waiting fits) do not update the spread."""
-DRAWN_SAMPLE_RECORDS = 1_000
-"""A batch's draw from one partition must hold this many records to count its orgs."""
+SHARE_DIVISOR = 32
+"""A batch first takes a thirty-second of its size, shared evenly over the partitions with
+data (at least one record each, so a lone urgent record goes in the next batch), then draws
+the rest from one partition after the other (``Intake.fetch``)."""
 
 DECODE_SLICE = 500
 """Records decoded between two turns of the event loop."""
@@ -96,14 +90,7 @@ class Intake:
         self._backoff = backoff
         self._tiers = frozenset(settings.tiers)
         self._turn = 0
-        self._drawn: TopicPartition | None = None
-        """The partition the last batch took the rest of its records from (``fetch``)."""
-        self._even_over = 0
-        """Usage partitions assigned: what an even share of a backlog is shared over."""
-        self.events_per_org = 0.0
-        """How thin the orgs are spread (``fetch``): records per org of an evenly shared
-        batch, measured on the last batch of at least ``SPREAD_SAMPLE_RECORDS`` records
-        (``note_spread``)."""
+        """The partition the next batch draws from first (``fetch``)."""
         self.in_flight: dict[str, str] = {}
         """Namespaced ids of this worker's batches not yet committed -> the record that holds
         them: a later copy is a duplicate even if the claims (in Redis) were lost meanwhile
@@ -120,41 +107,35 @@ class Intake:
     async def fetch(
         self, consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int
     ) -> dict[TopicPartition, list[Any]]:
-        """Up to ``max_records`` records: first a share from every partition with data, then
-        the rest from one partition after the other, in turn.
+        """About ``max_records`` records: first a small share from every partition with data,
+        then the rest drawn from one partition after the other, in turn.
 
         ``getmany`` alone drains its buffered partitions in arrival order, so behind a
         partition holding a flood (say, events of an org that never comes) a partition with
         one urgent record would wait until the flood is drained. So each assigned partition
-        with data first gives up to its share: with a shallow queue (live traffic) that is
-        everything there is, and a burst on one partition costs the others one batch at most.
+        with data first gives up to its share (``SHARE_DIVISOR``): with a shallow queue (live
+        traffic) the draw that follows takes everything there is.
 
-        The share is ``max_records / partitions`` while the last batches had many events per
-        org. When they had few (``FOCUS_BELOW_EVENTS_PER_ORG``: orgs spread thin, each with
-        an event or two in a batch) it is a thirty-second of that (``FOCUS_SHARE_DIVISOR``),
-        and what a backlog has beyond it
-        is taken from one partition after the other, each batch starting after the partition
-        the last one ended on. An org's events share its partition, so such a batch holds
-        fewer orgs with more events each, and one engine call per org serves more events (the
-        sparse backlog 2-15% faster, Redis 6-21% less CPU: BENCHMARKS.md "Backlog batches
-        from few partitions"). A partition gives what it has fetched whole, even past
-        ``max_records`` (by half at most), and the draw stops once the batch is half full: a
-        fetch split over two batches costs its orgs two engine calls each (BENCHMARKS.md
-        "Backlog batches take a partition's fetch whole"). Dense batches gain nothing from
-        drawing and the worker held 30-40 MiB more at its peak, so they keep the even share.
-        Every partition gets its turn within as many batches as there are partitions.
+        A backlog's batch is drawn from as few partitions as it can be. An org's events share
+        its partition, so such a batch holds fewer orgs with more events each, and one engine
+        call per org serves more of them. In the ``make bench`` backlog an evenly shared batch
+        gave each org about 20 events, a drawn one about 130 (Redis 20-25% less CPU, 10-14%
+        more events/s); in the sparse one (10,000 orgs) an org call serves about 9 events
+        instead of 2 (BENCHMARKS.md "Backlog batches take a partition's fetch whole", "Every
+        backlog batch is drawn").
+
+        A partition gives what it has fetched whole, even past ``max_records`` (by half at
+        most), and the draw stops once the batch is half full: a fetch (4 MiB, about 21,500
+        events) split over two batches would cost its orgs two engine calls each. Each batch
+        starts after the partition the last one ended on, so every partition is drawn within
+        as many batches as there are partitions.
         """
         parts = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
-        self._even_over = sum(1 for tp in parts if tp.topic == self._s.topic_usage)
-        self._drawn = None
         if not parts:
-            return await self._first_arrivals(consumer, timeout_ms, max_records)
+            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
         n = len(parts)
-        focus = self.events_per_org < FOCUS_BELOW_EVENTS_PER_ORG
-        share = max(1, max_records // (FOCUS_SHARE_DIVISOR * n if focus else n))
+        share = max(1, max_records // (SHARE_DIVISOR * n))
         first = self._turn % n
-        if not focus:
-            self._turn = (first + 1) % n  # the even shares start one partition later each batch
         out: dict[TopicPartition, list[Any]] = {}
         left = max_records
         for k in range(n):
@@ -163,43 +144,22 @@ class Intake:
             for key, recs in got.items():
                 out[key] = recs
                 left -= len(recs)
-            if left <= 0:
+            if left <= 0:  # a batch smaller than a record a partition: the next goes on here
+                self._turn = (first + k + 1) % n
                 return out
         if not out:
-            return await self._first_arrivals(consumer, timeout_ms, max_records)
-        # A draw takes what a partition has fetched whole, and stops once the batch is half
-        # full: a fetched run split over two batches would cost its orgs two engine calls each.
-        # So a drawn batch may exceed ``max_records`` by half.
-        enough = max_records // 2 if focus else 0
-        extra = max_records // 2 if focus else 0
+            return dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
+        half = max_records // 2
         for k in range(n):
-            if left <= enough:
+            if left <= half:
                 break
             tp = parts[(first + k) % n]
-            got = await consumer.getmany(tp, timeout_ms=0, max_records=left + extra)
+            got = await consumer.getmany(tp, timeout_ms=0, max_records=left + half)
             for key, recs in got.items():
                 out[key] = out.get(key, []) + recs
-                if focus:
-                    self._turn = (first + k + 1) % n  # the next batch starts after this one
-                    if len(recs) * 2 > left:
-                        self._drawn = key  # most of the rest came from here
+                self._turn = (first + k + 1) % n  # the next batch starts after this one
                 left -= len(recs)
         return out
-
-    async def _first_arrivals(
-        self, consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int
-    ) -> dict[TopicPartition, list[Any]]:
-        """Nothing buffered (or nothing assigned yet, at a start): whatever arrives first,
-        often one partition's fetch. A batch mostly from one partition is a draw: the spread is
-        estimated from that partition's orgs (``note_spread``)."""
-        got = dict(await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records))
-        usage = self._s.topic_usage
-        self._even_over = sum(1 for tp in consumer.assignment() if tp.topic == usage)
-        total = sum(len(recs) for recs in got.values())
-        for key, recs in got.items():
-            if len(recs) * 2 > total:
-                self._drawn = key
-        return got
 
     async def decode(self, batch: Batch, records: Mapping[TopicPartition, list[Any]]) -> None:
         """Decode and validate a fetched batch into ``batch``."""
@@ -278,35 +238,6 @@ class Intake:
                     continue
                 seen.add(ident)
                 batch.by_org[decoded.org_id].append(pend)
-        self.note_spread(batch, partitions=sum(1 for recs in records.values() if recs))
-
-    def note_spread(self, batch: Batch, *, partitions: int) -> None:
-        """Records per org an evenly shared batch of this size holds (``events_per_org``).
-
-        An evenly shared batch measures it directly. A batch drawn mostly from one partition
-        would measure the drawing instead (more records per org: that is what it is for), and
-        the next batch would go back to even shares, the one after to a draw, and so on; so
-        it is estimated from the orgs of the drawn partition: an even batch gives each
-        partition ``records / partitions`` records (``partitions``: those with data, at least
-        the usage partitions assigned), shared by about that many orgs. (The
-        count of orgs seen in a deep draw is an upper bound of those an even share sees, so
-        the estimate errs towards drawing.)"""
-        if batch.records < SPREAD_SAMPLE_RECORDS or not batch.by_org:
-            return
-        drawn = self._drawn
-        if drawn is None:
-            self.events_per_org = batch.records / len(batch.by_org)
-            return
-        orgs = 0
-        taken = 0
-        for ps in batch.by_org.values():
-            raw = ps[0].raw
-            if raw.partition == drawn.partition and raw.topic == drawn.topic:
-                orgs += 1
-                taken += len(ps)
-        if taken >= DRAWN_SAMPLE_RECORDS:
-            # Shared over every usage partition, though some had nothing fetched yet.
-            self.events_per_org = batch.records / max(partitions, self._even_over, 1) / orgs
 
     async def drop_decided(self, batch: Batch) -> None:
         """Drop inputs whose id is already decided, pick one record per id, pass on the
