@@ -713,7 +713,7 @@ class RedisEngine:
         for part in await asyncio.gather(*(read(orgs) for orgs in by_unit.values())):
             for org_id, (integers, state) in part:
                 if integers:  # None: Redis does not know the org
-                    out[org_id] = Snapshot(org_id, org_integers(integers)["sq"], state)
+                    out[org_id] = Snapshot(org_id, org_seq_of(integers), state)
         return out
 
     async def restore_org(self, snapshot: Snapshot) -> None:

@@ -144,7 +144,7 @@ class Intake:
             for key, recs in got.items():
                 out[key] = recs
                 left -= len(recs)
-            if left <= 0:  # a batch smaller than a record a partition: the next goes on here
+            if left <= 0:  # fewer records than partitions: the next batch starts after this one
                 self._turn = (first + k + 1) % n
                 return out
         if not out:
