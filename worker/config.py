@@ -105,9 +105,10 @@ class Settings(BaseSettings):
     multiple of this (0: never); a rebuild restores the latest snapshot and replays at most
     about this many effects' decisions."""
     fetch_min_bytes: int = Field(default=64 * 1024, ge=1)
-    """The broker holds a fetch until this many bytes wait (at most 10 ms): under steady
-    traffic fewer, larger fetches (at 2,000 events/s a third less worker CPU); a record waits
-    at most those 10 ms for company. 1 answers every fetch at once."""
+    """While traffic flows, the broker holds a fetch until this many bytes wait (at most 3 ms,
+    worker/pipeline/pacing.py): fewer, larger fetches; a record waits at most those 3 ms for
+    company. An idle worker's fetch is answered on the first record. 1 answers every fetch at
+    once."""
     producer_linger_ms: int = Field(default=0, ge=0)
     """How long the producer holds a message to batch it with others. A pause signal waits this
     long on top of everything else; batches still form while a request is in flight."""

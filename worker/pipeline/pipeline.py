@@ -44,6 +44,7 @@ from worker.pipeline.batch import Batch, BatchSizer, Stats
 from worker.pipeline.commit import Committer
 from worker.pipeline.faults import CrashPoints
 from worker.pipeline.intake import Intake
+from worker.pipeline.pacing import FLOWING_WAIT_MS, FetchPacing
 from worker.pipeline.parking import ParkingLot
 from worker.publisher import Publisher
 
@@ -53,8 +54,6 @@ GC_INTERVAL_SECONDS = 30.0
 """Seconds between two explicit garbage collections (automatic collection is off, see
 ``tune_gc``)."""
 
-FETCH_MAX_WAIT_MS = 10
-"""How long the broker may hold a fetch request open waiting for data."""
 
 FETCH_FAILURE_LOG_SECONDS = 30.0
 """At most one "fetch failed" line in this interval (the count of the others is in it)."""
@@ -123,6 +122,7 @@ class Pipeline:
         self._apply_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self._slot = asyncio.Semaphore(1)  # held from fetching a batch until apply takes it
         self.sizer = BatchSizer(settings)
+        self.pacing = FetchPacing(settings.fetch_min_bytes)
         self._commit_q = CommitQueue(max(settings.batch_max_records * 2, 1))
         self._inflight = 0
         self._drained = asyncio.Event()
@@ -149,13 +149,10 @@ class Pipeline:
             # slower, for 25-45 MiB less held.
             max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024,
-            # aiokafka keeps one fetch request per broker in flight: one that holds only idle
-            # partitions (an admin topic with nothing new) would make the busy ones wait the
-            # broker's whole wait time (500 ms by default). Short waits keep a record that
-            # arrives a few milliseconds from being fetched.
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-            # The broker answers once this much is waiting (or after the wait above): under
-            # steady traffic a few fetches per wait instead of one per handful of records.
+            # The flowing limits (pacing.py): the broker answers once fetch_min_bytes wait
+            # or after a few milliseconds. ``FetchPacing`` switches to answer-on-first-byte
+            # while idle and back when traffic flows.
+            fetch_max_wait_ms=FLOWING_WAIT_MS,
             fetch_min_bytes=self.s.fetch_min_bytes,
             # Partition p of both input topics to one worker: one owner per org.
             partition_assignment_strategy=(CoPartitionedAssignor,),
@@ -178,6 +175,11 @@ class Pipeline:
         """Consume until ``stop`` is set (or the bounded run ends); returns the counters."""
         self.consumer = consumer
         self.committer.consumer = consumer
+        try:
+            self.pacing.attach(consumer)
+        except RuntimeError as exc:
+            log.warning("fetch limits stay fixed (%s ms, %d bytes): %s",
+                        FLOWING_WAIT_MS, self.s.fetch_min_bytes, exc)  # fmt: skip
         self.applier.pg_seq = await self.backoff.retry("postgres", self.ledger.org_seqs)
         await self.backoff.retry("postgres", self.parking.reload)
         gc_was_enabled = gc.isenabled()
@@ -307,6 +309,7 @@ class Pipeline:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stop.wait(), 0.5)
                     continue
+                self.pacing.observe(sum(len(recs) for recs in records.values()))
                 if self._fetch_failures:
                     log.info("fetching again (%d failures)", self._fetch_failures)
                     self._fetch_failures = 0
