@@ -65,10 +65,11 @@ class FetchPacing:
         self._set(flowing=False)
 
     def observe(self, records: int) -> None:
-        """The last fetch returned ``records`` records: choose the limits of the next one.
+        """The last fetch returned ``records`` records: choose the limits of the next requests.
 
-        Called before the caller awaits anything, so the request aiokafka sends when this
-        fetch's records were taken already carries the new limits."""
+        aiokafka may already have sent the request that follows this fetch (it sends one as
+        soon as the buffered records are taken): that one keeps the old limits, which costs at
+        most one wait of the old mode."""
         flowing = records >= FLOWING_BATCH
         if flowing != self.flowing and self._fetcher is not None:
             self._set(flowing=flowing)

@@ -54,7 +54,6 @@ GC_INTERVAL_SECONDS = 30.0
 """Seconds between two explicit garbage collections (automatic collection is off, see
 ``tune_gc``)."""
 
-
 FETCH_FAILURE_LOG_SECONDS = 30.0
 """At most one "fetch failed" line in this interval (the count of the others is in it)."""
 
